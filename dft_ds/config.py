@@ -1,0 +1,431 @@
+"""The run configuration: typed dataclass sections, a YAML file, dotted overrides, one validation.
+
+Precedence is command line > YAML file > defaults. Every field carries a docstring (the string
+literal under it); `describe_fields()` reads them back for `--help` and docs/configuration.md, so
+the reference cannot drift from the code. Validation runs once and reports every problem at once.
+This module must not import torch.distributed or deepspeed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from dft_ds.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = SYNTHETIC
+    """Hugging Face model directory or hub name of a causal LM, or "synthetic" for the embedded tiny Llama."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub name; null means the same as model.name_or_path."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: eager, sdpa or flash_attention_2 (GPU only)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+
+@dataclass
+class DataConfig:
+    source: str = SYNTHETIC
+    """A .jsonl/.json/.parquet file, a directory saved by datasets.save_to_disk, a hub dataset name, or "synthetic"."""
+    split: str = "train"
+    """Split to read from a saved DatasetDict or a hub dataset."""
+    format: str = "prompt_response"
+    """Sample layout: prompt_response (two text fields) or messages (a chat list of role/content)."""
+    preset: Optional[str] = None
+    """Field-name preset: numina_cot (problem/solution). Fields you set yourself win over the preset."""
+    prompt_field: str = "prompt"
+    """Field holding the prompt text (format prompt_response)."""
+    response_field: str = "response"
+    """Field holding the response text (format prompt_response)."""
+    messages_field: str = "messages"
+    """Field holding the chat messages (format messages)."""
+    template: str = "auto"
+    """How a prompt becomes text: chat (tokenizer's chat template), plain (prompt + newline), auto (chat when the tokenizer has one)."""
+    max_length: int = 512
+    """Tokens per sample (and per packed row)."""
+    overlong: str = "truncate"
+    """What to do with samples longer than max_length: truncate or drop. The count is reported."""
+    packing: bool = True
+    """Pack samples into rows of max_length; positions restart per document and attention never crosses documents."""
+    max_samples: Optional[int] = None
+    """Use only the first N samples of the source (null: all)."""
+    synthetic_size: int = 4000
+    """Number of generated training problems when source is "synthetic"."""
+
+
+@dataclass
+class LossConfig:
+    type: str = "dft"
+    """Per-token loss: dft (cross-entropy scaled by the token's detached probability) or sft (plain cross-entropy)."""
+    prob_floor: float = 0.0
+    """dft only: the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/dft-tiny"
+    """Run directory: resolved config, metrics.jsonl, tensorboard/. Must not already hold a run."""
+    seed: int = 42
+    """Seed for model init, data order and dropout."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward on each data-parallel rank."""
+    gradient_accumulation_steps: Optional[int] = None
+    """Micro-batches per optimizer step on each rank; null derives it from global_batch_size (or 1)."""
+    global_batch_size: Optional[int] = None
+    """Rows per optimizer step over all ranks = micro_batch_size x gradient_accumulation_steps x world size."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; null runs train.epochs over the data."""
+    epochs: float = 1.0
+    """Passes over the data when max_steps is null."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate of the cosine schedule as a fraction of lr."""
+    warmup_ratio: float = 0.1
+    """Fraction of the steps spent in linear warmup."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    precision: str = "auto"
+    """bf16, fp16, fp32 or auto (bf16 on accelerators that support it, fp32 on CPU)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_final: bool = True
+    """Write a sharded DeepSpeed checkpoint (tag final) to output_dir/checkpoints at the end of training."""
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    tensorboard: bool = True
+    """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
+    progress_bar: bool = True
+    """Show a progress bar with loss and tokens/s (rank 0)."""
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "zero3"
+    """DeepSpeed template: zero2, zero3, zero3_offload (from ds_configs/) or a path to a JSON file; "auto" fields are filled from this config."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+PRESETS: dict[str, dict[str, str]] = {
+    # NuminaMath-CoT, the paper's training set: {"problem", "solution", "messages", "source"}.
+    "numina_cot": {"format": "prompt_response", "prompt_field": "problem", "response_field": "solution"},
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "data.format": ("prompt_response", "messages"),
+    "data.preset": tuple(PRESETS),
+    "data.template": ("auto", "chat", "plain"),
+    "data.overlong": ("truncate", "drop"),
+    "loss.type": ("dft", "sft"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Field docs
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """The string literal written under each field of a dataclass (PEP 257 attribute docstrings)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def describe_fields() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type name, default, docstring) for every field, in declaration order."""
+    rows = []
+    for section, cls in _sections().items():
+        docs = _attribute_docstrings(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), f.default, docs.get(f.name, "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated in one pass.
+
+    World-size-dependent checks (batch arithmetic) run later in `resolve_batch`.
+    """
+    problems: list[str] = []
+    tree: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        _merge_file(tree, str(path), problems)
+    _merge_overrides(tree, overrides, problems)
+    cfg = _build(tree, problems, origin=str(path) if path else "overrides")
+    if not problems:
+        problems.extend(_check_values(cfg))
+    if problems:
+        raise ConfigError(_report(problems))
+    return cfg
+
+
+def _report(problems: list[str]) -> str:
+    head = f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"
+    return "\n".join([head] + [f"  - {p}" for p in problems])
+
+
+def _merge_file(tree: dict, path: str, problems: list[str]) -> None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        problems.append(f"{path}: config file not found")
+        return
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problems.append(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})")
+        return
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+        return
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{path}: section '{section}' must be a mapping of key: value")
+            continue
+        tree.setdefault(section, {}).update(values)
+
+
+def _merge_overrides(tree: dict, overrides: list[str], problems: list[str]) -> None:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.count(".") != 1:
+            problems.append(f"override '{item}': expected section.key=value")
+            continue
+        section, name = key.split(".")
+        try:
+            # YAML typing for command-line values: 3 -> int, 1e-5 -> float, true -> bool, null -> None.
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        tree.setdefault(section, {})[name] = value
+
+
+def _build(tree: dict, problems: list[str], origin: str) -> Config:
+    sections = _sections()
+    built = {}
+    for section, values in tree.items():
+        if section not in sections:
+            problems.append(f"unknown section '{section}'{_suggest(section, sections)}")
+    for section, cls in sections.items():
+        values = dict(tree.get(section, {}))
+        if section == "data":
+            _apply_preset(values, problems)
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in names:
+                problems.append(f"unknown key '{key}'{_suggest(name, names, prefix=section + '.')}")
+                continue
+            ok, coerced = _coerce(value, hints[name])
+            if not ok:
+                problems.append(f"{key}: expected {_type_name(hints[name])}, got {value!r} ({type(value).__name__})")
+                continue
+            kwargs[name] = coerced
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def _apply_preset(values: dict, problems: list[str]) -> None:
+    preset = values.get("preset")
+    if preset is None:
+        return
+    if preset not in PRESETS:
+        return  # reported by the choices check
+    for name, value in PRESETS[preset].items():
+        values.setdefault(name, value)
+
+
+def _suggest(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        if value is None:
+            return True, None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-5 (no dot) as text; as a float field's value it is plainly a number.
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if tp is str:
+        # Plain scalars from the command line arrive typed by YAML; a field that is text takes them as text.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return isinstance(value, str), value
+    return True, value
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check_values(cfg: Config) -> list[str]:
+    problems = []
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value not in choices:
+            problems.append(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            section, name = key.split(".")
+            problems.append(f"{key}: expected {what}, got {getattr(getattr(cfg, section), name)!r}")
+
+    t, d = cfg.train, cfg.data
+    need(bool(cfg.model.name_or_path), "model.name_or_path", "a model directory, hub name or 'synthetic'")
+    need(bool(d.source), "data.source", "a file, directory, hub name or 'synthetic'")
+    need(d.max_length >= 8, "data.max_length", "an integer >= 8")
+    need(d.max_samples is None or d.max_samples >= 1, "data.max_samples", "null or an integer >= 1")
+    need(d.synthetic_size >= 1, "data.synthetic_size", "an integer >= 1")
+    need(bool(t.output_dir), "train.output_dir", "a directory path")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
+    need(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
+         "train.gradient_accumulation_steps", "null or an integer >= 1")
+    need(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size", "null or an integer >= 1")
+    need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null or an integer >= 1")
+    need(t.epochs > 0 and math.isfinite(t.epochs), "train.epochs", "a number > 0")
+    need(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a number > 0")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "a number in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", "a number >= 0")
+    need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)")
+    need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
+    need(t.adam_eps > 0, "train.adam_eps", "a number > 0")
+    need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
+    need(0 <= cfg.loss.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
+    need(cfg.logging.every_steps >= 1, "logging.every_steps", "an integer >= 1")
+    need(bool(cfg.deepspeed.config), "deepspeed.config", "zero2, zero3, zero3_offload or a JSON path")
+    if t.micro_batch_size >= 1 and t.global_batch_size and t.gradient_accumulation_steps:
+        per_rank = t.micro_batch_size * t.gradient_accumulation_steps
+        if t.global_batch_size % per_rank:
+            problems.append(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size x "
+                f"gradient_accumulation_steps = {per_rank}")
+    return problems
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """micro x accumulation x data-parallel world = global: the only place this is computed."""
+
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    world_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+
+def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
+    """Fill in whichever of accumulation / global batch is null, or check that they agree."""
+    micro, accum, total = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
+    per_step = micro * world_size
+    if total is None:
+        return BatchPlan(micro, accum or 1, world_size)
+    if total % per_step:
+        raise ConfigError(
+            f"invalid configuration:\n  - train.global_batch_size: {total} is not divisible by micro_batch_size "
+            f"{micro} x world size {world_size} = {per_step}")
+    derived = total // per_step
+    if accum is not None and accum != derived:
+        raise ConfigError(
+            f"invalid configuration:\n  - train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x "
+            f"world size {world_size} = {accum * per_step}, but train.global_batch_size is {total}")
+    return BatchPlan(micro, derived, world_size)
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike, extra: Optional[dict] = None) -> None:
+    """Write the resolved config as YAML that `load_config` reads back to an equal Config."""
+    data = to_dict(cfg)
+    with open(path, "w", encoding="utf-8") as fh:
+        if extra:
+            fh.write("".join(f"# {k}: {v}\n" for k, v in extra.items()))
+        yaml.safe_dump(data, fh, sort_keys=False)

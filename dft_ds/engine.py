@@ -1,0 +1,282 @@
+"""Everything DeepSpeed, behind one seam: process group, config rendering, initialize, backward/step.
+
+The loop calls `Engine.backward/step/all_reduce_sum/barrier/is_rank0` and never touches
+torch.distributed directly. No loss math lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+
+from dft_ds.config import BatchPlan, Config
+from dft_ds.errors import ConfigError
+
+DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+TEMPLATES = ("zero2", "zero3", "zero3_offload")
+
+
+# --------------------------------------------------------------------------------------------
+# Process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def map_launcher_env(env: dict[str, str] = os.environ) -> None:
+    """Give torch.distributed its RANK/WORLD_SIZE/LOCAL_RANK however the process was started.
+
+    deepspeed and torchrun set them; srun sets SLURM_*; a plain process sets nothing and becomes a
+    world of one on a free loopback port.
+    """
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "RANK" not in env:
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group on the accelerator's backend (NCCL on CUDA, gloo or ccl on CPU)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    map_launcher_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                               verbose=False, timeout=timedelta(minutes=timeout_minutes))
+    return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
+
+
+def shutdown_distributed() -> None:
+    # Without this, a gloo process was seen to abort at interpreter exit (rc -6) after a good run.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size_from_env() -> int:
+    map_launcher_env()
+    return int(os.environ["WORLD_SIZE"])
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+
+
+def resolve_precision(setting: str) -> str:
+    """auto = bf16 where the accelerator has it natively, fp16 on older GPUs, fp32 on CPU.
+
+    A CPU without native bf16 ran a ZeRO-3 step about 8x slower in bf16 than in fp32 (FACTS.md).
+    """
+    if setting != "auto":
+        return setting
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return "fp32"
+    return "bf16" if accel.is_bf16_supported() else "fp16"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def load_template(name_or_path: str) -> dict[str, Any]:
+    path = os.path.join(DS_CONFIG_DIR, f"{name_or_path}.json") if name_or_path in TEMPLATES else name_or_path
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config: '{name_or_path}' is neither a template ({', '.join(TEMPLATES)}) "
+                          "nor an existing JSON file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: DeepSpeed config is not valid JSON ({exc.msg})") from None
+
+
+def render_ds_config(cfg: Config, plan: BatchPlan, precision: str, hidden_size: int, on_cpu: bool) -> dict[str, Any]:
+    """The template with every "auto" filled from the run config; explicit values must agree with it."""
+    ds = copy.deepcopy(load_template(cfg.deepspeed.config))
+    t = cfg.train
+    values = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.betas": [t.adam_beta1, t.adam_beta2],
+        "optimizer.params.eps": t.adam_eps,
+        "optimizer.params.weight_decay": t.weight_decay,
+        # Bucket sizes scale with the hidden size (the rule of thumb transformers uses too).
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    must_match = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    problems = []
+    for key, value in values.items():
+        node, leaf = _node(ds, key)
+        if node is None or leaf not in node:
+            continue
+        if node[leaf] == "auto":
+            node[leaf] = value
+        elif key in must_match and node[leaf] != value:
+            problems.append(f"{cfg.deepspeed.config}: '{key}' is {node[leaf]} but the run config gives {value}; "
+                            "set it to \"auto\" or change train.*")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    problems += [f"{cfg.deepspeed.config}: no run-config value for \"auto\" at '{k}'" for k in leftover]
+    if problems:
+        raise ConfigError("invalid DeepSpeed config:\n" + "\n".join(f"  - {p}" for p in problems))
+    optimizer = ds.get("optimizer", {})
+    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if on_cpu and not offloaded and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        # FusedAdam is a CUDA kernel; on CPU use torch's AdamW (offload uses DeepSpeedCPUAdam instead).
+        optimizer.setdefault("params", {})["torch_adam"] = True
+    ds.setdefault("steps_per_print", 2**31 - 1)  # our own logging replaces DeepSpeed's
+    return ds
+
+
+def _node(tree: dict, dotted: str):
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.get(p)
+        if not isinstance(tree, dict):
+            return None, leaf
+    return tree, leaf
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+
+
+class Engine:
+    """A DeepSpeed engine with the few verbs the loop needs."""
+
+    def __init__(self, model, ds_config: dict, dist: DistInfo, total_steps: int, cfg: Config):
+        import deepspeed
+
+        warmup = int(cfg.train.warmup_ratio * total_steps)
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio))
+
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config, lr_scheduler=schedule)
+        self.dist = dist
+        self.device = self.ds.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.dist.is_rank0
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # No attention_mask: the model builds a block-diagonal causal mask from position_ids restarts.
+        return self.ds(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the target tokens of the whole optimizer step on all ranks.
+        # DeepSpeed averages gradients over data-parallel ranks, so multiply by the world size to
+        # keep a sum, and do not let it divide again by the accumulation steps (scale_wrt_gas).
+        self.ds.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        self.ds.step()
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        import deepspeed.comm as dist
+
+        out = values.to(self.device).clone()
+        if self.dist.world_size > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.cpu()
+
+    def barrier(self) -> None:
+        import deepspeed.comm as dist
+
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def train(self) -> None:
+        self.ds.train()

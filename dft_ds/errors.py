@@ -1,0 +1,24 @@
+"""Errors that mean "the user's input is wrong", as opposed to a runtime failure.
+
+Every entry point catches `UserError`, prints its message (which names the file, line or key and
+what was expected) and exits with `EXIT_BAD_INPUT`, so a user never needs a traceback to learn
+that a field is missing.
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+class UserError(Exception):
+    """Bad input or configuration: reported without a traceback, exit code 2."""
+
+
+class ConfigError(UserError):
+    """The run configuration (YAML file, overrides or their combination) is invalid."""
+
+
+class DataError(UserError):
+    """A data file or dataset does not have the expected shape or content."""
+
+
+class ModelError(UserError):
+    """The model or tokenizer cannot be used as configured."""

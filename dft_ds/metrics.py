@@ -1,0 +1,82 @@
+"""Rank 0 speaks: metrics.jsonl, TensorBoard and a progress bar; other ranks get null objects.
+
+Nothing here computes a value the loop needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+# Keys of metrics.jsonl -> TensorBoard tags (namespaced).
+TB_TAGS = {
+    "loss": "train/loss",
+    "nll": "train/nll",
+    "mean_token_prob": "train/mean_token_prob",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+}
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step and mirrors the main figures to TensorBoard."""
+
+    def __init__(self, output_dir: str, tensorboard: bool, progress_bar: bool, total_steps: int):
+        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self._bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        record = {"step": step, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, tag in TB_TAGS.items():
+                if values.get(key) is not None:
+                    self._tb.add_scalar(tag, values[key], step)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
+                                  tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def print(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+
+
+class NullMetrics:
+    """What ranks other than 0 hold: every call does nothing."""
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def print(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

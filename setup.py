@@ -1,0 +1,27 @@
+"""dft_ds: Dynamic Fine-Tuning of causal language models on DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dft_ds",
+    version="0.1.0",
+    description="Dynamic Fine-Tuning (DFT) of causal LMs on DeepSpeed ZeRO, one process to many nodes",
+    packages=find_packages(include=["dft_ds", "dft_ds.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately absent: a user's CUDA build must be left alone, and on a bare machine
+    # the Makefile installs torch==2.13.0 (CPU) before this package. Ranges admit this machine's set.
+    install_requires=[
+        "deepspeed>=0.16,<0.20",
+        "transformers>=5.0,<6",
+        "datasets>=3.0,<6",
+        "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.21,<0.24",
+        "accelerate>=1.0,<2",
+        "safetensors>=0.4,<1",
+        "tensorboard>=2.14,<3",
+        "pyyaml>=6,<7",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+    entry_points={"console_scripts": ["dft-train=dft_ds.train:main"]},
+)
