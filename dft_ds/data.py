@@ -15,6 +15,7 @@ This module knows nothing about the loss.
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import dataclass, field
@@ -202,15 +203,26 @@ def _append(segments: list, done: str, rendered: str, target: bool, where: str) 
 
 
 def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: bool, add_eos: bool):
-    """Token ids and per-token target flags for one sample."""
-    ids: list[int] = []
-    targets: list[bool] = []
-    for i, (text, target) in enumerate(segments):
-        # The first piece carries the tokenizer's BOS unless a chat template already wrote its own.
-        special = i == 0 and not chat_rendered
-        piece = tokenizer(text, add_special_tokens=special)["input_ids"]
-        ids.extend(piece)
-        targets.extend([target] * len(piece))
+    """Token ids and per-token target flags for one sample.
+
+    The whole text is tokenised at once (a piece tokenised alone can split differently from the same
+    piece in context, e.g. a leading-space marker), and each token is a target when its first
+    character lies in a target segment. A chat-rendered text already holds its own BOS.
+    """
+    text = "".join(piece for piece, _ in segments)
+    enc = tokenizer(text, add_special_tokens=not chat_rendered, return_offsets_mapping=True)
+    bounds, flags, pos = [], [], 0
+    for piece, target in segments:
+        pos += len(piece)
+        bounds.append(pos)
+        flags.append(target)
+    ids = list(enc["input_ids"])
+    targets = []
+    for start, end in enc["offset_mapping"]:
+        if end == start:  # special tokens added by the tokenizer (BOS) carry no text
+            targets.append(False)
+            continue
+        targets.append(flags[bisect.bisect_right(bounds, start)] if start < pos else False)
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         targets.append(True)

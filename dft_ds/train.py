@@ -16,7 +16,7 @@ import sys
 import textwrap
 import warnings
 
-from dft_ds.config import Config, describe_fields, load_config, resolve_batch, save_config
+from dft_ds.config import SYNTHETIC_PROFILE, Config, describe_fields, load_config, resolve_batch, save_config
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
 
 EXAMPLES = """\
@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _settings_help() -> str:
-    lines = []
+    profile = ", ".join(f"{sec}.{k}={v}" for sec, vals in SYNTHETIC_PROFILE.items() for k, v in vals.items())
+    lines = [f"  (with model.name_or_path=synthetic, the embedded default also sets {profile}"
+             " unless you set them)"]
     for key, type_name, default, doc in describe_fields():
         lines.append(f"  {key}: {type_name} = {default!r}")
         lines.extend(textwrap.wrap(doc, width=96, initial_indent="      ", subsequent_indent="      "))
