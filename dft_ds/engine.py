@@ -11,6 +11,7 @@ import json
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional
@@ -67,6 +68,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per bucket per step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated")
     map_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()

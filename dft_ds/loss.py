@@ -29,7 +29,8 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     logits = logits.reshape(-1, logits.shape[-1])
     labels = labels.reshape(-1)
     mask = labels != ignore_index
-    rows = logits[mask].float()
+    rows = logits[mask]
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     logp = torch.log_softmax(rows, dim=-1).gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
     return logp, mask
 

@@ -14,9 +14,10 @@ import math
 import os
 import sys
 import textwrap
-import warnings
+from dataclasses import dataclass
+from typing import Any
 
-from dft_ds.config import SYNTHETIC_PROFILE, Config, describe_fields, load_config, resolve_batch, save_config
+from dft_ds.config import SYNTHETIC_PROFILE, BatchPlan, Config, describe_fields, load_config, resolve_batch, save_config
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
 
 EXAMPLES = """\
@@ -62,8 +63,7 @@ def _settings_help() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
-    # DeepSpeed 0.19 calls a torch collective that torch 2.13 deprecates, once per bucket per step.
-    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated")
+
     if ns.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
     try:
@@ -86,12 +86,26 @@ def check_output_dir(path: str) -> None:
         raise UserError(f"train.output_dir: '{path}' exists and is not a directory")
 
 
-def run(cfg: Config) -> int:
+@dataclass
+class Run:
+    """Everything a run needs, built and validated before the run directory exists."""
+
+    cfg: Config
+    dist: Any
+    plan: BatchPlan
+    data: Any
+    sampler: Any
+    engine: Any
+    total_steps: int
+    precision: str
+    ds_config: dict
+
+
+def build_run(cfg: Config) -> Run:
+    """Process group, data, model and engine; raises UserError on bad input before writing anything."""
     from dft_ds import engine as eng
     from dft_ds import model as mdl
     from dft_ds.data import StepSampler, build_train_data
-    from dft_ds.metrics import MetricsLogger, NullMetrics
-    from dft_ds.trainer import Trainer
 
     # Every rank checks before the rendezvous; rank 0 creates the directory only after it.
     check_output_dir(cfg.train.output_dir)
@@ -105,44 +119,60 @@ def run(cfg: Config) -> int:
     precision = eng.resolve_precision(cfg.train.precision)
     on_cpu = eng.device().type == "cpu"
     ds_config = eng.render_ds_config(cfg, plan, precision, model_config.hidden_size, on_cpu)
-
     model, keepalive = mdl.build_model(cfg.model, model_config, ds_config, eng.torch_dtype(precision), cfg.train.seed)
     engine = eng.Engine(model, ds_config, dist, total_steps, cfg)
     del keepalive
+    return Run(cfg, dist, plan, data, sampler, engine, total_steps, precision, ds_config)
 
-    out = cfg.train.output_dir
-    if dist.is_rank0:
-        os.makedirs(out, exist_ok=True)
-        save_config(cfg, os.path.join(out, "config.yaml"), extra={"world_size": dist.world_size,
-                                                                  "precision": precision})
-        with open(os.path.join(out, "ds_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(ds_config, fh, indent=2)
-        metrics = MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.progress_bar, total_steps)
-    else:
-        metrics = NullMetrics()
-    metrics.print(f"data: {data.report.summary()}")
+
+def start_run_dir(run: Run):
+    """Rank 0 creates the run directory and its logger; other ranks get a null logger."""
+    from dft_ds.metrics import MetricsLogger, NullMetrics
+
+    cfg, out = run.cfg, run.cfg.train.output_dir
+    if not run.dist.is_rank0:
+        return NullMetrics()
+    os.makedirs(out, exist_ok=True)
+    save_config(cfg, os.path.join(out, "config.yaml"),
+                extra={"world_size": run.dist.world_size, "precision": run.precision})
+    with open(os.path.join(out, "ds_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(run.ds_config, fh, indent=2)
+    return MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.progress_bar, run.total_steps)
+
+
+def run(cfg: Config) -> int:
+    from dft_ds.engine import zero_stage
+    from dft_ds.trainer import Trainer
+
+    r = build_run(cfg)
+    metrics = start_run_dir(r)
+    plan, out = r.plan, cfg.train.output_dir
+    metrics.print(f"data: {r.data.report.summary()}")
     metrics.print(f"batch: micro {plan.micro_batch_size} x accumulation {plan.gradient_accumulation_steps} x "
-                  f"world {plan.world_size} = global {plan.global_batch_size}; {total_steps} steps; "
-                  f"loss {cfg.loss.type}; precision {precision}; zero stage {eng.zero_stage(ds_config)}")
-    engine.barrier()
+                  f"world {plan.world_size} = global {plan.global_batch_size}; {r.total_steps} steps; "
+                  f"loss {cfg.loss.type}; precision {r.precision}; zero stage {zero_stage(r.ds_config)}")
+    r.engine.barrier()
 
-    trainer = Trainer(engine, data, sampler, cfg.loss, total_steps, cfg.logging.every_steps, metrics)
+    trainer = Trainer(r.engine, r.data, r.sampler, cfg.loss, r.total_steps, cfg.logging.every_steps, metrics)
     summary = trainer.train()
     if cfg.checkpoint.save_final:
-        engine.save_checkpoint(os.path.join(out, "checkpoints"), "final",
-                               {"global_step": summary.steps, "sampler": sampler.state_dict()})
+        r.engine.save_checkpoint(os.path.join(out, "checkpoints"), "final",
+                                 {"global_step": summary.steps, "sampler": r.sampler.state_dict()})
     metrics.close()
-    if dist.is_rank0:
-        result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
-                  "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": summary.first_loss,
-                  "last_loss": summary.last_loss, "world_size": dist.world_size, "output_dir": os.path.abspath(out)}
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"done: {summary.steps} steps in {summary.seconds:.1f} s, {summary.tokens_per_s:.0f} tokens/s, "
-              f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; results in {os.path.abspath(out)}",
-              flush=True)
-    engine.barrier()
+    if r.dist.is_rank0:
+        write_summary(summary, out, r.dist.world_size)
+    r.engine.barrier()
     return 0
+
+
+def write_summary(summary, out: str, world_size: int) -> None:
+    result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
+              "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": summary.first_loss,
+              "last_loss": summary.last_loss, "world_size": world_size, "output_dir": os.path.abspath(out)}
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"done: {summary.steps} steps in {summary.seconds:.1f} s, {summary.tokens_per_s:.0f} tokens/s, "
+          f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; results in {os.path.abspath(out)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from dft_ds.config import LossConfig
 from dft_ds.data import IGNORE_INDEX, StepSampler, TrainData
 from dft_ds.loss import compute_loss
+from dft_ds.metrics import NullMetrics  # noqa: F401  (re-exported for callers that log nothing)
 
 
 @dataclass

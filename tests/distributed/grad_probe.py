@@ -1,0 +1,48 @@
+"""Run ONE optimizer step of the real trainer and save the full gradient it produced (rank 0).
+
+Started by tests under torchrun with different (ranks x accumulation) splits of the same global
+batch: `python -m torch.distributed.run --nproc-per-node N grad_probe.py OUT.pt [overrides...]`.
+The gradient is read with DeepSpeed's safe_get_full_grad at the accumulation boundary, just
+before the optimizer consumes it.
+"""
+
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from dft_ds.config import load_config
+from dft_ds.engine import shutdown_distributed
+from dft_ds.train import build_run
+from dft_ds.trainer import NullMetrics, Trainer
+
+
+def main(out_path: str, overrides: list[str]) -> None:
+    cfg = load_config(None, overrides)
+    run = build_run(cfg)
+    engine, captured = run.engine, {}
+    real_step = engine.step
+
+    def step_and_capture():
+        if engine.ds.is_gradient_accumulation_boundary():
+            for name, param in engine.ds.module.named_parameters():
+                grad = safe_get_full_grad(param)  # a collective under ZeRO-3: every rank calls it
+                captured[name] = grad.detach().double().cpu().clone()
+        real_step()
+
+    engine.step = step_and_capture
+    trainer = Trainer(engine, run.data, run.sampler, cfg.loss, run.total_steps, 1, NullMetrics())
+    engine.train()
+    sums = trainer.train_step(run.sampler.indices_for_step(0))
+    totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
+    if run.dist.is_rank0:
+        torch.save({"grads": captured, "loss": totals[0] / totals[3], "targets": totals[3],
+                    "world_size": run.dist.world_size, "accum": run.plan.gradient_accumulation_steps}, out_path)
+    engine.barrier()  # nobody tears down gloo while another rank is still in a collective
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1], sys.argv[2:])
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,39 @@
+"""Starting real multi-process runs from tests: the venv's launchers, a clean environment, a port."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+BIN = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Small and quick: a couple of hundred problems, short rows, a dozen steps.
+QUICK = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_size=2",
+         "logging.progress_bar=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(tmp_path) -> dict:
+    """No inherited rank variables; a private cache for the tokenizer; no hub access."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               DFT_DS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run(cmd: list[str], env: dict, timeout: int = 600, cwd: str = REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
