@@ -63,7 +63,7 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
         if ext not in FILE_BUILDERS:
             raise DataError(f"{source}: unsupported file type '{ext}' (expected .jsonl, .json or .parquet)")
         if ext in (".jsonl", ".json"):
-            lines = check_json_file(source)
+            lines = check_json_file(source, expected_fields(cfg))
         ds = _load_quietly(lambda: datasets.load_dataset(FILE_BUILDERS[ext], data_files=source, split="train"),
                            source)
         origin = source
@@ -80,10 +80,18 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
     return RawData(ds, origin, lines)
 
 
-def check_json_file(path: str) -> Optional[list[int]]:
-    """Parse a .json/.jsonl file up front so a broken line is reported as file:line.
+def expected_fields(cfg: DataConfig) -> dict[str, type]:
+    if cfg.format == "messages":
+        return {cfg.messages_field: list}
+    return {cfg.prompt_field: str, cfg.response_field: str}
 
-    Returns the line number of each row for JSON lines, None for a single JSON document.
+
+def check_json_file(path: str, fields: Optional[dict[str, type]] = None) -> Optional[list[int]]:
+    """Parse a .json/.jsonl file up front so a broken line or field is reported as file:line.
+
+    Checking field types here matters: a column of mixed types makes the Arrow reader fail with a
+    message that names neither the line nor the field. Returns the line number of each row for
+    JSON lines, None for a single JSON document.
     """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
@@ -107,6 +115,8 @@ def check_json_file(path: str) -> Optional[list[int]]:
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        for name, kind in (fields or {}).items():
+            _field(row, name, kind, f"{path}:{number}")
         lines.append(number)
     if not lines:
         raise DataError(f"{path}: the file holds no samples")
@@ -186,11 +196,21 @@ def _chat_segments(messages: list, tokenizer, where: str) -> list[tuple[str, boo
     segments, done = [], ""
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            done = _append(segments, done, before, False, where)
+            # The generation prompt (e.g. "<|assistant|>\n") belongs to the prompt, even before a first turn.
+            done = _append(segments, done, _generation_prompt(tokenizer, messages[:i]), False, where)
         after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         done = _append(segments, done, after, msg["role"] == "assistant", where)
     return segments
+
+
+def _generation_prompt(tokenizer, history: list) -> str:
+    if history:
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    # transformers refuses to render an empty conversation: render a first assistant turn holding a
+    # marker and keep what comes before it (the BOS and the turn header).
+    marker = "\x00dft-ds-turn\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "assistant", "content": marker}], tokenize=False)
+    return rendered.split(marker)[0] if marker in rendered else ""
 
 
 def _append(segments: list, done: str, rendered: str, target: bool, where: str) -> str:
@@ -266,16 +286,17 @@ def tokenize_dataset(raw: RawData, cfg: DataConfig, tokenizer) -> tuple[list[lis
         segments = sample_segments(row, cfg, tokenizer, chat, where)
         ids, targets = tokenize_sample(segments, tokenizer, is_chat_rendered, add_eos)
         labels = shift_labels(ids, targets)
-        if len(ids) > cfg.max_length:
-            if cfg.overlong == "drop":
-                report.dropped_overlong += 1
-                continue
+        was_long = len(ids) > cfg.max_length
+        if was_long and cfg.overlong == "drop":
+            report.dropped_overlong += 1
+            continue
+        if was_long:
             # Truncating after shifting keeps the last kept position's target (the next token exists).
             ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            report.truncated += 1
         if all(lab == IGNORE_INDEX for lab in labels):
             report.dropped_no_target += 1
             continue
+        report.truncated += was_long
         all_ids.append(ids)
         all_labels.append(labels)
     if not all_ids:

@@ -196,8 +196,6 @@ def test_messages_segments_mark_only_assistant_content(tok):
     assert "".join(text for text, _ in segments) == tok.apply_chat_template(CONVERSATION, tokenize=False)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a conversation that opens with an assistant turn makes the "
-                   "'<|assistant|>\\n' header a target (data._chat_segments skips the generation prompt at i=0)")
 def test_messages_leading_assistant_turn_header_is_not_a_target(tok):
     convo = [{"role": "assistant", "content": "Hello there"}, {"role": "user", "content": "Hi"},
              {"role": "assistant", "content": "4"}]
@@ -383,10 +381,6 @@ def test_wrong_field_type_in_one_row_of_many_names_field_and_line(tok, tmp_path)
     assert f"{path}:3" in msg and "field 'response' must be str, got int" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a numeric response among string responses in a .jsonl that also "
-                   "has a blank line: pyarrow rejects the mixed column, datasets falls back to pandas, which "
-                   "fails on the blank line; the DataError reads 'could not be loaded (ValueError: Expected "
-                   "object or value)' and names neither the line nor the field")
 def test_wrong_field_type_in_jsonl_with_blank_line_names_field_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], {"prompt": "2+2?", "response": 4}],
                        blank_after=(0,))
