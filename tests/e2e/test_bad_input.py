@@ -1,0 +1,119 @@
+"""Bad input through the real entry point: exit code 2, a message naming file/line/key, and no
+run directory left behind (or an existing one left untouched)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.distributed.helpers import clean_env
+
+pytestmark = pytest.mark.slow
+
+
+def train(tmp_path, *overrides, config=None):
+    cmd = [sys.executable, "-m", "dft_ds.train"] + ([str(config)] if config else []) + list(overrides)
+    return subprocess.run(cmd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def assert_bad_input(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+        for line in raw_lines:
+            fh.write(line + "\n")
+    return path
+
+
+GOOD = [{"prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. \\boxed{{{2 * i}}}"} for i in range(20)]
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD[:2], raw_lines=['{"prompt": "x", "response": '])
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"data.source={data}", f"train.output_dir={out}")
+    assert_bad_input(proc, f"{data}:3", "not valid JSON")
+    assert not out.exists()
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD[:3] + [{"prompt": "only a prompt"}])
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"data.source={data}", f"train.output_dir={out}")
+    assert_bad_input(proc, f"{data}:4", "missing field 'response'")
+    assert not out.exists()
+
+
+def test_nothing_left_after_filtering(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"data.source={data}", "data.max_length=8", "data.overlong=drop", f"train.output_dir={out}")
+    assert_bad_input(proc, "no samples left after filtering", "dropped 20 over max_length")
+    assert not out.exists()
+
+
+def test_tokenizer_larger_than_model_vocabulary(tmp_path):
+    from transformers import AutoTokenizer
+
+    from dft_ds import synthetic
+
+    model_dir = tmp_path / "model"
+    synthetic.tiny_model_config(100).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path / "cache")).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"model.name_or_path={model_dir}", f"train.output_dir={out}")
+    assert_bad_input(proc, "the tokenizer has 512 tokens but the model's embeddings hold 100")
+    assert not out.exists()
+
+
+def test_existing_run_directory_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = train(tmp_path, f"train.output_dir={out}")
+    assert_bad_input(proc, "already holds files")
+    assert os.listdir(out) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_config_errors_are_all_reported(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lrr: 0.1\n  micro_batch_size: zero\nloss:\n  type: kl\n")
+    proc = train(tmp_path, "train.lr=-1", config=cfg)
+    assert_bad_input(proc, "did you mean 'train.lr'", "train.micro_batch_size: expected int",
+                     "loss.type: expected one of dft, sft", "train.lr: expected a number > 0")
+
+
+def test_batch_sizes_that_do_not_divide(tmp_path):
+    out = tmp_path / "run"
+    proc = train(tmp_path, "train.micro_batch_size=3", "train.global_batch_size=8", f"train.output_dir={out}")
+    assert_bad_input(proc, "train.global_batch_size: 8 is not divisible by micro_batch_size 3 x world size 1")
+    assert not out.exists()
+
+
+def test_deepspeed_config_that_is_not_json(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{\n  "train_batch_size": "auto",\n  oops\n}\n')
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"deepspeed.config={ds}", "data.synthetic_size=100", f"train.output_dir={out}")
+    assert_bad_input(proc, f"{ds}:3", "not valid JSON")
+    assert not out.exists()
+
+
+def test_deepspeed_config_that_contradicts_the_run(tmp_path):
+    ds = tmp_path / "ds.json"
+    template = json.load(open(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero3.json")))
+    template["train_micro_batch_size_per_gpu"] = 16
+    ds.write_text(json.dumps(template))
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"deepspeed.config={ds}", "data.synthetic_size=100", f"train.output_dir={out}")
+    assert_bad_input(proc, "'train_micro_batch_size_per_gpu' is 16 but the run config gives 4")
+    assert not out.exists()

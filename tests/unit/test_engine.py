@@ -1,0 +1,107 @@
+"""Pure parts of the DeepSpeed seam: launcher environments, config rendering, the schedule, precision."""
+
+import json
+
+import pytest
+
+from dft_ds import engine
+from dft_ds.config import BatchPlan, load_config
+from dft_ds.errors import ConfigError
+from dft_ds.train import parse_args
+
+
+def test_slurm_variables_become_torch_ranks():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    engine.map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "n1"
+
+
+def test_launcher_variables_win_over_slurm():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    engine.map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"]) == ("1", "2")
+
+
+def test_plain_process_is_a_world_of_one_on_loopback():
+    env = {}
+    engine.map_launcher_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
+    assert 0 < int(env["MASTER_PORT"]) < 65536
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1", "train.lr=0.1"], ["--local-rank", "1", "train.lr=0.1"],
+                                  ["train.lr=0.1", "--local_rank=1"]])
+def test_deepspeed_launcher_local_rank_is_accepted(argv):
+    ns = parse_args(argv)
+    assert ns.local_rank == 1 and ns.overrides == ["train.lr=0.1"] and ns.config is None
+
+
+def test_config_file_then_overrides():
+    ns = parse_args(["c.yaml", "a.b=1", "c.d=2"])
+    assert ns.config == "c.yaml" and ns.overrides == ["a.b=1", "c.d=2"]
+
+
+def render(overrides=(), on_cpu=True, precision="fp32", plan=BatchPlan(4, 2, 2), hidden=256):
+    return engine.render_ds_config(load_config(None, list(overrides)), plan, precision, hidden, on_cpu)
+
+
+def test_auto_fields_are_filled_from_the_run_config():
+    ds = render(["train.lr=0.002", "train.max_grad_norm=0.5", "train.weight_decay=0.1"])
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    params = ds["optimizer"]["params"]
+    assert params["lr"] == 0.002 and params["weight_decay"] == 0.1 and params["betas"] == [0.9, 0.95]
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 256 * 256
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "auto" not in json.dumps(ds)
+
+
+def test_cpu_uses_torch_adamw_and_gpu_fused():
+    assert render(on_cpu=True)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in render(on_cpu=False)["optimizer"]["params"]
+    offload = render(["deepspeed.config=zero3_offload"], on_cpu=True)
+    assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeedCPUAdam does the offloaded step
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision,bf16,fp16", [("bf16", True, False), ("fp16", False, True), ("fp32", False, False)])
+def test_precision_flags(precision, bf16, fp16):
+    ds = render(precision=precision)
+    assert ds["bf16"]["enabled"] is bf16 and ds["fp16"]["enabled"] is fp16
+
+
+def test_every_template_renders():
+    for name in engine.TEMPLATES:
+        ds = render([f"deepspeed.config={name}"])
+        assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
+
+
+def test_unknown_auto_and_unknown_template_are_config_errors(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
+    with pytest.raises(ConfigError, match="zero_optimization.sub_group_size"):
+        render([f"deepspeed.config={path}"])
+    with pytest.raises(ConfigError, match="neither a template"):
+        render(["deepspeed.config=zero4"])
+
+
+def test_cosine_with_warmup():
+    total, warmup = 100, 10
+    lrs = [engine.cosine_with_warmup(s, total, warmup, 0.1) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising in warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # falling after
+    assert engine.cosine_with_warmup(total, total, warmup, 0.1) == pytest.approx(0.1)
+    assert engine.cosine_with_warmup(55, total, warmup, 0.0) == pytest.approx(0.5)  # half way through cosine
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("auto picks bf16/fp16 where a GPU exists")
+    assert engine.resolve_precision("auto") == "fp32"
+    assert engine.resolve_precision("bf16") == "bf16"
