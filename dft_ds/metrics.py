@@ -30,11 +30,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-        self._bar = None
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+        # The bar is opened at the first step, so the set-up lines print above it, not through it.
+        self._bar, self._want_bar, self._total = None, progress_bar, total_steps
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         record = {"step": step, **values}
@@ -49,6 +46,10 @@ class MetricsLogger:
                                   tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
 
     def advance(self, steps: int = 1) -> None:
+        if self._want_bar and self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self._total, desc="train", dynamic_ncols=True)
         if self._bar is not None:
             self._bar.update(steps)
 
