@@ -37,7 +37,16 @@ def check_run_dir(out, world_size: int, loss_type: str = "dft") -> list[dict]:
     # warmup then cosine: the peak is in the middle, the last rate is below it
     lrs = [r["lr"] for r in rows]
     assert max(lrs) > lrs[0] and lrs[-1] < max(lrs)
-    assert glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    events = glob.glob(os.path.join(out, "tensorboard", "events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/nll", "train/mean_token_prob", "train/lr", "train/grad_norm",
+            "perf/tokens_per_s"} <= tags
+    assert [e.value for e in acc.Scalars("train/nll")] == pytest.approx([r["nll"] for r in rows], rel=1e-5)
     shards = glob.glob(os.path.join(out, "checkpoints", "final", "*model_states.pt"))
     assert len(shards) == world_size
     summary = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
