@@ -94,6 +94,8 @@ class TrainConfig:
     """Optimizer steps to run; null runs train.epochs over the data."""
     epochs: float = 1.0
     """Passes over the data when max_steps is null."""
+    stop_at_step: Optional[int] = None
+    """Save a checkpoint and exit with code 75 after this optimizer step, schedule unchanged (time-sliced jobs); run again to go on."""
     lr: float = 5e-5
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.0
@@ -116,8 +118,22 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    every_steps: int = 0
+    """Save a sharded checkpoint (tag step-<N>) every N optimizer steps; 0 saves only at the end and on a signal."""
+    keep: int = 2
+    """Keep the newest N complete checkpoints; the one `latest` names is never deleted."""
+    resume: str = "auto"
+    """auto (the latest complete checkpoint in output_dir, or a fresh start), none, or a checkpoint directory path."""
     save_final: bool = True
-    """Write a sharded DeepSpeed checkpoint (tag final) to output_dir/checkpoints at the end of training."""
+    """Save a checkpoint when training ends."""
+
+
+@dataclass
+class ExportConfig:
+    hf: bool = False
+    """Write a Hugging Face directory (safetensors, config, tokenizer) to output_dir/hf at the end of training."""
+    dtype: Optional[str] = None
+    """dtype of the exported weights: bf16, fp16 or fp32; null keeps the training precision."""
 
 
 @dataclass
@@ -143,6 +159,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
@@ -170,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong": ("truncate", "drop"),
     "loss.type": ("dft", "sft"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "export.dtype": ("bf16", "fp16", "fp32"),
 }
 
 
@@ -394,6 +412,7 @@ def _check_values(cfg: Config) -> list[str]:
          "train.gradient_accumulation_steps", "null or an integer >= 1")
     need(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size", "null or an integer >= 1")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "null or an integer >= 1")
+    need(t.stop_at_step is None or t.stop_at_step >= 1, "train.stop_at_step", "null or an integer >= 1")
     need(t.epochs > 0 and math.isfinite(t.epochs), "train.epochs", "a number > 0")
     need(t.lr > 0 and math.isfinite(t.lr), "train.lr", "a number > 0")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a number in [0, 1]")
@@ -404,6 +423,9 @@ def _check_values(cfg: Config) -> list[str]:
     need(t.adam_eps > 0, "train.adam_eps", "a number > 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
     need(0 <= cfg.loss.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0 (0: only at the end)")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1")
+    need(bool(cfg.checkpoint.resume), "checkpoint.resume", "auto, none or a checkpoint directory")
     need(cfg.logging.every_steps >= 1, "logging.every_steps", "an integer >= 1")
     need(bool(cfg.deepspeed.config), "deepspeed.config", "zero2, zero3, zero3_offload or a JSON path")
     if t.micro_batch_size >= 1 and t.global_batch_size and t.gradient_accumulation_steps:

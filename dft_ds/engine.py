@@ -69,7 +69,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     from deepspeed.accelerator import get_accelerator
 
     # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per bucket per step.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+ is deprecated")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated")
     map_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()
@@ -86,6 +86,13 @@ def shutdown_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(world_size: int) -> None:
+    import deepspeed.comm as dist
+
+    if world_size > 1:
+        dist.barrier()
 
 
 def world_size_from_env() -> int:
@@ -264,10 +271,20 @@ class Engine:
         return out.cpu()
 
     def barrier(self) -> None:
-        import deepspeed.comm as dist
+        barrier(self.dist.world_size)
 
-        if self.dist.world_size > 1:
-            dist.barrier()
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint at {os.path.join(directory, tag)}")
+
+    def set_peak_lr(self, lr: float) -> None:
+        """After a resume with a new peak: rescale the restored schedule to it from the current step on."""
+        sched = self.scheduler
+        sched.base_lrs = [lr for _ in sched.base_lrs]
+        for group, factor in zip(self.optimizer.param_groups, sched.lr_lambdas):
+            group["lr"] = lr * factor(sched.last_epoch)
 
     @property
     def lr(self) -> float:
@@ -278,8 +295,9 @@ class Engine:
         norm = self.ds.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        # save_latest=False: dft_ds writes `latest` itself, atomically, once every rank has finished.
+        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
 
     def train(self) -> None:
         self.ds.train()

@@ -6,6 +6,9 @@ that a field is missing.
 """
 
 EXIT_BAD_INPUT = 2
+# Stopped on request (SIGUSR1/SIGTERM, e.g. Slurm preemption) after saving a checkpoint: run again to resume.
+# 75 is EX_TEMPFAIL, "try again later".
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):

@@ -23,13 +23,15 @@ TB_TAGS = {
 class MetricsLogger:
     """Appends one JSON object per logged step and mirrors the main figures to TensorBoard."""
 
-    def __init__(self, output_dir: str, tensorboard: bool, progress_bar: bool, total_steps: int):
+    def __init__(self, output_dir: str, tensorboard: bool, progress_bar: bool, total_steps: int,
+                 purge_step: int | None = None):
         self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # purge_step hides events a previous session wrote past the step this one resumes from.
+            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
         # The bar is opened at the first step, so the set-up lines print above it, not through it.
         self._bar, self._want_bar, self._total = None, progress_bar, total_steps
 

@@ -9,6 +9,7 @@ a later run could mistake for a good one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,8 +18,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from dft_ds.config import SYNTHETIC_PROFILE, BatchPlan, Config, describe_fields, load_config, resolve_batch, save_config
-from dft_ds.errors import EXIT_BAD_INPUT, UserError
+from dft_ds.config import (SYNTHETIC_PROFILE, BatchPlan, Config, describe_fields, load_config, resolve_batch,
+                           save_config, to_dict)
+from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, UserError
 
 EXAMPLES = """\
 examples:
@@ -78,55 +80,116 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
 
 
-def check_output_dir(path: str) -> None:
-    if os.path.isdir(path) and os.listdir(path):
-        raise UserError(f"train.output_dir: '{path}' already holds files; choose a new directory "
-                        "(runs are never overwritten)")
+RUN_FILES = ("config.yaml", "fingerprints.json")
+
+
+def check_output_dir(cfg: Config) -> None:
+    """A new directory, or one of our own runs to resume; never someone else's files."""
+    path = cfg.train.output_dir
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"train.output_dir: '{path}' exists and is not a directory")
+    if not os.path.isdir(path) or not os.listdir(path):
+        return
+    if cfg.checkpoint.resume == "none":
+        raise UserError(f"train.output_dir: '{path}' already holds files and checkpoint.resume=none starts "
+                        "from scratch; choose a new directory (runs are never overwritten)")
+    if not os.path.isfile(os.path.join(path, "config.yaml")):
+        raise UserError(f"train.output_dir: '{path}' already holds files that are not a dft_ds run; "
+                        "choose a new directory (runs are never overwritten)")
+
+
+def check_run_fingerprints(path: str, current: dict[str, str]) -> None:
+    """The run directory belongs to the run with these model, tokenizer and data, or is new."""
+    recorded = os.path.join(path, "fingerprints.json")
+    if not os.path.isfile(recorded):
+        return
+    with open(recorded, encoding="utf-8") as fh:
+        saved = json.load(fh)
+    changed = [k for k in current if saved.get(k) != current[k]]
+    if changed:
+        raise UserError(f"train.output_dir: '{path}' belongs to a run with a different {', '.join(changed)}; "
+                        "choose a new directory")
 
 
 @dataclass
 class Run:
-    """Everything a run needs, built and validated before the run directory exists."""
+    """Everything a run needs, built and validated before the run directory is written to."""
 
     cfg: Config
     dist: Any
     plan: BatchPlan
+    tokenizer: Any
+    model_config: Any
     data: Any
     sampler: Any
     engine: Any
     total_steps: int
     precision: str
     ds_config: dict
+    fingerprints: dict
+    resume: Any
+    warnings: list
 
 
 def build_run(cfg: Config) -> Run:
-    """Process group, data, model and engine; raises UserError on bad input before writing anything."""
+    """Process group, data, model, engine and resumed state; raises UserError on bad input before
+    writing anything."""
+    from dft_ds import checkpoint as ckpt
     from dft_ds import engine as eng
     from dft_ds import model as mdl
     from dft_ds.data import StepSampler, build_train_data
 
-    # Every rank checks before the rendezvous; rank 0 creates the directory only after it.
-    check_output_dir(cfg.train.output_dir)
+    # Every rank checks before the rendezvous; rank 0 writes into the directory only after it.
+    check_output_dir(cfg)
     dist = eng.init_distributed()
-    plan = resolve_batch(cfg.train, dist.world_size)
+    resume = ckpt.find_resume(cfg.checkpoint.resume, os.path.join(cfg.train.output_dir, "checkpoints"))
+    train_cfg = cfg.train
+    if resume is not None and train_cfg.global_batch_size is None:
+        # Keep the saved global batch, so a resume on another world size continues with the same samples.
+        train_cfg = dataclasses.replace(train_cfg, global_batch_size=resume.state["global_batch_size"],
+                                        gradient_accumulation_steps=None)
+    plan = resolve_batch(train_cfg, dist.world_size)
     tokenizer = mdl.load_tokenizer(cfg.model)
     model_config = mdl.load_model_config(cfg.model, tokenizer)
     data = build_train_data(cfg.data, tokenizer, cfg.train.seed)
+    prints = ckpt.fingerprints(model_config, tokenizer, data.rows)
+    warnings_ = []
+    if resume is not None:
+        ckpt.check_compatible(resume, prints, to_dict(cfg), warnings_.append)
+    check_run_fingerprints(cfg.train.output_dir, prints)
     sampler = StepSampler(len(data.rows), plan, dist.rank, cfg.train.seed)
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * sampler.steps_per_epoch)
     precision = eng.resolve_precision(cfg.train.precision)
     on_cpu = eng.device().type == "cpu"
     ds_config = eng.render_ds_config(cfg, plan, precision, model_config.hidden_size, on_cpu)
+    load_tag = None
+    if resume is not None:
+        load_tag = resume.tag
+        if resume.state["world_size"] != dist.world_size:
+            warnings_.append(f"resume: world size {resume.state['world_size']} -> {dist.world_size}; "
+                             "loading through DeepSpeed's universal checkpoint format")
+            load_tag = ckpt.ensure_universal(resume, dist.is_rank0, lambda: eng.barrier(dist.world_size))
+            ds_config["checkpoint"] = {"load_universal": True}
+
     model, keepalive = mdl.build_model(cfg.model, model_config, ds_config, eng.torch_dtype(precision), cfg.train.seed)
     engine = eng.Engine(model, ds_config, dist, total_steps, cfg)
     del keepalive
-    return Run(cfg, dist, plan, data, sampler, engine, total_steps, precision, ds_config)
+    if resume is not None:
+        engine.load_checkpoint(resume.root, load_tag)
+        sampler.load_state_dict(resume.state["sampler"])
+        ckpt.load_rng(resume, dist.rank)
+        if resume.state["config"]["train"]["lr"] != cfg.train.lr:
+            engine.set_peak_lr(cfg.train.lr)
+    return Run(cfg, dist, plan, tokenizer, model_config, data, sampler, engine, total_steps, precision, ds_config,
+               prints, resume, warnings_)
 
 
 def start_run_dir(run: Run):
-    """Rank 0 creates the run directory and its logger; other ranks get a null logger."""
+    """Rank 0 writes the run's files and opens its logger; other ranks get a null logger.
+
+    On a resume, metrics.jsonl keeps only the steps up to the checkpoint (later ones are recomputed)
+    and TensorBoard purges its events past that step.
+    """
     from dft_ds.metrics import MetricsLogger, NullMetrics
 
     cfg, out = run.cfg, run.cfg.train.output_dir
@@ -137,42 +200,113 @@ def start_run_dir(run: Run):
                 extra={"world_size": run.dist.world_size, "precision": run.precision})
     with open(os.path.join(out, "ds_config.json"), "w", encoding="utf-8") as fh:
         json.dump(run.ds_config, fh, indent=2)
-    return MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.progress_bar, run.total_steps)
+    with open(os.path.join(out, "fingerprints.json"), "w", encoding="utf-8") as fh:
+        json.dump(run.fingerprints, fh, indent=2)
+    start = run.sampler.step
+    truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
+    return MetricsLogger(out, cfg.logging.tensorboard, cfg.logging.progress_bar, run.total_steps, purge_step=start + 1)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= last_step]
+    from dft_ds.checkpoint import write_atomic
+
+    write_atomic(path, "".join(kept))
+
+
+def checkpoint_state(run: Run, step: int) -> dict:
+    from dft_ds.engine import zero_stage
+
+    return {"global_step": step, "samples_consumed": step * run.plan.global_batch_size,
+            "sampler": run.sampler.state_dict(), "world_size": run.dist.world_size,
+            "global_batch_size": run.plan.global_batch_size, "zero_stage": zero_stage(run.ds_config),
+            "precision": run.precision, "fingerprints": run.fingerprints, "config": to_dict(run.cfg)}
+
+
+def write_hf_meta(run: Run, directory: str) -> None:
+    """What dft-convert needs beside the shards: the model config and the tokenizer."""
+    os.makedirs(directory, exist_ok=True)
+    run.model_config.save_pretrained(directory)
+    model = run.engine.ds.module
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    run.tokenizer.save_pretrained(directory)
 
 
 def run(cfg: Config) -> int:
+    from dft_ds.checkpoint import Checkpointer, is_complete, tag_for
     from dft_ds.engine import zero_stage
-    from dft_ds.trainer import Trainer
+    from dft_ds.trainer import StopSignal, Trainer
 
+    stop = StopSignal().install()  # early, so a signal during set-up is not fatal
     r = build_run(cfg)
     metrics = start_run_dir(r)
     plan, out = r.plan, cfg.train.output_dir
+    for message in r.warnings:
+        metrics.print(f"warning: {message}")
+    if r.resume is not None:
+        metrics.print(f"resumed from {r.resume.tag_dir} at step {r.sampler.step}")
     metrics.print(f"data: {r.data.report.summary()}")
     metrics.print(f"batch: micro {plan.micro_batch_size} x accumulation {plan.gradient_accumulation_steps} x "
                   f"world {plan.world_size} = global {plan.global_batch_size}; {r.total_steps} steps; "
                   f"loss {cfg.loss.type}; precision {r.precision}; zero stage {zero_stage(r.ds_config)}")
     r.engine.barrier()
 
-    trainer = Trainer(r.engine, r.data, r.sampler, cfg.loss, r.total_steps, cfg.logging.every_steps, metrics)
+    root = os.path.join(out, "checkpoints")
+    saver = Checkpointer(root, cfg.checkpoint.keep, r.engine, lambda d: write_hf_meta(r, d))
+
+    def save(step: int) -> None:
+        if not is_complete(os.path.join(root, tag_for(step))):
+            saver.save(step, checkpoint_state(r, step))
+
+    trainer = Trainer(r.engine, r.data, r.sampler, cfg.loss, r.total_steps, cfg.logging.every_steps, metrics,
+                      save=save, save_every=cfg.checkpoint.every_steps, stop=stop,
+                      stop_at_step=cfg.train.stop_at_step)
     summary = trainer.train()
-    if cfg.checkpoint.save_final:
-        r.engine.save_checkpoint(os.path.join(out, "checkpoints"), "final",
-                                 {"global_step": summary.steps, "sampler": r.sampler.state_dict()})
+    if summary.preempted or cfg.checkpoint.save_final:
+        save(summary.steps)
     metrics.close()
+    stop.uninstall()
+    if summary.preempted:
+        metrics.print(f"stopped at step {summary.steps} (signal or train.stop_at_step); checkpoint saved, "
+                      f"exit code {EXIT_PREEMPTED}: run again to resume")
+        r.engine.barrier()
+        return EXIT_PREEMPTED
+    if cfg.export.hf:
+        export_hf(r, root, tag_for(summary.steps), cfg.export.dtype)
     if r.dist.is_rank0:
         write_summary(summary, out, r.dist.world_size)
     r.engine.barrier()
     return 0
 
 
+def export_hf(run: Run, root: str, tag: str, dtype: str | None) -> None:
+    """`export.hf`: rank 0 converts the final checkpoint with the same code as dft-convert."""
+    from dft_ds.convert import convert_checkpoint
+
+    if run.dist.is_rank0:
+        convert_checkpoint(os.path.join(root, tag), os.path.join(run.cfg.train.output_dir, "hf"), dtype=dtype,
+                           overwrite=True)
+    run.engine.barrier()
+
+
 def write_summary(summary, out: str, world_size: int) -> None:
+    """summary.json over the whole run (all sessions of a resumed run) and the closing line."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
     result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
-              "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": summary.first_loss,
-              "last_loss": summary.last_loss, "world_size": world_size, "output_dir": os.path.abspath(out)}
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
+              "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": first, "last_loss": last,
+              "world_size": world_size, "output_dir": os.path.abspath(out)}
+    from dft_ds.checkpoint import write_atomic
+
+    write_atomic(os.path.join(out, "summary.json"), json.dumps(result, indent=2))
+    losses = f"loss {first:.4f} -> {last:.4f}; " if rows else ""
     print(f"done: {summary.steps} steps in {summary.seconds:.1f} s, {summary.tokens_per_s:.0f} tokens/s, "
-          f"loss {summary.first_loss:.4f} -> {summary.last_loss:.4f}; results in {os.path.abspath(out)}", flush=True)
+          f"{losses}results in {os.path.abspath(out)}", flush=True)
 
 
 if __name__ == "__main__":

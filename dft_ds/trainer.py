@@ -7,8 +7,10 @@ that count. The gradient of a global batch then does not depend on how it is spl
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -42,10 +44,9 @@ class StepSums:
 @dataclass
 class Summary:
     steps: int = 0
-    first_loss: float | None = None
-    last_loss: float | None = None
     tokens: int = 0
     seconds: float = 0.0
+    preempted: bool = False
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -53,39 +54,80 @@ class Summary:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class StopSignal:
+    """SIGUSR1/SIGTERM set a flag; the loop checks it at the next step boundary (all ranks agree)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def install(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     def __init__(self, engine, data: TrainData, sampler: StepSampler, loss: LossConfig, total_steps: int,
-                 log_every: int, metrics):
+                 log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
+                 stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None):
         self.engine, self.data, self.sampler = engine, data, sampler
+        self.stop_at_step = stop_at_step
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
+        self.save, self.save_every, self.stop = save, save_every, stop or StopSignal()
 
     def train(self) -> Summary:
         self.engine.train()
         summary, window = Summary(), StepSums()
         start = window_start = time.perf_counter()
+        self.metrics.advance(self.sampler.step)
         while self.sampler.step < self.total_steps:
             step = self.sampler.step
             lr = self.engine.lr  # the rate this step uses; the scheduler advances inside the step
-            window.add(self.train_step(self.sampler.indices_for_step(step)))
+            sums = self.train_step(self.sampler.indices_for_step(step))
+            if sums is None:
+                summary.preempted = True
+                break
+            window.add(sums)
             self.sampler.step = step + 1
             self.metrics.advance()
             if self.sampler.step % self.log_every == 0 or self.sampler.step == self.total_steps:
                 now = time.perf_counter()
-                record = self.maybe_log(self.sampler.step, window, now - window_start, lr)
-                summary.history.append(record)
+                summary.history.append(self.maybe_log(self.sampler.step, window, now - window_start, lr))
                 window, window_start = StepSums(), now
+            self.maybe_save(self.sampler.step)
+            if self.sampler.step == self.stop_at_step and self.sampler.step < self.total_steps:
+                summary.preempted = True
+                break
         summary.seconds = time.perf_counter() - start
         summary.steps = self.sampler.step
-        if summary.history:
-            summary.first_loss, summary.last_loss = summary.history[0]["loss"], summary.history[-1]["loss"]
-            summary.tokens = sum(r["tokens"] for r in summary.history)
+        summary.tokens = sum(r["tokens"] for r in summary.history)
         return summary
 
-    def train_step(self, micro_indices: list[list[int]]) -> StepSums:
+    def maybe_save(self, step: int) -> None:
+        if self.save is not None and self.save_every and step % self.save_every == 0:
+            self.save(step)
+
+    def train_step(self, micro_indices: list[list[int]]) -> Optional[StepSums]:
+        """One optimizer step, or None (nothing done) when a stop was requested on any rank."""
         batches = [self.data.batch(idx) for idx in micro_indices]
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
-        # Sync point: every rank learns the step's total target count before its first backward.
-        num_tokens = self.engine.all_reduce_sum(torch.tensor([local_targets], dtype=torch.float64))[0]
+        # Sync point: every rank learns the step's total target count before its first backward,
+        # and whether any rank was asked to stop (one all-reduce carries both).
+        counts = self.engine.all_reduce_sum(torch.tensor([local_targets, float(self.stop.requested)],
+                                                         dtype=torch.float64))
+        if counts[1] > 0:
+            return None
+        num_tokens = counts[0]
         sums = StepSums()
         for batch in batches:
             sums.add(self.forward_backward(batch, num_tokens))

@@ -47,7 +47,7 @@ def check_run_dir(out, world_size: int, loss_type: str = "dft") -> list[dict]:
     assert {"train/loss", "train/nll", "train/mean_token_prob", "train/lr", "train/grad_norm",
             "perf/tokens_per_s"} <= tags
     assert [e.value for e in acc.Scalars("train/nll")] == pytest.approx([r["nll"] for r in rows], rel=1e-5)
-    shards = glob.glob(os.path.join(out, "checkpoints", "final", "*model_states.pt"))
+    shards = glob.glob(os.path.join(out, "checkpoints", f"step-{STEPS}", "*model_states.pt"))
     assert len(shards) == world_size
     summary = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
     assert summary["steps"] == STEPS and summary["world_size"] == world_size
