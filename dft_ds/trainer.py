@@ -7,6 +7,7 @@ that count. The gradient of a global batch then does not depend on how it is spl
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:
+            # A second signal means "now": launchers send SIGTERM again (or SIGKILL) when a peer died and
+            # the step boundary may never come.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self.requested = True
 
     def uninstall(self) -> None:

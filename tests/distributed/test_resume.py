@@ -6,6 +6,7 @@ Real 2-rank ZeRO-3 runs on gloo (torchrun), packing on, accumulation 2.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -145,3 +146,41 @@ def test_longer_run_and_new_peak_are_allowed_with_a_warning(tmp_path, straight):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert rows[:STEPS] == read_metrics(straight)
+
+
+def test_signal_checkpoints_at_the_next_step_and_resume_matches(tmp_path, straight):
+    """SIGUSR1 to every rank (as Slurm's --signal does): both stop at the same step boundary with a
+    checkpoint and exit code 75; the resumed run reproduces the uninterrupted one."""
+    import time
+
+    out, port = tmp_path / "run", free_port()
+    args = QUICK + [f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
+                    "train.global_batch_size=8", "data.packing=true", "logging.tensorboard=false",
+                    "data.synthetic_size=1200"]
+    procs, logs = [], [tmp_path / f"rank{r}.log" for r in range(2)]
+    for rank in range(2):
+        env = clean_env(tmp_path)
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        with open(logs[rank], "w") as fh:
+            procs.append(subprocess.Popen([sys.executable, "-m", "dft_ds.train"] + args, env=env, stdout=fh,
+                                          stderr=subprocess.STDOUT))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    codes = [p.wait(timeout=300) for p in procs]
+    text = logs[0].read_text()
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], text[-3000:] + logs[1].read_text()[-2000:]
+    stopped = int(open(out / "checkpoints" / "latest").read().strip().split("-")[1])
+    assert 2 <= stopped < STEPS and f"stopped at step {stopped}" in text
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 1))
+
+    ref = tmp_path / "ref"
+    rc, log = train(tmp_path, ref, 2, "data.synthetic_size=1200")
+    assert rc == 0, log[-3000:]
+    rc, log = train(tmp_path, out, 2, "data.synthetic_size=1200")
+    assert rc == 0, log[-3000:]
+    assert losses(out) == losses(ref)
