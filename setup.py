@@ -23,5 +23,5 @@ setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
-    entry_points={"console_scripts": ["dft-train=dft_ds.train:main"]},
+    entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main"]},
 )

@@ -9,6 +9,7 @@ a later run could mistake for a good one.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -229,8 +230,11 @@ def checkpoint_state(run: Run, step: int) -> dict:
 def write_hf_meta(run: Run, directory: str) -> None:
     """What dft-convert needs beside the shards: the model config and the tokenizer."""
     os.makedirs(directory, exist_ok=True)
-    run.model_config.save_pretrained(directory)
     model = run.engine.ds.module
+    config = copy.deepcopy(model.config)
+    config.use_cache = True  # off for training only; inference (and vLLM) wants it
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     run.tokenizer.save_pretrained(directory)
