@@ -65,10 +65,21 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     out = tmp_path / "run"
     cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "dft_ds.train"] + overrides(out)
-    proc = run(cmd, clean_env(tmp_path))
+    proc = run(cmd + ["export.hf=true"], clean_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_run_dir(out, world_size=2)
     assert "done: 14 steps" in proc.stdout
+    # export.hf: the final weights as a Hugging Face directory, equal to the checkpoint's.
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "hf")
+    AutoTokenizer.from_pretrained(out / "hf")
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step-{STEPS}")
+    exported = model.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 @pytest.mark.slow
