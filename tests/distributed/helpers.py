@@ -26,6 +26,8 @@ def clean_env(tmp_path) -> dict:
            and not k.startswith("SLURM_")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DFT_DS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    # DeepSpeed JIT-builds a small CPU comm op; one build per venv, not one per checkout sharing ~/.cache.
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return env
 
 
