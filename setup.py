@@ -21,6 +21,7 @@ setup(
         "tensorboard>=2.14,<3",
         "pyyaml>=6,<7",
         "tqdm>=4.66,<5",
+        "math-verify[antlr4_13_2]>=0.9,<1",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main"]},
