@@ -22,7 +22,10 @@ setup(
         "pyyaml>=6,<7",
         "tqdm>=4.66,<5",
         "math-verify[antlr4_13_2]>=0.9,<1",
+        "matplotlib>=3.7,<4",
+        "pyarrow>=14,<30",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
-    entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main"]},
+    entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
+                                      "dft-eval=dft_ds.eval.cli:main"]},
 )

@@ -1,0 +1,233 @@
+"""Generation backends: token-id prompts -> completions, Hugging Face `generate` or vLLM.
+
+Both take a list of Requests (prompt ids + a seed of its own) and return one Completion each, in
+order. Every request carries its own seed, derived from (--seed, benchmark, problem index, sample
+number), so a generation does not depend on which other requests share its batch, its shard or
+its backend call: a sharded evaluation reproduces the unsharded one.
+
+Hugging Face backend. Batches of --batch-size rows (longest prompts first, so an out-of-memory
+shows up in the first batch), LEFT padded so every row's next token sits in the last column, KV
+cache on, stopping at the model's EOS tokens (and the chat template's end-of-turn token, see
+prompting.end_of_turn_ids) or max_new_tokens. Sampling (temperature > 0) is done
+by a logits processor with one torch.Generator per row: temperature and top-p (transformers' own
+TopPLogitsWarper) shape the logits, then Gumbel noise from the row's generator is added and the
+argmax taken (the Gumbel-max trick: argmax(logits/T + G) is an exact sample from softmax(logits/T)).
+transformers' own sampling (`do_sample=True`) draws every row from one global stream, which makes a
+row's sample depend on its batch; so generate runs with do_sample=False over the perturbed logits.
+temperature == 0 is greedy decoding. The model's own generation_config sampling defaults (e.g. a
+repetition penalty or top_k in a chat model's generation_config.json) are dropped: an evaluation
+states its settings. Rows of one batch are computed together; on CPU in fp32 the logits of a row
+did not depend on its batch in our tests, while on GPUs (bf16, other kernels per shape) tiny
+differences can flip a near-tie, so "shards == unsharded" is exact on CPU and statistical on GPU.
+
+vLLM backend (`--backend vllm`, GPU only, when `import vllm` works): the same prompt ids, one
+SamplingParams per request with the request's seed. Not exercised on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+
+from dft_ds.errors import ModelError, UserError
+
+BACKENDS = ("hf", "vllm")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] = ()  # besides the model's EOS tokens, e.g. a chat template's end of turn
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int  # generated tokens, EOS not counted
+    finished: bool  # stopped at EOS (False: cut at max_new_tokens)
+
+
+def request_seed(seed: int, benchmark: str, index: int, sample: int) -> int:
+    """A 63-bit seed that is a pure function of its arguments (no PYTHONHASHSEED dependence)."""
+    digest = hashlib.sha256(f"dft-eval/{seed}/{benchmark}/{index}/{sample}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def resolve_dtype(name: str):
+    """(device, torch dtype): cuda when available; auto = bf16 on GPUs that support it, else fp32.
+
+    fp32 on CPU: CPUs without native bf16 run it several times slower (see FACTS.md).
+    """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        name = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_backend(name: str, model_dir: str, tokenizer, *, dtype: str = "auto", batch_size: int = 16,
+                  progress: bool = True):
+    if name == "hf":
+        return HFBackend(model_dir, tokenizer, dtype=dtype, batch_size=batch_size, progress=progress)
+    if name == "vllm":
+        return VLLMBackend(model_dir, dtype=dtype, progress=progress)
+    raise UserError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")
+
+
+def eos_ids(tokenizer, generation_config=None) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation_config lists (chat models stop at several)."""
+    ids = []
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        for tok in source if isinstance(source, (list, tuple)) else [source]:
+            if tok is not None and tok not in ids:
+                ids.append(int(tok))
+    return ids
+
+
+class SeededSampler:
+    """A transformers logits processor that samples each row from its own random stream.
+
+    Returns logits/T (top-p filtered) + Gumbel noise; greedy decoding over them is sampling. Each
+    row's generator draws one vocabulary-sized block per step, so row r's draws at step t are the
+    t-th block of its own stream whatever the batch.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        import torch
+        from transformers.generation.logits_process import TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p=top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        uniform = torch.empty(scores.shape, device=scores.device, dtype=torch.float32)
+        for row, generator in zip(uniform, self.generators):
+            row.uniform_(generator=generator)
+        # Gumbel noise -log(-log(u)), in place: at a 150k vocabulary this buffer is the sampler's cost.
+        gumbel = uniform.clamp_min_(torch.finfo(torch.float32).tiny).log_().neg_().log_().neg_()
+        return scores + gumbel
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model_dir: str, tokenizer, *, dtype: str = "auto", batch_size: int = 16,
+                 progress: bool = True):
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        self.device, self.dtype = resolve_dtype(dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"--model {model_dir}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.eos = eos_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or [None])[0]
+        if pad is None:
+            raise ModelError(f"--model {model_dir}: the tokenizer has neither a pad nor an EOS token")
+        self.pad_id = pad
+        self.stops = self.eos
+        # Only the special tokens survive from the model's generation_config (see the module docstring).
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=getattr(model.generation_config, "bos_token_id", None),
+            eos_token_id=self.eos or None, pad_token_id=pad)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.torch = torch
+        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        from tqdm import tqdm
+
+        self.stops = self.eos + [i for i in sampling.stop_ids if i not in self.eos]
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids))  # stable
+        results: list[Completion | None] = [None] * len(requests)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not self.progress, file=sys.stderr):
+            for i, completion in zip(batch, self._generate_batch([requests[i] for i in batch], sampling)):
+                results[i] = completion
+        return results
+
+    def _generate_batch(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        from transformers import LogitsProcessorList
+
+        torch = self.torch
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, r in enumerate(requests):  # left padding: the prompt ends in the last column
+            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[row, width - len(r.prompt_ids):] = 1
+        processors = LogitsProcessorList()
+        if sampling.temperature > 0:
+            processors.append(SeededSampler([r.seed for r in requests], sampling.temperature, sampling.top_p,
+                                            self.device))
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=sampling.max_new_tokens, do_sample=False, use_cache=True,
+                eos_token_id=self.stops, logits_processor=processors)
+        return [self._completion(row.tolist()) for row in out[:, width:].cpu()]
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        stop = next((i for i, tok in enumerate(tokens) if tok in self.stops), None)
+        kept = tokens if stop is None else tokens[:stop]
+        return Completion(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None)
+
+
+class VLLMBackend:
+    """vLLM offline inference: one LLM instance, one SamplingParams (with its seed) per request."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", progress: bool = True):
+        try:
+            import vllm
+        except ImportError as exc:
+            raise UserError(f"--backend vllm: vllm cannot be imported ({exc}); install it on a GPU node or use "
+                            "--backend hf") from None
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--backend vllm needs a CUDA GPU; use --backend hf on CPU")
+        self.vllm = vllm
+        names = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        self.llm = vllm.LLM(model=model_dir, dtype=names[dtype])
+        self.progress = progress
+        self.device, self.dtype = "cuda", names[dtype]
+        self.device_name = torch.cuda.get_device_name()
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        params = [self.vllm.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                           max_tokens=sampling.max_new_tokens, seed=r.seed,
+                                           stop_token_ids=list(sampling.stop_ids), skip_special_tokens=True)
+                  for r in requests]
+        prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
+        completions = []
+        for out in outputs:  # vLLM returns outputs in request order
+            best = out.outputs[0]
+            stopped = best.finish_reason == "stop"
+            # token_ids end with the token that stopped the reply (EOS: stop_reason None; a stop token id: int).
+            ends_with_stop = stopped and (best.stop_reason is None or isinstance(best.stop_reason, int))
+            completions.append(Completion(best.text, len(best.token_ids) - int(ends_with_stop), stopped))
+        return completions
