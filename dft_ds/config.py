@@ -137,6 +137,22 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every N optimizer steps during training (0: never); accuracy goes to eval.jsonl and TensorBoard."""
+    benchmark: str = "synthetic"
+    """What to evaluate on, as for dft-eval: NAME or NAME=PATH (synthetic, math500=FILE, ...)."""
+    limit: int = 32
+    """Problems per evaluation, split across ranks."""
+    max_new_tokens: int = 256
+    """Generated tokens per problem."""
+    prompt: str = "chat"
+    """Prompt style as for dft-eval: chat (the tokenizer's chat template, as training data is rendered by default), boxed or plain."""
+    temperature: float = 0.0
+    """0 is greedy decoding (a curve free of sampling noise); > 0 samples with a fixed seed."""
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 1
     """Log metrics every N optimizer steps."""
@@ -160,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
@@ -188,6 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.type": ("dft", "sft"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "export.dtype": ("bf16", "fp16", "fp32"),
+    "eval.prompt": ("chat", "boxed", "plain"),
 }
 
 
@@ -426,6 +444,10 @@ def _check_values(cfg: Config) -> list[str]:
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0 (0: only at the end)")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1")
     need(bool(cfg.checkpoint.resume), "checkpoint.resume", "auto, none or a checkpoint directory")
+    need(cfg.eval.every_steps >= 0, "eval.every_steps", "an integer >= 0 (0: never)")
+    need(cfg.eval.limit >= 1, "eval.limit", "an integer >= 1")
+    need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1")
+    need(cfg.eval.temperature >= 0, "eval.temperature", "a number >= 0")
     need(cfg.logging.every_steps >= 1, "logging.every_steps", "an integer >= 1")
     need(bool(cfg.deepspeed.config), "deepspeed.config", "zero2, zero3, zero3_offload or a JSON path")
     if t.micro_batch_size >= 1 and t.global_batch_size and t.gradient_accumulation_steps:

@@ -25,6 +25,7 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str, tensorboard: bool, progress_bar: bool, total_steps: int,
                  purge_step: int | None = None):
+        self._dir = output_dir
         self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -46,6 +47,15 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
                                   tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+
+    def log_eval(self, step: int, values: dict[str, Any]) -> None:
+        """Evaluation results go to eval.jsonl (metrics.jsonl stays one row per training step)."""
+        with open(os.path.join(self._dir, "eval.jsonl"), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar(f"eval/{values['benchmark']}/accuracy", values["accuracy"], step)
+        self.print(f"eval at step {step}: {values['benchmark']} accuracy {values['accuracy']:.3f} "
+                   f"({values['problems']} problems)")
 
     def advance(self, steps: int = 1) -> None:
         if self._want_bar and self._bar is None:
@@ -73,6 +83,9 @@ class NullMetrics:
     """What ranks other than 0 hold: every call does nothing."""
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def log_eval(self, step: int, values: dict[str, Any]) -> None:
         pass
 
     def advance(self, steps: int = 1) -> None:

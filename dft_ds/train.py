@@ -268,7 +268,8 @@ def run(cfg: Config) -> int:
 
     trainer = Trainer(r.engine, r.data, r.sampler, cfg.loss, r.total_steps, cfg.logging.every_steps, metrics,
                       save=save, save_every=cfg.checkpoint.every_steps, stop=stop,
-                      stop_at_step=cfg.train.stop_at_step)
+                      stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(r),
+                      eval_every=cfg.eval.every_steps)
     summary = trainer.train()
     if summary.preempted or cfg.checkpoint.save_final:
         save(summary.steps)
@@ -285,6 +286,18 @@ def run(cfg: Config) -> int:
         write_summary(summary, out, r.dist.world_size)
     r.engine.barrier()
     return 0
+
+
+def build_evaluator(run: Run):
+    """`eval.every_steps`: the in-training evaluator, sharded over the ranks (see dft_ds/eval/during.py)."""
+    if not run.cfg.eval.every_steps:
+        return None
+    from dft_ds.engine import zero_stage
+    from dft_ds.eval.during import TrainingEvaluator
+
+    return TrainingEvaluator(run.cfg.eval, run.tokenizer, run.engine.ds.module, run.dist.rank, run.dist.world_size,
+                             run.engine.device, run.engine.all_reduce_sum,
+                             synced=run.dist.world_size > 1 and zero_stage(run.ds_config) == 3)
 
 
 def export_hf(run: Run, root: str, tag: str, dtype: str | None) -> None:

@@ -85,9 +85,11 @@ class StopSignal:
 class Trainer:
     def __init__(self, engine, data: TrainData, sampler: StepSampler, loss: LossConfig, total_steps: int,
                  log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
-                 stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None):
+                 stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None,
+                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0):
         self.engine, self.data, self.sampler = engine, data, sampler
         self.stop_at_step = stop_at_step
+        self.evaluate, self.eval_every = evaluate, eval_every
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
         self.save, self.save_every, self.stop = save, save_every, stop or StopSignal()
 
@@ -110,6 +112,7 @@ class Trainer:
                 now = time.perf_counter()
                 summary.history.append(self.maybe_log(self.sampler.step, window, now - window_start, lr))
                 window, window_start = StepSums(), now
+            self.maybe_evaluate(self.sampler.step)
             self.maybe_save(self.sampler.step)
             if self.sampler.step == self.stop_at_step and self.sampler.step < self.total_steps:
                 summary.preempted = True
@@ -118,6 +121,11 @@ class Trainer:
         summary.steps = self.sampler.step
         summary.tokens = sum(r["tokens"] for r in summary.history)
         return summary
+
+    def maybe_evaluate(self, step: int) -> None:
+        """All ranks take part (the model is sharded); rank 0's logger records the result."""
+        if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
+            self.metrics.log_eval(step, self.evaluate(step))
 
     def maybe_save(self, step: int) -> None:
         if self.save is not None and self.save_every and step % self.save_every == 0:

@@ -168,30 +168,43 @@ class HFBackend:
         return results
 
     def _generate_batch(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
-        from transformers import LogitsProcessorList
+        return generate_batch(self.model, self.tokenizer, requests, sampling, pad_id=self.pad_id, stops=self.stops,
+                              device=self.device)
 
-        torch = self.torch
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for row, r in enumerate(requests):  # left padding: the prompt ends in the last column
-            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[row, width - len(r.prompt_ids):] = 1
-        processors = LogitsProcessorList()
-        if sampling.temperature > 0:
-            processors.append(SeededSampler([r.seed for r in requests], sampling.temperature, sampling.top_p,
-                                            self.device))
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                max_new_tokens=sampling.max_new_tokens, do_sample=False, use_cache=True,
-                eos_token_id=self.stops, logits_processor=processors)
-        return [self._completion(row.tolist()) for row in out[:, width:].cpu()]
 
-    def _completion(self, tokens: list[int]) -> Completion:
-        stop = next((i for i, tok in enumerate(tokens) if tok in self.stops), None)
-        kept = tokens if stop is None else tokens[:stop]
-        return Completion(self.tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None)
+def generate_batch(model, tokenizer, requests: list[Request], sampling: Sampling, *, pad_id: int, stops: list[int],
+                   device, synced_gpus: bool = False) -> list[Completion]:
+    """One left-padded batch through `model.generate` with per-row seeded sampling.
+
+    `synced_gpus=True` keeps every rank stepping until all are done: needed when the model is
+    sharded with ZeRO-3 (each forward gathers parameters from all ranks), as during training.
+    """
+    import torch
+    from transformers import LogitsProcessorList
+
+    width = max(len(r.prompt_ids) for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
+    for row, r in enumerate(requests):  # left padding: the prompt ends in the last column
+        ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        mask[row, width - len(r.prompt_ids):] = 1
+    processors = LogitsProcessorList()
+    if sampling.temperature > 0:
+        processors.append(SeededSampler([r.seed for r in requests], sampling.temperature, sampling.top_p, device))
+    # no_grad, not inference_mode: under ZeRO-3 the parameters gathered here are reused by training,
+    # and inference tensors cannot take part in autograd afterwards.
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device),
+            max_new_tokens=sampling.max_new_tokens, do_sample=False, use_cache=True,
+            eos_token_id=stops, pad_token_id=pad_id, logits_processor=processors, synced_gpus=synced_gpus)
+    return [completion(tokenizer, row.tolist(), stops) for row in out[:, width:].cpu()]
+
+
+def completion(tokenizer, tokens: list[int], stops: list[int]) -> Completion:
+    stop = next((i for i, tok in enumerate(tokens) if tok in stops), None)
+    kept = tokens if stop is None else tokens[:stop]
+    return Completion(tokenizer.decode(kept, skip_special_tokens=True), len(kept), stop is not None)
 
 
 class VLLMBackend:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dft_ds import synthetic
-from dft_ds.eval.generate import Completion, HFBackend, Request, Sampling, SeededSampler, eos_ids, request_seed
+from dft_ds.eval.generate import (Completion, HFBackend, Request, Sampling, SeededSampler, completion, eos_ids,
+                                  request_seed)
 
 
 def test_request_seed_is_stable_across_processes_and_distinct():
@@ -129,5 +130,5 @@ def test_hf_greedy_is_deterministic_and_ignores_the_seed(tiny_dir, requests_):
 
 def test_hf_stops_at_eos_and_reports_it(tiny_dir):
     be = backend(tiny_dir, 1)
-    assert be._completion([10, 11, 2, 3, 3]) == Completion(be.tokenizer.decode([10, 11]), 2, True)
-    assert be._completion([10, 11, 12]) == Completion(be.tokenizer.decode([10, 11, 12]), 3, False)
+    assert completion(be.tokenizer, [10, 11, 2, 3, 3], be.stops) == Completion(be.tokenizer.decode([10, 11]), 2, True)
+    assert completion(be.tokenizer, [10, 11, 12], be.stops) == Completion(be.tokenizer.decode([10, 11, 12]), 3, False)
