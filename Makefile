@@ -7,7 +7,7 @@ NPROC  ?= 2
 OUT    ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 BIN    := $(VENV)/bin
 
-.PHONY: venv run test test-fast docs clean
+.PHONY: venv run test test-fast test-slurm docs clean
 
 venv: $(VENV)/.installed
 
@@ -32,7 +32,10 @@ test: venv
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: venv
-	$(BIN)/python -m pytest tests/unit -q
+	$(BIN)/python -m pytest tests/unit -q -m "not slow"
+
+test-slurm: venv
+	$(BIN)/python -m pytest tests/slurm -q -ra
 
 docs: venv
 	$(BIN)/python -m dft_ds.config --markdown > docs/configuration.md

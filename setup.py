@@ -24,8 +24,9 @@ setup(
         "math-verify[antlr4_13_2]>=0.9,<1",
         "matplotlib>=3.7,<4",
         "pyarrow>=14,<30",
+        "psutil>=5.9,<8",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
-                                      "dft-eval=dft_ds.eval.cli:main"]},
+                                      "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main"]},
 )

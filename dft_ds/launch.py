@@ -553,6 +553,8 @@ class SignalForwarder:
     def pump(self) -> None:
         if not self.received:
             return
+        if not self.direct and in_slurm_task(os.environ):
+            return  # Slurm signals every process of the step: the ranks have it already
         targets = [self.child.pid] if self.direct else self.ranks()
         for sig, count in list(self.received.items()):  # the handler may add to it meanwhile
             for pid in targets:
@@ -608,7 +610,15 @@ def exit_status(returncode: int) -> int:
 def execute(cmd: list[str], env: dict[str, str], *, module: str = TRAIN_MODULE, direct: bool = False,
             error_file: Optional[str] = None, log: Callable[[str], None] = print) -> int:
     """Run `cmd` (no shell), pass signals on, and return the exit code to exit with."""
-    child = subprocess.Popen(cmd, env=env)
+    # The launcher processes (torchrun, deepspeed's) have no SIGUSR1 handler and would die of one
+    # that Slurm sends to every process of the step: they inherit "ignore"; the ranks install
+    # their own handler over it.
+    previous = None if direct else signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        child = subprocess.Popen(cmd, env=env)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
     forwarder = SignalForwarder(child, module, direct, log).install()
     try:
         while True:

@@ -70,18 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     if ns.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
     try:
-        cfg = load_config(ns.config, ns.overrides)
-        return run(cfg)
-    except UserError as exc:
-        print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        try:
+            cfg = load_config(ns.config, ns.overrides)
+            rc, message = run(cfg), "stopped on request after saving a checkpoint"
+        except UserError as exc:
+            print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
+            rc, message = EXIT_BAD_INPUT, f"bad input: {exc}"
+        # torchrun reports every failed rank as 1; this note lets dft-launch pass on 75 or 2 instead.
+        from dft_ds.launch import report_exit_code
+
+        report_exit_code(rc, message)
+        return rc
     finally:
         from dft_ds.engine import shutdown_distributed
 
         shutdown_distributed()
-
-
-RUN_FILES = ("config.yaml", "fingerprints.json")
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -1,0 +1,154 @@
+"""slurm/*.sbatch outside Slurm: argument handling, exit codes and the signal trap, with stand-ins
+for srun, scontrol and python that record what they were given. Quick; needs only bash."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.slurm import harness
+
+FAKE_SRUN = """#!/bin/bash
+# Record argv (one per line, NUL-free test values), then behave as FAKE_SRUN_MODE says.
+printf '%s\\n' "$@" > "$FAKE_LOG/srun.args"
+case "${FAKE_SRUN_MODE:-exit}" in
+  exit) exit "${FAKE_RC:-0}" ;;
+  wait-signal)  # a training step: exits 75 once it is asked to stop
+    trap 'echo got-usr1 >> "$FAKE_LOG/srun.signals"; exit 75' USR1
+    trap 'echo got-term >> "$FAKE_LOG/srun.signals"; exit 1' TERM
+    echo started > "$FAKE_LOG/srun.started"
+    for _ in $(seq 1 300); do sleep 0.1; done
+    exit 0 ;;
+esac
+"""
+FAKE_SCONTROL = """#!/bin/bash
+printf '%s\\n' "$@" >> "$FAKE_LOG/scontrol.args"
+exit 0
+"""
+FAKE_PYTHON = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/python.args"
+exit "${FAKE_RC:-0}"
+"""
+
+
+def write_exe(path, text):
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A PATH with fake srun/scontrol, a fake venv whose python3 records its arguments, and a
+    Slurm-like environment for a 2-node job 123."""
+    bin_dir, venv, logs = tmp_path / "bin", tmp_path / "venv", tmp_path / "fake-log"
+    for d in (bin_dir, venv / "bin", logs):
+        d.mkdir(parents=True)
+    write_exe(bin_dir / "srun", FAKE_SRUN)
+    write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    write_exe(venv / "bin" / "python3", FAKE_PYTHON)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_LOG": str(logs),
+           "REPO": harness.REPO, "VENV": str(venv), "SLURM_JOB_ID": "123", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    return tmp_path, env, logs
+
+
+def run_template(script, args, env, cwd, timeout=60):
+    return subprocess.run(["bash", script, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("script", [harness.TRAIN, harness.CONVERT])
+def test_templates_parse(script):
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+
+
+def test_train_passes_user_values_through_as_literal_words(fake):
+    tmp, env, logs = fake
+    (tmp / "a.jsonl").write_text("")  # a glob that would match if OVERRIDES were expanded unquoted
+    env.update(NPROC_PER_NODE="4", OUTPUT_DIR="runs/my run", OVERRIDES="data.source=*.jsonl  train.lr=1e-5",
+               CONFIG="ignored.yaml")
+    proc = run_template(harness.TRAIN, ["my config.yaml", "model.name_or_path=$(touch pwned) `x`"], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    python = str(tmp / "venv" / "bin" / "python3")
+    assert lines(logs / "srun.args") == [
+        "--nodes=2", "--ntasks-per-node=1",
+        python, os.path.join(harness.REPO, "launcher", "dft-launch"), "--via", "torchrun", "--nproc-per-node", "4",
+        "my config.yaml", "train.output_dir=runs/my run", "data.source=*.jsonl", "train.lr=1e-5",
+        "model.name_or_path=$(touch pwned) `x`"]
+    assert not (tmp / "pwned").exists()
+    assert lines(logs / "scontrol.args") == []  # exit 0: nothing to requeue
+
+
+def test_train_defaults_and_cpus_per_task(fake):
+    tmp, env, logs = fake
+    env.update(SLURM_CPUS_PER_TASK="16", VIA="deepspeed")
+    proc = run_template(harness.TRAIN, [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    args = lines(logs / "srun.args")
+    assert args[:3] == ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=16"]
+    assert args[-2:] == ["--via", "deepspeed"]  # no --nproc-per-node: dft-launch counts the GPUs
+
+
+@pytest.mark.parametrize("rc,restarts,expect_rc,requeued", [
+    (75, "0", 0, True),       # stopped with a checkpoint: requeue
+    (75, "20", 75, False),    # MAX_REQUEUES reached: stop for good, say so with 75
+    (3, "0", 3, False),       # a failure propagates
+    (2, "0", 2, False),       # bad input propagates
+])
+def test_train_exit_codes(fake, rc, restarts, expect_rc, requeued):
+    tmp, env, logs = fake
+    env.update(FAKE_RC=str(rc), SLURM_RESTART_COUNT=restarts)
+    proc = run_template(harness.TRAIN, [], env, tmp)
+    assert proc.returncode == expect_rc, proc.stdout + proc.stderr
+    assert lines(logs / "scontrol.args") == (["requeue", "123"] if requeued else [])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=lambda s: s.name)
+def test_train_trap_asks_the_step_to_stop_waits_and_requeues(fake, sig):
+    """USR1 or TERM to the batch shell reach the step as USR1 (checkpoint and stop), once."""
+    tmp, env, logs = fake
+    env.update(FAKE_SRUN_MODE="wait-signal")
+    proc = subprocess.Popen(["bash", harness.TRAIN], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (logs / "srun.started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    time.sleep(0.3)
+    proc.send_signal(sig)  # a second one is not passed on again
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert lines(logs / "srun.signals") == ["got-usr1"]
+    assert lines(logs / "scontrol.args") == ["requeue", "123"]
+    assert f"got {sig.name}" in out and "passing SIGUSR1 to the training step" in out and "requeueing job 123 (restart 1)" in out
+
+
+def test_convert_builds_arguments_from_knobs(fake):
+    tmp, env, logs = fake
+    env.update(CHECKPOINT_DIR="runs/a b/checkpoints/", TAG="step-4", DTYPE="bf16", VERIFY="1")
+    proc = run_template(harness.CONVERT, [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert lines(logs / "python.args") == ["-m", "dft_ds.convert", "runs/a b/checkpoints", "runs/a b/hf",
+                                           "--no-progress", "--tag", "step-4", "--dtype", "bf16", "--verify"]
+
+
+def test_convert_arguments_win_and_exit_code_propagates(fake):
+    tmp, env, logs = fake
+    env.update(CHECKPOINT_DIR="ignored", FAKE_RC="2")
+    proc = run_template(harness.CONVERT, ["ck", "out", "--overwrite"], env, tmp)
+    assert proc.returncode == 2
+    assert lines(logs / "python.args") == ["-m", "dft_ds.convert", "ck", "out", "--overwrite"]
+
+
+def test_convert_without_a_checkpoint_says_so(fake):
+    tmp, env, logs = fake
+    proc = run_template(harness.CONVERT, [], env, tmp)
+    assert proc.returncode == 2 and "no checkpoint" in proc.stdout
