@@ -106,6 +106,17 @@ def check_json_file(path: str, fields: Optional[dict[str, type]] = None) -> Opti
                 raise DataError(f"{path}: expected a list of objects, got {type(doc).__name__}")
             return None
     lines = []
+    for number, row in json_lines(path, text):
+        for name, kind in (fields or {}).items():
+            _field(row, name, kind, f"{path}:{number}")
+        lines.append(number)
+    if not lines:
+        raise DataError(f"{path}: the file holds no samples")
+    return lines
+
+
+def json_lines(path: str, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a broken line is reported as file:line."""
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -115,12 +126,7 @@ def check_json_file(path: str, fields: Optional[dict[str, type]] = None) -> Opti
             raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-        for name, kind in (fields or {}).items():
-            _field(row, name, kind, f"{path}:{number}")
-        lines.append(number)
-    if not lines:
-        raise DataError(f"{path}: the file holds no samples")
-    return lines
+        yield number, row
 
 
 def _load_saved(path: str, split: str):

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from dft_ds.data import json_lines
 from dft_ds.errors import DataError, UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -262,15 +263,7 @@ def _is_one_document(text: str) -> bool:
 
 
 def _json_lines_rows(path: str, text: str) -> Iterator[tuple[str, dict]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+    for number, row in json_lines(path, text):
         yield f"{path}:{number}", row
 
 
