@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -272,7 +272,6 @@ class DataReport:
     rows: int = 0
     target_tokens: int = 0
     tokens: int = 0
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.samples} samples -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "

@@ -95,11 +95,6 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def world_size_from_env() -> int:
-    map_launcher_env()
-    return int(os.environ["WORLD_SIZE"])
-
-
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
