@@ -73,9 +73,21 @@ class DataConfig:
 @dataclass
 class LossConfig:
     type: str = "dft"
-    """Per-token loss: dft (cross-entropy scaled by the token's detached probability) or sft (plain cross-entropy)."""
+    """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model))."""
     prob_floor: float = 0.0
-    """dft only: the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
+    """dft, power, mix, asft: p in the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
+    alpha: float = 1.0
+    """power only: the weight is p^alpha; 0 is SFT, 1 is DFT, between them a softer DFT."""
+    mix_start: int = 0
+    """mix only: optimizer step where the weight starts moving from 1 (SFT) towards p (DFT)."""
+    mix_end: int = 0
+    """mix only: optimizer step from which the weight is p (DFT); linear in between, w = (1-f) + f*p."""
+    kl_coef: float = 0.1
+    """asft only: weight of the per-token KL(reference || model) against the frozen starting model (one more sharded copy of the weights)."""
+    fused: str = "auto"
+    """Fused chunked LM head + loss, never holding [tokens, vocab] logits: auto (on when the head is a plain bias-free linear layer), true (error if it is not), false."""
+    chunk_mb: int = 128
+    """Fused path: MiB of fp32 logits per chunk of target tokens (chunk rows = chunk_mb MiB / (4 x vocab))."""
 
 
 @dataclass
@@ -160,6 +172,8 @@ class LoggingConfig:
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     progress_bar: bool = True
     """Show a progress bar with loss and tokens/s (rank 0)."""
+    hist_every: int = 50
+    """Write a histogram of target-token probabilities (20 bins on [0, 1], the logging window's tokens) at the first log on or after every N steps; 0 never."""
 
 
 @dataclass
@@ -202,7 +216,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preset": tuple(PRESETS),
     "data.template": ("auto", "chat", "plain"),
     "data.overlong": ("truncate", "drop"),
-    "loss.type": ("dft", "sft"),
+    "loss.type": ("dft", "sft", "power", "mix", "asft"),
+    "loss.fused": ("auto", "true", "false"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "export.dtype": ("bf16", "fp16", "fp32"),
     "eval.prompt": ("chat", "boxed", "plain"),
@@ -397,6 +412,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         # Plain scalars from the command line arrive typed by YAML; a field that is text takes them as text.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return True, str(value)
+        if isinstance(value, bool):  # YAML's true/false for a text field with auto/true/false choices
+            return True, str(value).lower()
         return isinstance(value, str), value
     return True, value
 
@@ -440,7 +457,14 @@ def _check_values(cfg: Config) -> list[str]:
     need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "a number > 0")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
-    need(0 <= cfg.loss.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
+    lo = cfg.loss
+    need(0 <= lo.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
+    need(lo.alpha >= 0 and math.isfinite(lo.alpha), "loss.alpha", "a number >= 0 (0 is sft, 1 is dft)")
+    need(lo.mix_start >= 0, "loss.mix_start", "an integer >= 0")
+    need(lo.mix_end >= lo.mix_start, "loss.mix_end", f"an integer >= loss.mix_start ({lo.mix_start})")
+    need(lo.kl_coef >= 0 and math.isfinite(lo.kl_coef), "loss.kl_coef", "a number >= 0")
+    need(lo.chunk_mb >= 1, "loss.chunk_mb", "an integer >= 1")
+    need(cfg.logging.hist_every >= 0, "logging.hist_every", "an integer >= 0 (0: never)")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0 (0: only at the end)")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "an integer >= 1")
     need(bool(cfg.checkpoint.resume), "checkpoint.resume", "auto, none or a checkpoint directory")

@@ -6,6 +6,7 @@ torch.distributed directly. No loss math lives here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -220,6 +221,58 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
 # Engine
 
 
+def _forward(ds, device, batch: dict[str, torch.Tensor], head_loss=None):
+    kwargs = {} if head_loss is None else {"head_loss": head_loss}
+    # No attention_mask: the model builds a block-diagonal causal mask from position_ids restarts.
+    return ds(input_ids=batch["input_ids"].to(device, non_blocking=True),
+              position_ids=batch["position_ids"].to(device, non_blocking=True), use_cache=False, **kwargs)
+
+
+def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The training config for a frozen model: no optimizer or scheduler; ZeRO-3 keeps sharding the
+    parameters (one more copy of the weights / world size per rank, no gradients or optimizer
+    states); under ZeRO-1/2, which shard only training state, every rank holds it whole (stage 0)."""
+    ref = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    zero = dict(ref.get("zero_optimization", {}))
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage", 0) != 3:
+        zero = {"stage": 0}
+    ref["zero_optimization"] = zero
+    return ref
+
+
+class ReferenceEngine:
+    """asft's frozen starting model, run forward only, on the same batches as the policy."""
+
+    def __init__(self, model, ds_config: dict[str, Any]):
+        import deepspeed
+
+        model.requires_grad_(False)
+        self.ds, *_ = deepspeed.initialize(model=model, config=ds_config)
+        self.ds.eval()
+        self.device = self.ds.device
+        self.head = model.get_output_embeddings().weight
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], hidden: bool):
+        """Last hidden states (the fused path gathers the head itself) or full logits."""
+        if hidden:
+            return _forward(self.ds, self.device, batch, head_loss=lambda h, _w: h)
+        return _forward(self.ds, self.device, batch).logits
+
+    def gathered_head(self):
+        """Context manager giving the full head weight (a collective under ZeRO-3: every rank enters)."""
+        if hasattr(self.head, "ds_id"):
+            import deepspeed
+
+            @contextlib.contextmanager
+            def gathered():
+                with deepspeed.zero.GatheredParameters([self.head], modifier_rank=None):
+                    yield self.head
+            return gathered()
+        return contextlib.nullcontext(self.head)
+
+
 class Engine:
     """A DeepSpeed engine with the few verbs the loop needs."""
 
@@ -242,10 +295,9 @@ class Engine:
     def is_rank0(self) -> bool:
         return self.dist.is_rank0
 
-    def forward(self, batch: dict[str, torch.Tensor]):
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        # No attention_mask: the model builds a block-diagonal causal mask from position_ids restarts.
-        return self.ds(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    def forward(self, batch: dict[str, torch.Tensor], head_loss=None):
+        """The model's output, or with `head_loss` (see model.attach_head_loss) whatever it returns."""
+        return _forward(self.ds, self.device, batch, head_loss)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is already divided by the target tokens of the whole optimizer step on all ranks.

@@ -13,7 +13,8 @@ Pure tensor functions: no deepspeed, no torch.distributed.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +36,62 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return logp, mask
 
 
-def sft_token_loss(logp: torch.Tensor, prob_floor: float = 0.0) -> torch.Tensor:
-    return -logp
+@dataclass(frozen=True)
+class TokenWeight:
+    """The detached weight of each target token's -log p:  w = (1 - mix) + mix * max(p, floor)^alpha.
+
+    One formula covers the family: sft is mix=0; dft is mix=1, alpha=1; power is mix=1 with its
+    alpha (0 is sft, 1 is dft); mix moves `mix` from 0 to 1 over a range of steps. The gradient of
+    -w log p is -w grad p / p, so dft's w = p turns it into -grad p.
+    """
+
+    mix: float = 1.0
+    alpha: float = 1.0
+    floor: float = 0.0
+
+    @property
+    def is_constant(self) -> bool:
+        return self.mix == 0 or self.alpha == 0
+
+    def __call__(self, logp: torch.Tensor) -> torch.Tensor:
+        logp = logp.detach()
+        if self.is_constant:
+            return torch.ones_like(logp)
+        p = logp.exp()
+        if self.floor > 0:
+            p = p.clamp(min=self.floor)
+        if self.alpha != 1:
+            p = p.pow(self.alpha)
+        return p if self.mix == 1 else (1 - self.mix) + self.mix * p
 
 
-def dft_token_loss(logp: torch.Tensor, prob_floor: float = 0.0) -> torch.Tensor:
-    # exp(logp).detach() is p(y_t) with the gradient stopped: d/dθ [-sg(p) log p] = -grad p.
-    # A floor keeps tokens the model finds unlikely from vanishing from the loss (weight max(p, floor)).
-    weight = logp.detach().exp()
-    if prob_floor > 0:
-        weight = weight.clamp(min=prob_floor)
-    return -weight * logp
+SFT = TokenWeight(mix=0.0)
+DFT = TokenWeight()
+
+LOSS_TYPES = ("sft", "dft", "power", "mix", "asft")
 
 
-TOKEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
-    "sft": sft_token_loss,
-    "dft": dft_token_loss,
-}
+def mix_fraction(step: int, start: int, end: int) -> float:
+    """Share of the DFT weight at optimizer step `step` (0-based): 0 before start, 1 from end on, linear between."""
+    if step >= end:
+        return 1.0
+    if step < start:
+        return 0.0
+    return (step - start) / (end - start)
+
+
+def token_weight(loss_type: str, *, step: int = 0, prob_floor: float = 0.0, alpha: float = 1.0,
+                 mix_start: int = 0, mix_end: int = 0) -> TokenWeight:
+    """The TokenWeight of `loss_type` at optimizer step `step` (asft weights its tokens as dft)."""
+    if loss_type == "sft":
+        return SFT
+    if loss_type in ("dft", "asft"):
+        return TokenWeight(floor=prob_floor)
+    if loss_type == "power":
+        return TokenWeight(alpha=alpha, floor=prob_floor)
+    if loss_type == "mix":
+        return TokenWeight(mix=mix_fraction(step, mix_start, mix_end), floor=prob_floor)
+    raise ValueError(f"unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
 
 def _reduce(token_loss: torch.Tensor, num_tokens: Optional[float | torch.Tensor]) -> torch.Tensor:
@@ -65,13 +105,26 @@ def _reduce(token_loss: torch.Tensor, num_tokens: Optional[float | torch.Tensor]
 def sft_loss(logits, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum of -log p(y_t) over target positions, divided by num_tokens (default: targets here)."""
     logp, _ = target_logprobs(logits, labels, ignore_index)
-    return _reduce(sft_token_loss(logp), num_tokens)
+    return _reduce(-logp, num_tokens)
 
 
 def dft_loss(logits, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Sum of -sg(p(y_t)) log p(y_t) over target positions, divided by num_tokens (default: targets here)."""
     logp, _ = target_logprobs(logits, labels, ignore_index)
-    return _reduce(dft_token_loss(logp), num_tokens)
+    return _reduce(-DFT(logp) * logp, num_tokens)
+
+
+def kl_ref_model(logits_rows: torch.Tensor, ref_rows: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) per row, in fp32: sum_v q_v (log q_v - log p_v)."""
+    dtype = torch.promote_types(logits_rows.dtype, torch.float32)
+    logp = torch.log_softmax(logits_rows.to(dtype), dim=-1)
+    logq = torch.log_softmax(ref_rows.to(dtype), dim=-1)
+    return (logq.exp() * (logq - logp)).sum(-1)
+
+
+# Bucket edges of the target-probability histogram: 20 equal bins on [0, 1].
+HIST_BINS = 20
+LOW_PROB = 0.1
 
 
 class LossParts(NamedTuple):
@@ -82,21 +135,35 @@ class LossParts(NamedTuple):
     nll_sum: torch.Tensor
     prob_sum: torch.Tensor
     tokens: int
+    low_prob: int = 0                       # targets with p < LOW_PROB
+    kl_sum: float = 0.0                     # asft: sum of per-token KL(reference || model)
+    hist: Optional[torch.Tensor] = None     # [HIST_BINS] counts of target probabilities
 
 
-def compute_loss(loss_type: str, logits, labels, *, num_tokens, prob_floor: float = 0.0,
+def _parts(loss: torch.Tensor, loss_sum: torch.Tensor, logp: torch.Tensor, kl_sum=0.0) -> LossParts:
+    """Logging sums from the detached target log-probs of this micro-batch (a few thousand values)."""
+    logp = logp.detach()
+    p = logp.exp()
+    return LossParts(loss=loss, loss_sum=loss_sum.detach(), nll_sum=-logp.sum(), prob_sum=p.sum(),
+                     tokens=int(p.numel()), low_prob=int((p < LOW_PROB).sum()), kl_sum=float(kl_sum),
+                     hist=torch.histc(p.float().cpu(), bins=HIST_BINS, min=0.0, max=1.0))
+
+
+def compute_loss(weighting: TokenWeight | str, logits, labels, *, num_tokens, prob_floor: float = 0.0,
+                 ref_logits: Optional[torch.Tensor] = None, kl_coef: float = 0.0,
                  ignore_index: int = IGNORE_INDEX) -> LossParts:
-    """The configured loss plus NLL and mean-probability sums from the same log-softmax pass."""
+    """The weighted loss (plus kl_coef x KL(reference || model) when ref_logits is given), with NLL,
+    probability and histogram sums from the same log-softmax pass. Unfused: holds the full logits."""
+    if isinstance(weighting, str):
+        weighting = token_weight(weighting, prob_floor=prob_floor)
     logp, mask = target_logprobs(logits, labels, ignore_index)
-    token_loss = TOKEN_LOSSES[loss_type](logp, prob_floor)
-    detached = logp.detach()
-    return LossParts(
-        loss=_reduce(token_loss, num_tokens),
-        loss_sum=token_loss.detach().sum(),
-        nll_sum=-detached.sum(),
-        prob_sum=detached.exp().sum(),
-        tokens=int(mask.sum()),
-    )
+    token_loss = -weighting(logp) * logp
+    kl_sum = 0.0
+    if ref_logits is not None and kl_coef > 0:
+        kl = kl_ref_model(logits.reshape(-1, logits.shape[-1])[mask], ref_logits.reshape(-1, ref_logits.shape[-1])[mask])
+        token_loss = token_loss + kl_coef * kl
+        kl_sum = float(kl.detach().sum())
+    return _parts(_reduce(token_loss, num_tokens), token_loss.detach().sum(), logp, kl_sum)
 
 
 # ---------------------------------------------------------------- fused LM head + loss
@@ -123,58 +190,73 @@ def default_chunk_rows(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTE
 
 
 class _FusedLinearTokenLoss(torch.autograd.Function):
-    """SUM over target rows of -w * log softmax(h @ W.T)_y; gradients computed in the forward pass."""
+    """SUM over target rows of -w * log softmax(h @ W.T)_y [+ kl_coef * KL(ref || model)];
+    gradients computed in the forward pass. Also returns the detached target log-probs and KL sum."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, dft: bool, prob_floor: float, ignore_index: int,
-                chunk_size: int, need_grads: bool):
+    def forward(ctx, hidden, weight, labels, weighting: TokenWeight, ignore_index: int, chunk_size: int,
+                need_grads: bool, ref_hidden, ref_weight, kl_coef: float):
         hidden_shape, hidden_dtype = hidden.shape, hidden.dtype
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_y = labels.reshape(-1)
         idx = (flat_y != ignore_index).nonzero().squeeze(1)
         rows, targets = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
+        use_ref = ref_hidden is not None and kl_coef > 0
+        if use_ref:
+            ref_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, idx)
         # Accumulate in fp32 from bf16/fp16 inputs (fp64 stays fp64). The upcast weight is a copy
         # only for half-precision heads; fp32 heads are used in place.
         cdt = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
         w = weight.to(cdt)
+        w_ref = ref_weight.to(cdt) if use_ref else None
         want_h = need_grads and ctx.needs_input_grad[0]
         want_w = need_grads and ctx.needs_input_grad[1]
         grad_rows = torch.empty((rows.shape[0], w.shape[1]), dtype=cdt, device=w.device) if want_h else None
         grad_w = torch.zeros_like(w, dtype=cdt) if want_w else None
+        logps = torch.empty(rows.shape[0], dtype=cdt, device=w.device)
         total = torch.zeros((), dtype=cdt, device=w.device)
+        kl_total = torch.zeros((), dtype=cdt, device=w.device)
         for start in range(0, rows.shape[0], chunk_size):
             h = rows[start:start + chunk_size].to(cdt)
             y = targets[start:start + chunk_size].unsqueeze(1)
-            z = h @ w.T                                     # [c, V], the only vocab-sized tensor
+            z = h @ w.T                                     # [c, V], the model's only vocab-sized tensor
             z_y = z.gather(1, y)                            # [c, 1]
             # log-sum-exp by hand, in z's storage: torch.logsumexp allocates a second [c, V].
             z_max = z.amax(dim=-1, keepdim=True)
             e = z.sub_(z_max).exp_()                        # z is now exp(z - max)
             sum_e = e.sum(dim=-1, keepdim=True)
             logp_y = z_y - z_max - sum_e.log()
-            if dft:
-                tok_w = logp_y.exp()
-                if prob_floor > 0:
-                    tok_w = tok_w.clamp(min=prob_floor)
-            else:
-                tok_w = torch.ones_like(logp_y)
+            logps[start:start + chunk_size] = logp_y.squeeze(1)
+            tok_w = weighting(logp_y)
             total -= (tok_w * logp_y).sum()
-            if not (want_h or want_w):
-                continue
-            # dz = w * (softmax - onehot), built in z's own storage.
-            dz = e.div_(sum_e).mul_(tok_w).scatter_add_(1, y, -tok_w)
-            if want_h:
-                torch.mm(dz, w, out=grad_rows[start:start + chunk_size])
-            if want_w:
-                grad_w.addmm_(dz.T, h)
-            del z, e, dz
+            probs = e.div_(sum_e)                           # softmax, still in z's storage
+            if use_ref:
+                # KL(q || p) = sum_v q (log q - log p), d/dz = p - q. log p from the same storage.
+                logq = torch.log_softmax(ref_rows[start:start + chunk_size].to(cdt) @ w_ref.T, dim=-1)
+                q = logq.exp()
+                logp_all = probs.clamp(min=torch.finfo(cdt).tiny).log()
+                kl_total += (q * (logq - logp_all)).sum()
+                del logp_all, logq
+            if want_h or want_w:
+                # dz = w * (softmax - onehot) [+ kl_coef * (softmax - q)], built in z's own storage.
+                dz = probs.mul_(tok_w + kl_coef if use_ref else tok_w).scatter_add_(1, y, -tok_w)
+                if use_ref:
+                    dz.sub_(q.mul_(kl_coef))
+                if want_h:
+                    torch.mm(dz, w, out=grad_rows[start:start + chunk_size])
+                if want_w:
+                    grad_w.addmm_(dz.T, h)
+            del z, e, probs
+        if use_ref:
+            total += kl_coef * kl_total
         ctx.hidden_meta = (hidden_shape, hidden_dtype, weight.dtype)
         ctx.grad_w = grad_w
         ctx.save_for_backward(idx, grad_rows if want_h else None)
-        return total
+        ctx.mark_non_differentiable(logps, kl_total)
+        return total, logps, kl_total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_logps, _grad_kl):
         hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
         idx, grad_rows = ctx.saved_tensors
         grad_hidden = grad_weight = None
@@ -192,25 +274,45 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             # In place: the fp32 [V, H] accumulator is the largest thing here, so no second copy.
             ctx.grad_w = None
             grad_weight = grad_w.mul_(grad_out).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
-def _fused_linear_loss(hidden, weight, labels, *, dft: bool, num_tokens, ignore_index: int,
-                       prob_floor: float, chunk_size: Optional[int]) -> torch.Tensor:
+def _check_shapes(hidden, weight, labels) -> None:
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"fused loss: hidden {tuple(hidden.shape)} must be labels {tuple(labels.shape)} + [H]")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"fused loss: weight {tuple(weight.shape)} must be [V, {hidden.shape[-1]}]")
-    chunk = default_chunk_rows(weight.shape[0]) if chunk_size is None else int(chunk_size)
+
+
+def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tokens=None,
+                      ignore_index: int = IGNORE_INDEX, chunk_size: Optional[int] = None,
+                      chunk_budget: int = DEFAULT_CHUNK_BUDGET_BYTES, ref_hidden=None, ref_weight=None, kl_coef: float = 0.0) -> LossParts:
+    """The whole loss family on the fused path: LossParts as `compute_loss(weighting, hidden @ weight.T, ...)`
+    gives, without ever holding [tokens, vocab] logits. With ref_hidden/ref_weight (a frozen
+    reference model's last hidden states and head) and kl_coef > 0, adds kl_coef x KL(ref || model)."""
+    _check_shapes(hidden, weight, labels)
+    use_ref = ref_hidden is not None and kl_coef > 0
+    if use_ref:
+        _check_shapes(ref_hidden, ref_weight, labels)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(f"fused loss: reference vocabulary {ref_weight.shape[0]} != model's {weight.shape[0]}")
+    # With a reference, a chunk holds about three [c, V] tensors instead of one.
+    if chunk_size is None:
+        chunk = max(1, default_chunk_rows(weight.shape[0], chunk_budget) // (3 if use_ref else 1))
+    else:
+        chunk = int(chunk_size)
     if chunk < 1:
         raise ValueError(f"fused loss: chunk_size must be >= 1, got {chunk_size}")
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total = _FusedLinearTokenLoss.apply(hidden, weight, labels, dft, float(prob_floor), int(ignore_index),
-                                        chunk, need_grads)
-    count = int((labels != ignore_index).sum()) if num_tokens is None else num_tokens
+    total, logps, kl = _FusedLinearTokenLoss.apply(hidden, weight, labels, weighting, int(ignore_index), chunk,
+                                                   need_grads, ref_hidden if use_ref else None,
+                                                   ref_weight if use_ref else None, float(kl_coef))
+    count = logps.numel() if num_tokens is None else num_tokens
     if isinstance(count, torch.Tensor):
-        return total / count.clamp(min=1).to(total.dtype)
-    return total / max(float(count), 1.0)
+        loss = total / count.clamp(min=1).to(total.dtype)
+    else:
+        loss = total / max(float(count), 1.0)
+    return _parts(loss, total.detach(), logps, kl)
 
 
 def fused_linear_dft_loss(hidden, weight, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX,
@@ -221,12 +323,12 @@ def fused_linear_dft_loss(hidden, weight, labels, *, num_tokens=None, ignore_ind
     rows are projected, `chunk_size` rows at a time (default: default_chunk_rows(V)); logits are
     accumulated in fp32, gradients return in the input dtypes. The DFT weight is max(p, prob_floor).
     """
-    return _fused_linear_loss(hidden, weight, labels, dft=True, num_tokens=num_tokens,
-                              ignore_index=ignore_index, prob_floor=prob_floor, chunk_size=chunk_size)
+    return fused_linear_loss(hidden, weight, labels, TokenWeight(floor=prob_floor), num_tokens=num_tokens,
+                             ignore_index=ignore_index, chunk_size=chunk_size).loss
 
 
 def fused_linear_sft_loss(hidden, weight, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX,
                           prob_floor: float = 0.0, chunk_size: Optional[int] = None) -> torch.Tensor:
     """`sft_loss(hidden @ weight.T, labels, ...)` without the full logits (prob_floor is ignored)."""
-    return _fused_linear_loss(hidden, weight, labels, dft=False, num_tokens=num_tokens,
-                              ignore_index=ignore_index, prob_floor=prob_floor, chunk_size=chunk_size)
+    return fused_linear_loss(hidden, weight, labels, SFT, num_tokens=num_tokens, ignore_index=ignore_index,
+                             chunk_size=chunk_size).loss

@@ -16,6 +16,8 @@ TB_TAGS = {
     "mean_token_prob": "train/mean_token_prob",
     "lr": "train/lr",
     "grad_norm": "train/grad_norm",
+    "low_prob_share": "train/low_prob_share",
+    "kl_ref": "train/kl_ref",
     "tokens_per_s": "perf/tokens_per_s",
 }
 
@@ -44,9 +46,24 @@ class MetricsLogger:
             for key, tag in TB_TAGS.items():
                 if values.get(key) is not None:
                     self._tb.add_scalar(tag, values[key], step)
+            if values.get("prob_hist"):
+                self._add_histogram("train/target_prob", values["prob_hist"], step)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
                                   tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+
+    def _add_histogram(self, tag: str, counts: list[int], step: int) -> None:
+        """Counts of equal bins on [0, 1]; sums are taken at bin centres (TensorBoard wants them)."""
+        width = 1.0 / len(counts)
+        centres = [(i + 0.5) * width for i in range(len(counts))]
+        total = sum(counts)
+        if not total:
+            return
+        self._tb.add_histogram_raw(tag, min=0.0, max=1.0, num=total,
+                                   sum=sum(c * x for c, x in zip(counts, centres)),
+                                   sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
+                                   bucket_limits=[(i + 1) * width for i in range(len(counts))],
+                                   bucket_counts=counts, global_step=step)
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         """Evaluation results go to eval.jsonl (metrics.jsonl stays one row per training step)."""
@@ -84,6 +101,19 @@ class NullMetrics:
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         pass
+
+    def _add_histogram(self, tag: str, counts: list[int], step: int) -> None:
+        """Counts of equal bins on [0, 1]; sums are taken at bin centres (TensorBoard wants them)."""
+        width = 1.0 / len(counts)
+        centres = [(i + 0.5) * width for i in range(len(counts))]
+        total = sum(counts)
+        if not total:
+            return
+        self._tb.add_histogram_raw(tag, min=0.0, max=1.0, num=total,
+                                   sum=sum(c * x for c, x in zip(counts, centres)),
+                                   sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
+                                   bucket_limits=[(i + 1) * width for i in range(len(counts))],
+                                   bucket_counts=counts, global_step=step)
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         pass

@@ -80,3 +80,52 @@ def build_model(cfg: ModelConfig, config, ds_config: dict[str, Any], dtype: torc
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, keepalive
+
+
+# Config attributes of models whose logits are not plain `last_hidden_state @ head.weight.T`
+# (soft-capping, scaling after the head); the fused head would silently compute a different loss.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+                    "output_multiplier_scale", "logit_softcapping")
+
+
+def fused_head_problem(model, trust_remote_code: bool = False) -> str | None:
+    """Why the fused head + loss cannot stand in for this model's logits, or None when it can."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output layer is {type(head).__name__}, not a linear layer"
+    if head.bias is not None:
+        return "its LM head has a bias"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 0, 1, 1.0, False):
+            return f"its config sets {name}={value} (the logits are transformed after the head)"
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or decoder is model:
+        return "it does not expose its decoder (get_decoder())"
+    if trust_remote_code:
+        return "it runs its own code (model.trust_remote_code), whose forward may transform the logits"
+    return None
+
+
+def attach_head_loss(model) -> None:
+    """Let `model(..., head_loss=fn)` return fn(last_hidden_state, head.weight) instead of logits.
+
+    The model's own forward is unchanged without `head_loss` (generation, evaluation, export). The
+    call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head weight
+    (tied or not) is registered with ZeRO-3 as used by the whole model's forward, so it is gathered
+    for the call and its gradient, computed inside fn, is reduced like any other.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    original = model.forward
+
+    def forward(*args, head_loss=None, **kwargs):
+        if head_loss is None:
+            return original(*args, **kwargs)
+        return head_loss(decoder(*args, **kwargs).last_hidden_state, head.weight)
+
+    model.forward = forward
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        register_external_parameter(model, head.weight)

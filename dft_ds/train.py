@@ -133,6 +133,8 @@ class Run:
     fingerprints: dict
     resume: Any
     warnings: list
+    fused: bool = False
+    reference: Any = None
 
 
 def build_run(cfg: Config) -> Run:
@@ -176,8 +178,21 @@ def build_run(cfg: Config) -> Run:
             ds_config["checkpoint"] = {"load_universal": True}
 
     model, keepalive = mdl.build_model(cfg.model, model_config, ds_config, eng.torch_dtype(precision), cfg.train.seed)
+    fused = choose_fused_head(cfg, model, warnings_.append)
+    if fused:
+        mdl.attach_head_loss(model)
     engine = eng.Engine(model, ds_config, dist, total_steps, cfg)
     del keepalive
+    reference = None
+    if cfg.loss.type == "asft" and cfg.loss.kl_coef > 0:
+        # The frozen starting model: the pretrained weights (or the same seeded init), never a checkpoint.
+        ref_config = eng.reference_ds_config(ds_config)
+        ref_model, keepalive = mdl.build_model(dataclasses.replace(cfg.model, gradient_checkpointing=False),
+                                               model_config, ref_config, eng.torch_dtype(precision), cfg.train.seed)
+        if fused:
+            mdl.attach_head_loss(ref_model)
+        reference = eng.ReferenceEngine(ref_model, ref_config)
+        del keepalive
     if resume is not None:
         engine.load_checkpoint(resume.root, load_tag)
         sampler.load_state_dict(resume.state["sampler"])
@@ -185,7 +200,24 @@ def build_run(cfg: Config) -> Run:
         if resume.state["config"]["train"]["lr"] != cfg.train.lr:
             engine.set_peak_lr(cfg.train.lr)
     return Run(cfg, dist, plan, tokenizer, model_config, data, sampler, engine, total_steps, precision, ds_config,
-               prints, resume, warnings_)
+               prints, resume, warnings_, fused, reference)
+
+
+def choose_fused_head(cfg: Config, model, warn) -> bool:
+    """loss.fused: auto uses the fused head + loss where it computes the same loss; true insists."""
+    from dft_ds import model as mdl
+    from dft_ds.errors import ModelError
+
+    if cfg.loss.fused == "false":
+        return False
+    problem = mdl.fused_head_problem(model, cfg.model.trust_remote_code)
+    if problem is None:
+        return True
+    if cfg.loss.fused == "true":
+        raise ModelError(f"loss.fused=true: the fused head cannot stand in for {cfg.model.name_or_path}: {problem}; "
+                         "set loss.fused=auto or false")
+    warn(f"loss.fused=auto: using full logits, because {problem}")
+    return False
 
 
 def start_run_dir(run: Run):
@@ -259,7 +291,7 @@ def run(cfg: Config) -> int:
     metrics.print(f"data: {r.data.report.summary()}")
     metrics.print(f"batch: micro {plan.micro_batch_size} x accumulation {plan.gradient_accumulation_steps} x "
                   f"world {plan.world_size} = global {plan.global_batch_size}; {r.total_steps} steps; "
-                  f"loss {cfg.loss.type}; precision {r.precision}; zero stage {zero_stage(r.ds_config)}")
+                  f"loss {cfg.loss.type} ({'fused head' if r.fused else 'full logits'}); precision {r.precision}; zero stage {zero_stage(r.ds_config)}")
     r.engine.barrier()
 
     root = os.path.join(out, "checkpoints")
@@ -272,7 +304,8 @@ def run(cfg: Config) -> int:
     trainer = Trainer(r.engine, r.data, r.sampler, cfg.loss, r.total_steps, cfg.logging.every_steps, metrics,
                       save=save, save_every=cfg.checkpoint.every_steps, stop=stop,
                       stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(r),
-                      eval_every=cfg.eval.every_steps)
+                      eval_every=cfg.eval.every_steps, fused=r.fused, reference=r.reference,
+                      hist_every=cfg.logging.hist_every)
     summary = trainer.train()
     if summary.preempted or cfg.checkpoint.save_final:
         save(summary.steps)

@@ -7,6 +7,7 @@ that count. The gradient of a global batch then does not depend on how it is spl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -17,7 +18,8 @@ import torch
 
 from dft_ds.config import LossConfig
 from dft_ds.data import IGNORE_INDEX, StepSampler, TrainData
-from dft_ds.loss import compute_loss
+from dft_ds.loss import (DEFAULT_CHUNK_BUDGET_BYTES, HIST_BINS, LOW_PROB, LossParts, TokenWeight, compute_loss,
+                         fused_linear_loss, token_weight)
 from dft_ds.metrics import NullMetrics  # noqa: F401  (re-exported for callers that log nothing)
 
 
@@ -30,6 +32,14 @@ class StepSums:
     prob: float = 0.0
     targets: int = 0
     tokens: int = 0
+    low_prob: int = 0
+    kl: float = 0.0
+    hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
+
+    @classmethod
+    def from_parts(cls, parts: LossParts, tokens: int) -> "StepSums":
+        return cls(float(parts.loss_sum), float(parts.nll_sum), float(parts.prob_sum), parts.tokens, tokens,
+                   parts.low_prob, parts.kl_sum, parts.hist.tolist())
 
     def add(self, other: "StepSums") -> None:
         self.loss += other.loss
@@ -37,9 +47,13 @@ class StepSums:
         self.prob += other.prob
         self.targets += other.targets
         self.tokens += other.tokens
+        self.low_prob += other.low_prob
+        self.kl += other.kl
+        self.hist = [a + b for a, b in zip(self.hist, other.hist)]
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.loss, self.nll, self.prob, self.targets, self.tokens], dtype=torch.float64)
+        return torch.tensor([self.loss, self.nll, self.prob, self.targets, self.tokens, self.low_prob, self.kl,
+                             *self.hist], dtype=torch.float64)
 
 
 @dataclass
@@ -86,8 +100,11 @@ class Trainer:
     def __init__(self, engine, data: TrainData, sampler: StepSampler, loss: LossConfig, total_steps: int,
                  log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
                  stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None,
-                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0):
+                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0, fused: bool = False,
+                 reference=None, hist_every: int = 0):
         self.engine, self.data, self.sampler = engine, data, sampler
+        self.fused, self.reference, self.hist_every = fused, reference, hist_every
+        self._hist_due = hist_every  # the next step at or after which the histogram is written
         self.stop_at_step = stop_at_step
         self.evaluate, self.eval_every = evaluate, eval_every
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
@@ -142,34 +159,69 @@ class Trainer:
         if counts[1] > 0:
             return None
         num_tokens = counts[0]
+        weighting = self.weighting(self.sampler.step)
         sums = StepSums()
         for batch in batches:
-            sums.add(self.forward_backward(batch, num_tokens))
+            sums.add(self.forward_backward(batch, num_tokens, weighting))
             self.engine.step()
         return sums
 
-    def forward_backward(self, batch: dict, num_tokens: torch.Tensor) -> StepSums:
+    def weighting(self, step: int) -> TokenWeight:
+        lo = self.loss
+        return token_weight(lo.type, step=step, prob_floor=lo.prob_floor, alpha=lo.alpha, mix_start=lo.mix_start,
+                            mix_end=lo.mix_end)
+
+    def forward_backward(self, batch: dict, num_tokens: torch.Tensor, weighting: TokenWeight) -> StepSums:
         tokens = batch.pop("n_tokens")
-        logits = self.engine.forward(batch).logits
-        labels = batch["labels"].to(logits.device)
-        parts = compute_loss(self.loss.type, logits, labels, num_tokens=num_tokens.to(logits.device),
-                             prob_floor=self.loss.prob_floor)
-        self.engine.backward(parts.loss)
-        return StepSums(float(parts.loss_sum), float(parts.nll_sum), float(parts.prob_sum), parts.tokens, tokens)
+        kl_coef = self.loss.kl_coef if self.reference is not None else 0.0
+        ref = self.reference.forward(batch, hidden=self.fused) if kl_coef > 0 else None
+        if self.fused:
+            loss, parts = self._fused_forward(batch, num_tokens, weighting, ref, kl_coef)
+        else:
+            logits = self.engine.forward(batch).logits
+            parts = compute_loss(weighting, logits, batch["labels"].to(logits.device),
+                                 num_tokens=num_tokens.to(logits.device), ref_logits=ref, kl_coef=kl_coef)
+            loss = parts.loss
+        self.engine.backward(loss)
+        return StepSums.from_parts(parts, tokens)
+
+    def _fused_forward(self, batch, num_tokens, weighting, ref_hidden, kl_coef):
+        """Hidden states -> chunked head + loss inside the model's forward (ZeRO-3 gathers the head)."""
+        captured = {}
+        budget = self.loss.chunk_mb << 20 if self.loss.chunk_mb else DEFAULT_CHUNK_BUDGET_BYTES
+
+        def head_loss(hidden, weight):
+            labels = batch["labels"].to(hidden.device)
+            ref_head = self.reference.gathered_head() if ref_hidden is not None else contextlib.nullcontext()
+            with ref_head as ref_weight:
+                captured["parts"] = fused_linear_loss(hidden, weight, labels, weighting,
+                                                      num_tokens=num_tokens.to(hidden.device), chunk_budget=budget,
+                                                      ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef)
+            return captured["parts"].loss
+
+        # Back-propagate what the engine returns: under ZeRO-3 it carries the backward hooks.
+        loss = self.engine.forward(batch, head_loss=head_loss)
+        return loss, captured["parts"]
 
     def maybe_log(self, step: int, window: StepSums, seconds: float, lr: float) -> dict:
         """Reduce the window's sums over ranks (all ranks take part) and hand them to rank 0's logger."""
-        loss, nll, prob, targets, tokens = self.engine.all_reduce_sum(window.as_tensor()).tolist()
+        loss, nll, prob, targets, tokens, low, kl, *hist = self.engine.all_reduce_sum(window.as_tensor()).tolist()
         targets = max(targets, 1.0)
         record = {
             "loss": loss / targets,
             "nll": nll / targets,
             "mean_token_prob": prob / targets,
+            "low_prob_share": low / targets,  # share of target tokens with p < LOW_PROB
             "lr": lr,
             "grad_norm": self.engine.grad_norm,
             "tokens": int(tokens),
             "target_tokens": int(targets),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
+        if self.reference is not None:
+            record["kl_ref"] = kl / targets
+        if self.hist_every and step >= self._hist_due:
+            record["prob_hist"] = [int(c) for c in hist]
+            self._hist_due = (step // self.hist_every + 1) * self.hist_every
         self.metrics.log(step, record)
         return record

@@ -12,12 +12,20 @@ import torch
 from dft_ds.loss import (
     IGNORE_INDEX,
     compute_loss,
+    SFT,
+    TokenWeight,
     dft_loss,
-    dft_token_loss,
     sft_loss,
-    sft_token_loss,
     target_logprobs,
 )
+
+
+def dft_token_loss(logp, prob_floor=0.0):
+    return -TokenWeight(floor=prob_floor)(logp) * logp
+
+
+def sft_token_loss(logp, prob_floor=0.0):
+    return -SFT(logp) * logp
 
 # ---------------------------------------------------------------- hand-computed values
 
@@ -237,6 +245,10 @@ def test_compute_loss_parts_are_consistent(loss_type):
     assert (parts.prob_sum / parts.tokens).item() == pytest.approx(mean_p, rel=1e-5)
     for detached in (parts.loss_sum, parts.nll_sum, parts.prob_sum):
         assert not detached.requires_grad
+    p_kept = probs[kept].gather(-1, labels[kept].unsqueeze(-1)).squeeze(-1)
+    assert parts.low_prob == int((p_kept < 0.1).sum())
+    assert parts.hist.sum().item() == parts.tokens
+    assert parts.hist.tolist() == torch.histc(p_kept.float(), bins=20, min=0, max=1).tolist()
 
 
 def test_compute_loss_hand_values():
