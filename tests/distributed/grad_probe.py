@@ -34,10 +34,10 @@ def main(out_path: str, overrides: list[str]) -> None:
     trainer = Trainer(engine, run.data, run.sampler, cfg.loss, run.total_steps, 1, NullMetrics(), fused=run.fused,
                       reference=run.reference)
     engine.train()
-    sums = trainer.train_step(run.sampler.indices_for_step(0))
+    sums = trainer.train_step(run.sampler.indices_for_step(run.sampler.step))  # 0, or the resumed step
     totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
     if run.dist.is_rank0:
-        torch.save({"grads": captured, "loss": totals[0] / totals[3], "targets": totals[3],
+        torch.save({"grads": captured, "loss": totals[0] / totals[3], "targets": totals[3], "kl": totals[6] / totals[3],
                     "world_size": run.dist.world_size, "fused": run.fused, "accum": run.plan.gradient_accumulation_steps}, out_path)
     engine.barrier()  # nobody tears down gloo while another rank is still in a collective
 
