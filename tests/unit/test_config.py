@@ -171,7 +171,7 @@ def test_impossible_values_are_all_reported_in_one_error():
     assert re.search(r"train\.lr: expected a number > 0, got 0\.0", message)
     assert re.search(r"train\.warmup_ratio: expected a number in \[0, 1\), got 1\.0", message)
     assert re.search(r"data\.max_length: expected an integer >= 8, got 4", message)
-    assert "loss.type: expected one of dft, sft, got 'foo'" in message
+    assert "loss.type: expected one of dft, sft, power, mix, asft, got 'foo'" in message
     assert "train.micro_batch_size: expected an integer >= 1, got 0" in message
     assert "loss.prob_floor" in message
     assert "data.preset: expected one of numina_cot, got 'alpaca'" in message
@@ -187,11 +187,31 @@ def test_impossible_values_are_all_reported_in_one_error():
     ("data.max_samples=0", "data.max_samples"),
     ("model.attn_implementation=flash", "model.attn_implementation"),
     ("train.precision=fp8", "train.precision"),
+    ("loss.type=kto", "loss.type"),
+    ("loss.alpha=-0.5", "loss.alpha"),
+    ("loss.mix_start=-1", "loss.mix_start"),
+    ("loss.kl_coef=-1", "loss.kl_coef"),
+    ("loss.fused=yes", "loss.fused"),
+    ("loss.chunk_mb=0", "loss.chunk_mb"),
+    ("logging.hist_every=-1", "logging.hist_every"),
 ])
 def test_each_impossible_value_names_its_key(override, key):
     message = config_error(None, [override])
     assert key in message
     assert len(problem_lines(message)) == 1
+
+
+def test_mix_end_before_mix_start_is_refused():
+    message = config_error(None, ["loss.type=mix", "loss.mix_start=100", "loss.mix_end=50"])
+    assert "loss.mix_end" in message and ">= loss.mix_start (100)" in message
+
+
+@pytest.mark.parametrize("text, expected", [("true", "true"), ("false", "false"), ("auto", "auto")])
+def test_fused_accepts_yaml_booleans_from_file_and_command_line(tmp_path, text, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"loss:\n  fused: {text}\n")
+    assert load_config(str(path)).loss.fused == expected
+    assert load_config(None, [f"loss.fused={text}"]).loss.fused == expected
 
 
 def test_choices_error_lists_every_choice():
