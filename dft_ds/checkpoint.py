@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from dft_ds.errors import UserError
+from dft_ds.errors import SaveFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,57 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Saving
 
 
-def inject_fault(point: str, step: int) -> None:
-    """Tests kill a process at a named point: DFT_DS_FAULT=<point>:<step>[:<rank>] (rank 0 by default)."""
+def fault_here(point: str, step: int) -> bool:
+    """Tests inject faults at named points: DFT_DS_FAULT=<point>:<step>[:<rank>] (rank 0 by default)."""
     spec = os.environ.get("DFT_DS_FAULT", "")
     if not spec:
-        return
+        return False
     name, at_step, *rank = spec.split(":")
-    if name == point and int(at_step) == step and int(os.environ.get("RANK", "0")) == int(rank[0] if rank else 0):
+    return name == point and int(at_step) == step and int(os.environ.get("RANK", "0")) == int(rank[0] if rank else 0)
+
+
+def inject_fault(point: str, step: int) -> None:
+    """SIGKILL this process at a named point (see fault_here)."""
+    if fault_here(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def file_manifest(tag_dir: str) -> dict[str, int]:
+    """Size of every file of a checkpoint (relative paths), recorded in its state file when it is complete."""
+    sizes = {}
+    for dirpath, _, names in os.walk(tag_dir):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, tag_dir)
+            if rel != STATE_FILE:
+                sizes[rel] = os.path.getsize(path)
+    return dict(sorted(sizes.items()))
+
+
+def find_damage(tag_dir: str, state: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files (missing, truncated, grown), or None.
+
+    Sizes only: a torn or truncated write is caught without reading gigabytes of shards. Checkpoints
+    written before the manifest existed have none and are taken as they are.
+    """
+    for rel, size in state.get("files", {}).items():
+        path = os.path.join(tag_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        actual = os.path.getsize(path)
+        if actual != size:
+            return f"{path} is {actual} bytes, but {size} were written"
+    return None
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The OS error behind exc ('No space left on device'), however torch or DeepSpeed wrapped it."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class Checkpointer:
@@ -141,19 +184,39 @@ class Checkpointer:
             # A leftover of a save that died half way (it has no state file, or `latest` would name it).
             shutil.rmtree(tag_dir)
         self.engine.barrier()
-        self.engine.save_checkpoint(self.root, tag)
-        os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
-        torch.save(rng_state(), os.path.join(tag_dir, "rng", f"rank{self.engine.dist.rank}.pt"))
+        try:
+            self.engine.save_checkpoint(self.root, tag)
+            os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
+            torch.save(rng_state(), os.path.join(tag_dir, "rng", f"rank{self.engine.dist.rank}.pt"))
+        except (OSError, RuntimeError) as exc:
+            # ENOSPC, EDQUOT, EACCES... (torch wraps some of them in RuntimeError). This rank stops here;
+            # its peers fail at their next collective. `latest` is untouched, so it still names the last
+            # complete checkpoint; the partial directory has no state file and is never resumed from.
+            raise SaveFailed(f"writing checkpoint {tag_dir} failed on rank {self.engine.dist.rank}: "
+                             f"{_os_reason(exc)}; {self._latest_text()}") from None
         inject_fault("kill_after_shards", step)
         # Sync point: every rank's shards are on disk before the checkpoint is declared complete.
         self.engine.barrier()
         if self.engine.is_rank0:
-            self.write_hf_meta(os.path.join(tag_dir, HF_META))
-            write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=2))
+            try:
+                self.write_hf_meta(os.path.join(tag_dir, HF_META))
+                state = {**state, "files": file_manifest(tag_dir)}
+                write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=2))
+            except OSError as exc:
+                raise SaveFailed(f"writing checkpoint {tag_dir} failed: {_os_reason(exc)}; "
+                                 f"{self._latest_text()}") from None
             write_atomic(os.path.join(self.root, LATEST), tag + "\n")
             self.rotate(tag)
         self.engine.barrier()
         return tag_dir
+
+    def _latest_text(self) -> str:
+        path = os.path.join(self.root, LATEST)
+        if not os.path.isfile(path):
+            return "no earlier checkpoint exists"
+        with open(path, encoding="utf-8") as fh:
+            tag = fh.read().strip()
+        return f"'{LATEST}' still names {os.path.join(self.root, tag)}, which is complete and loadable"
 
     def rotate(self, latest: str) -> None:
         """Delete all but the newest `keep` complete checkpoints (never `latest`), and their universal copies."""
@@ -189,42 +252,64 @@ def read_state(tag_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def find_resume(setting: str, run_checkpoints: str) -> Optional[ResumePoint]:
-    """The checkpoint to resume from: `auto` looks in this run, a path names one; None starts fresh."""
+def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning) -> Optional[ResumePoint]:
+    """The checkpoint to resume from: `auto` looks in this run, a path names one; None starts fresh.
+
+    `auto` (or a checkpoints/ directory) skips a `latest` that is incomplete or damaged for the newest
+    intact checkpoint before it, and says so through `warn`; a named checkpoint that is damaged is refused.
+    """
     if setting == "none":
         return None
     if setting == "auto":
-        return _latest_complete(run_checkpoints)
+        return _latest_intact(run_checkpoints, warn)
     path = os.path.abspath(setting)
     if os.path.isfile(os.path.join(path, LATEST)):
-        point = _latest_complete(path)
+        point = _latest_intact(path, warn)
         if point is None:
             raise CheckpointError(f"checkpoint.resume: '{setting}' holds no complete checkpoint")
         return point
     if not is_complete(path):
         raise CheckpointError(f"checkpoint.resume: '{setting}' is not a complete checkpoint "
                               f"(expected a directory with {STATE_FILE}, or a checkpoints/ directory with '{LATEST}')")
-    return ResumePoint(os.path.dirname(path), os.path.basename(path), read_state(path))
+    state = read_state(path)
+    damage = find_damage(path, state)
+    if damage:
+        root, tag = os.path.dirname(path), os.path.basename(path)
+        older = [name for step, name in _complete_tags(root) if name != tag and not find_damage(
+            os.path.join(root, name), read_state(os.path.join(root, name)))]
+        hint = f"; the newest intact one beside it is {os.path.join(root, older[-1])}" if older else ""
+        raise CheckpointError(f"checkpoint.resume: {path} is damaged: {damage}{hint}")
+    return ResumePoint(os.path.dirname(path), os.path.basename(path), state)
 
 
-def _latest_complete(root: str) -> Optional[ResumePoint]:
+def _complete_tags(root: str) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), name) for name in os.listdir(root)
+                  if (m := TAG_RE.match(name)) and is_complete(os.path.join(root, name)))
+
+
+def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[ResumePoint]:
     latest_file = os.path.join(root, LATEST)
     if not os.path.isfile(latest_file):
         return None
     with open(latest_file, encoding="utf-8") as fh:
-        tag = fh.read().strip()
-    tag_dir = os.path.join(root, tag)
-    if is_complete(tag_dir):
-        return ResumePoint(root, tag, read_state(tag_dir))
-    # `latest` is written last, so this means the files were damaged or removed afterwards.
-    older = sorted((int(m.group(1)), name) for name in os.listdir(root)
-                   if (m := TAG_RE.match(name)) and is_complete(os.path.join(root, name)))
-    if not older:
-        raise CheckpointError(f"{tag_dir}: '{LATEST}' names it but it is incomplete, and no other complete "
-                              "checkpoint exists; use checkpoint.resume=none with a new train.output_dir")
-    log.warning("%s is incomplete; resuming from %s instead", tag_dir, older[-1][1])
-    tag = older[-1][1]
-    return ResumePoint(root, tag, read_state(os.path.join(root, tag)))
+        latest = fh.read().strip()
+    latest_match = TAG_RE.match(latest)
+    latest_step = int(latest_match.group(1)) if latest_match else None
+    candidates = [name for step, name in _complete_tags(root) if latest_step is None or step <= latest_step]
+    if latest not in candidates:
+        # `latest` is written last, so this means the files were damaged or removed afterwards.
+        warn(f"{os.path.join(root, latest)} is incomplete (no {STATE_FILE}); looking for an older checkpoint")
+    for name in reversed(candidates):
+        tag_dir = os.path.join(root, name)
+        state = read_state(tag_dir)
+        damage = find_damage(tag_dir, state)
+        if damage is None:
+            if name != latest:
+                warn(f"resuming from {tag_dir} instead of '{LATEST}' ({latest})")
+            return ResumePoint(root, name, state)
+        warn(f"{tag_dir} is damaged, skipped: {damage}")
+    raise CheckpointError(f"{os.path.join(root, latest)}: '{LATEST}' names it but it is incomplete or damaged, and "
+                          "no older intact checkpoint exists; use checkpoint.resume=none with a new train.output_dir")
 
 
 def check_compatible(point: ResumePoint, current: dict[str, str], config: dict[str, Any], warn) -> None:

@@ -126,6 +126,12 @@ class TrainConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     precision: str = "auto"
     """bf16, fp16, fp32 or auto (bf16 on accelerators that support it, fp32 on CPU)."""
+    nonfinite: str = "stop"
+    """A non-finite loss on any rank: stop (save the last good state, exit 3) or skip (the step changes no weight; counted as skipped_steps)."""
+    max_skipped_steps: int = 10
+    """nonfinite=skip: stop as with nonfinite=stop once this many steps were skipped in one session."""
+    comm_timeout_s: int = 1800
+    """Seconds a collective may wait for a silent peer before the rank fails (a dead peer whose connection closes fails it at once)."""
 
 
 @dataclass
@@ -219,6 +225,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.type": ("dft", "sft", "power", "mix", "asft"),
     "loss.fused": ("auto", "true", "false"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.nonfinite": ("stop", "skip"),
     "export.dtype": ("bf16", "fp16", "fp32"),
     "eval.prompt": ("chat", "boxed", "plain"),
 }
@@ -456,6 +463,8 @@ def _check_values(cfg: Config) -> list[str]:
     need(0 <= t.adam_beta1 < 1, "train.adam_beta1", "a number in [0, 1)")
     need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "a number > 0")
+    need(t.comm_timeout_s >= 10, "train.comm_timeout_s", "an integer >= 10 (seconds)")
+    need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "an integer >= 1")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
     lo = cfg.loss
     need(0 <= lo.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")

@@ -168,6 +168,11 @@ def check_shard_files(ref: CheckpointRef) -> None:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise UserError(f"{ref.path}: incomplete checkpoint, missing {shown} (expected ZeRO-{stage} shards of "
                         f"{world} ranks, as {STATE_FILE} says)")
+    from dft_ds.checkpoint import find_damage
+
+    damage = find_damage(str(ref.path), ref.state)
+    if damage:
+        raise UserError(f"{ref.path}: damaged checkpoint: {damage}")
     optim = list(ref.path.glob("*_optim_states.pt"))
     if len(optim) != world:
         raise UserError(f"{ref.path}: holds {len(optim)} optimizer shards but {STATE_FILE} says world_size={world}")

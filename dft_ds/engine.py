@@ -64,7 +64,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group on the accelerator's backend (NCCL on CUDA, gloo or ccl on CPU)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -77,7 +77,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
-                               verbose=False, timeout=timedelta(minutes=timeout_minutes))
+                               verbose=False, timeout=timedelta(seconds=timeout_s))
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
 
 
@@ -325,6 +325,23 @@ class Engine:
                                           load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint at {os.path.join(directory, tag)}")
+
+    def null_backward(self) -> None:
+        """A backward that adds exactly zero to every gradient, through a real forward of one 8-token row.
+
+        DeepSpeed (ZeRO-3 in particular) expects a backward for every micro-step before its optimizer
+        step; this stands in for a micro-batch whose loss was not finite.
+        """
+        ids = torch.zeros((1, 8), dtype=torch.long, device=self.device)
+        pos = torch.arange(8, device=self.device).unsqueeze(0)
+        logits = self.ds(input_ids=ids, position_ids=pos, use_cache=False).logits
+        self.ds.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
+
+    def zero_lr_for_this_step(self) -> None:
+        """The optimizer step about to run changes no weight (AdamW's update and decay scale with lr);
+        the scheduler sets the next step's rate as usual."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
 
     def set_peak_lr(self, lr: float) -> None:
         """After a resume with a new peak: rescale the restored schedule to it from the current step on."""

@@ -9,6 +9,26 @@ EXIT_BAD_INPUT = 2
 # Stopped on request (SIGUSR1/SIGTERM, e.g. Slurm preemption) after saving a checkpoint: run again to resume.
 # 75 is EX_TEMPFAIL, "try again later".
 EXIT_PREEMPTED = 75
+# Stopped because the loss or the gradient was not finite (train.nonfinite=stop, or a bad gradient):
+# the last checkpoint holds the last good state. Not retried by the Slurm template.
+EXIT_NONFINITE = 3
+# A training step ran out of (accelerator or host) memory; the message names the settings that shrink a step.
+EXIT_OUT_OF_MEMORY = 4
+# Writing a checkpoint failed (disk full, quota, permissions); `latest` still names the previous one.
+# 74 is EX_IOERR.
+EXIT_SAVE_FAILED = 74
+
+
+class NonFiniteStop(Exception):
+    """Training stopped on a non-finite loss or gradient; `save` says whether the current state is good."""
+
+    def __init__(self, message: str, save: bool = True):
+        super().__init__(message)
+        self.save = save
+
+
+class SaveFailed(Exception):
+    """A checkpoint could not be written; the message names it and the checkpoint `latest` still names."""
 
 
 class UserError(Exception):

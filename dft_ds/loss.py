@@ -234,9 +234,9 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
                 # KL(q || p) = sum_v q (log q - log p), d/dz = p - q. log p from the same storage.
                 logq = torch.log_softmax(ref_rows[start:start + chunk_size].to(cdt) @ w_ref.T, dim=-1)
                 q = logq.exp()
-                logp_all = probs.clamp(min=torch.finfo(cdt).tiny).log()
-                kl_total += (q * (logq - logp_all)).sum()
-                del logp_all, logq
+                logq.sub_(probs.clamp(min=torch.finfo(cdt).tiny).log_())   # log q - log p, in place
+                kl_total += torch.vdot(q.reshape(-1), logq.reshape(-1))    # no [c, V] temporary
+                del logq
             if want_h or want_w:
                 # dz = w * (softmax - onehot) [+ kl_coef * (softmax - q)], built in z's own storage.
                 dz = probs.mul_(tok_w + kl_coef if use_ref else tok_w).scatter_add_(1, y, -tok_w)
@@ -246,7 +246,11 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
                     torch.mm(dz, w, out=grad_rows[start:start + chunk_size])
                 if want_w:
                     grad_w.addmm_(dz.T, h)
+                del dz
+            # Drop every name of this chunk's [c, V] storage before the next chunk allocates its own.
             del z, e, probs
+            if use_ref:
+                del q
         if use_ref:
             total += kl_coef * kl_total
         ctx.hidden_meta = (hidden_shape, hidden_dtype, weight.dtype)
@@ -296,9 +300,9 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
         _check_shapes(ref_hidden, ref_weight, labels)
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"fused loss: reference vocabulary {ref_weight.shape[0]} != model's {weight.shape[0]}")
-    # With a reference, a chunk holds about three [c, V] tensors instead of one.
+    # With a reference, a chunk holds up to four [c, V] tensors at once instead of one.
     if chunk_size is None:
-        chunk = max(1, default_chunk_rows(weight.shape[0], chunk_budget) // (3 if use_ref else 1))
+        chunk = max(1, default_chunk_rows(weight.shape[0], chunk_budget) // (4 if use_ref else 1))
     else:
         chunk = int(chunk_size)
     if chunk < 1:

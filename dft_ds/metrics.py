@@ -49,8 +49,9 @@ class MetricsLogger:
             if values.get("prob_hist"):
                 self._add_histogram("train/target_prob", values["prob_hist"], step)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
-                                  tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
+            if values.get("loss") is not None:
+                self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
+                                      tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
 
     def _add_histogram(self, tag: str, counts: list[int], step: int) -> None:
         """Counts of equal bins on [0, 1]; sums are taken at bin centres (TensorBoard wants them)."""

@@ -21,7 +21,8 @@ from typing import Any
 
 from dft_ds.config import (SYNTHETIC_PROFILE, BatchPlan, Config, describe_fields, load_config, resolve_batch,
                            save_config, to_dict)
-from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, UserError
+from dft_ds.errors import (EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, EXIT_SAVE_FAILED,
+                           NonFiniteStop, SaveFailed, UserError)
 
 EXAMPLES = """\
 examples:
@@ -72,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             cfg = load_config(ns.config, ns.overrides)
-            rc, message = run(cfg), "stopped on request after saving a checkpoint"
+            rc = run(cfg)
+            message = {EXIT_NONFINITE: "stopped on a non-finite loss or gradient",
+                       EXIT_OUT_OF_MEMORY: "out of memory in a training step"}.get(
+                rc, "stopped on request after saving a checkpoint")
         except UserError as exc:
             print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
             rc, message = EXIT_BAD_INPUT, f"bad input: {exc}"
+        except SaveFailed as exc:
+            print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
+            rc, message = EXIT_SAVE_FAILED, str(exc)
         # torchrun reports every failed rank as 1; this note lets dft-launch pass on 75 or 2 instead.
         from dft_ds.launch import report_exit_code
 
@@ -147,8 +154,10 @@ def build_run(cfg: Config) -> Run:
 
     # Every rank checks before the rendezvous; rank 0 writes into the directory only after it.
     check_output_dir(cfg)
-    dist = eng.init_distributed()
-    resume = ckpt.find_resume(cfg.checkpoint.resume, os.path.join(cfg.train.output_dir, "checkpoints"))
+    dist = eng.init_distributed(cfg.train.comm_timeout_s)
+    warnings_ = []
+    resume = ckpt.find_resume(cfg.checkpoint.resume, os.path.join(cfg.train.output_dir, "checkpoints"),
+                              warnings_.append)
     train_cfg = cfg.train
     if resume is not None and train_cfg.global_batch_size is None:
         # Keep the saved global batch, so a resume on another world size continues with the same samples.
@@ -159,7 +168,6 @@ def build_run(cfg: Config) -> Run:
     model_config = mdl.load_model_config(cfg.model, tokenizer)
     data = build_train_data(cfg.data, tokenizer, cfg.train.seed)
     prints = ckpt.fingerprints(model_config, tokenizer, data.rows)
-    warnings_ = []
     if resume is not None:
         ckpt.check_compatible(resume, prints, to_dict(cfg), warnings_.append)
     check_run_fingerprints(cfg.train.output_dir, prints)
@@ -305,8 +313,17 @@ def run(cfg: Config) -> int:
                       save=save, save_every=cfg.checkpoint.every_steps, stop=stop,
                       stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(r),
                       eval_every=cfg.eval.every_steps, fused=r.fused, reference=r.reference,
-                      hist_every=cfg.logging.hist_every)
-    summary = trainer.train()
+                      hist_every=cfg.logging.hist_every, nonfinite=cfg.train.nonfinite,
+                      max_skipped=cfg.train.max_skipped_steps)
+    try:
+        summary = trainer.train()
+    except NonFiniteStop as exc:
+        return stop_nonfinite(r, exc, save, root, metrics, stop)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(f"dft-train: error: {out_of_memory_advice(r, exc)}", file=sys.stderr, flush=True)
+        return EXIT_OUT_OF_MEMORY
     if summary.preempted or cfg.checkpoint.save_final:
         save(summary.steps)
     metrics.close()
@@ -322,6 +339,49 @@ def run(cfg: Config) -> int:
         write_summary(summary, out, r.dist.world_size)
     r.engine.barrier()
     return 0
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    text = str(exc)
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower()
+            or "can't allocate memory" in text)
+
+
+def out_of_memory_advice(run: Run, exc: BaseException) -> str:
+    """What ran out, the current shape of a step, and the settings that make it smaller."""
+    from dft_ds.engine import zero_stage
+
+    cfg, stage = run.cfg, zero_stage(run.ds_config)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"out of memory in training step {run.sampler.step + 1} ({first}). A step here is "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} rows x data.max_length={cfg.data.max_length} tokens, "
+            f"ZeRO stage {stage}, model.gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()}, "
+            f"loss head {'fused' if run.fused else 'full logits'}. To fit: lower train.micro_batch_size (keep "
+            "train.global_batch_size: accumulation grows to match); lower data.max_length; set "
+            "model.gradient_checkpointing=true; use deepspeed.config=zero3, or zero3_offload to keep optimizer "
+            "states and parameters in host memory; keep loss.fused=auto (or lower loss.chunk_mb). "
+            "The last checkpoint is untouched.")
+
+
+def stop_nonfinite(run: Run, exc, save, root: str, metrics, stop) -> int:
+    """Save the last good state (when the current one is) and exit EXIT_NONFINITE, saying where it is."""
+    from dft_ds.checkpoint import find_resume
+
+    step = run.sampler.step
+    if exc.save:
+        save(step)
+    metrics.close()
+    stop.uninstall()
+    run.engine.barrier()
+    latest = find_resume("auto", root, lambda _m: None) if os.path.isdir(root) else None
+    where = f"the last good state is {latest.tag_dir} (step {latest.state['global_step']})" if latest else \
+        "no checkpoint holds a good state"
+    if run.dist.is_rank0:
+        print(f"dft-train: error: {exc}; {where}. Look at the data of that step, lower train.lr, or set "
+              "train.nonfinite=skip to step over isolated bad batches.", file=sys.stderr, flush=True)
+    return EXIT_NONFINITE
 
 
 def build_evaluator(run: Run):
@@ -350,10 +410,12 @@ def write_summary(summary, out: str, world_size: int) -> None:
     """summary.json over the whole run (all sessions of a resumed run) and the closing line."""
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
+    skipped = sum(r.get("skipped_steps", 0) for r in rows)
+    rows = [r for r in rows if r.get("loss") is not None]  # windows of skipped steps only
     first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
     result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
               "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": first, "last_loss": last,
-              "world_size": world_size, "output_dir": os.path.abspath(out)}
+              "skipped_steps": skipped, "world_size": world_size, "output_dir": os.path.abspath(out)}
     from dft_ds.checkpoint import write_atomic
 
     write_atomic(os.path.join(out, "summary.json"), json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""The training loop: train() -> train_step() -> forward_backward(). Short, split by verb.
+"""The training loop: train() -> train_step() -> forward_loss() + backward. Short, split by verb.
 
 Loss normalisation happens here: before a step's first backward, the target tokens of all its
 micro-batches on all ranks are counted (one all-reduce), and every micro-batch loss is divided by
@@ -8,6 +8,7 @@ that count. The gradient of a global batch then does not depend on how it is spl
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -17,7 +18,9 @@ from typing import Callable, Optional
 import torch
 
 from dft_ds.config import LossConfig
+from dft_ds.checkpoint import fault_here, inject_fault
 from dft_ds.data import IGNORE_INDEX, StepSampler, TrainData
+from dft_ds.errors import NonFiniteStop
 from dft_ds.loss import (DEFAULT_CHUNK_BUDGET_BYTES, HIST_BINS, LOW_PROB, LossParts, TokenWeight, compute_loss,
                          fused_linear_loss, token_weight)
 from dft_ds.metrics import NullMetrics  # noqa: F401  (re-exported for callers that log nothing)
@@ -34,12 +37,14 @@ class StepSums:
     tokens: int = 0
     low_prob: int = 0
     kl: float = 0.0
+    skipped: int = 0
     hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
 
     @classmethod
     def from_parts(cls, parts: LossParts, tokens: int) -> "StepSums":
-        return cls(float(parts.loss_sum), float(parts.nll_sum), float(parts.prob_sum), parts.tokens, tokens,
-                   parts.low_prob, parts.kl_sum, parts.hist.tolist())
+        return cls(loss=float(parts.loss_sum), nll=float(parts.nll_sum), prob=float(parts.prob_sum),
+                   targets=parts.tokens, tokens=tokens, low_prob=parts.low_prob, kl=parts.kl_sum,
+                   hist=parts.hist.tolist())
 
     def add(self, other: "StepSums") -> None:
         self.loss += other.loss
@@ -49,11 +54,12 @@ class StepSums:
         self.tokens += other.tokens
         self.low_prob += other.low_prob
         self.kl += other.kl
+        self.skipped += other.skipped
         self.hist = [a + b for a, b in zip(self.hist, other.hist)]
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.loss, self.nll, self.prob, self.targets, self.tokens, self.low_prob, self.kl,
-                             *self.hist], dtype=torch.float64)
+                             self.skipped, *self.hist], dtype=torch.float64)
 
 
 @dataclass
@@ -101,10 +107,11 @@ class Trainer:
                  log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
                  stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None,
                  evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0, fused: bool = False,
-                 reference=None, hist_every: int = 0):
+                 reference=None, hist_every: int = 0, nonfinite: str = "stop", max_skipped: int = 10):
         self.engine, self.data, self.sampler = engine, data, sampler
         self.fused, self.reference, self.hist_every = fused, reference, hist_every
         self._hist_due = hist_every  # the next step at or after which the histogram is written
+        self.nonfinite, self.max_skipped, self.skipped = nonfinite, max_skipped, 0
         self.stop_at_step = stop_at_step
         self.evaluate, self.eval_every = evaluate, eval_every
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
@@ -123,6 +130,12 @@ class Trainer:
                 summary.preempted = True
                 break
             window.add(sums)
+            norm = self.engine.grad_norm
+            if norm is not None and not math.isfinite(norm) and not sums.skipped:
+                # DeepSpeed has already applied the step (bf16/fp32 do not skip on overflow): the
+                # weights are no longer good, so this state must not be saved.
+                raise NonFiniteStop(f"gradient norm {norm} at step {step + 1}: the weights after this step are not "
+                                    "finite-trustworthy and are not saved", save=False)
             self.sampler.step = step + 1
             self.metrics.advance()
             if self.sampler.step % self.log_every == 0 or self.sampler.step == self.total_steps:
@@ -161,18 +174,44 @@ class Trainer:
         num_tokens = counts[0]
         weighting = self.weighting(self.sampler.step)
         sums = StepSums()
-        for batch in batches:
-            sums.add(self.forward_backward(batch, num_tokens, weighting))
+        for i, batch in enumerate(batches):
+            tokens = batch.pop("n_tokens")
+            loss, parts = self.forward_loss(batch, num_tokens, weighting)
+            # Sync point: every rank learns whether any rank's loss is not finite, before a NaN can
+            # reach the gradients (one more all-reduce of one number per micro-batch).
+            bad = not bool(torch.isfinite(loss.detach()).all())
+            if self.engine.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0:
+                del loss, parts
+                return self.nonfinite_loss(len(batches) - i)
+            self.engine.backward(loss)
+            sums.add(StepSums.from_parts(parts, tokens))
             self.engine.step()
         return sums
+
+    def nonfinite_loss(self, remaining: int) -> Optional[StepSums]:
+        """train.nonfinite: stop raises NonFiniteStop; skip runs the step's optimizer update at lr 0."""
+        step = self.sampler.step + 1
+        if self.nonfinite == "skip" and self.skipped < self.max_skipped:
+            self.skipped += 1
+            self.metrics.print(f"warning: non-finite loss at step {step}: step skipped (no weight changed; "
+                               f"{self.skipped} skipped so far)")
+            for _ in range(remaining):  # DeepSpeed's micro-step count reaches the boundary as usual
+                self.engine.null_backward()
+                if _ == remaining - 1:
+                    self.engine.zero_lr_for_this_step()
+                self.engine.step()
+            return StepSums(skipped=1)
+        why = (f"more than train.max_skipped_steps={self.max_skipped} steps skipped" if self.nonfinite == "skip"
+               else "train.nonfinite=stop")
+        raise NonFiniteStop(f"non-finite loss at step {step} ({why}); nothing of step {step} was applied")
 
     def weighting(self, step: int) -> TokenWeight:
         lo = self.loss
         return token_weight(lo.type, step=step, prob_floor=lo.prob_floor, alpha=lo.alpha, mix_start=lo.mix_start,
                             mix_end=lo.mix_end)
 
-    def forward_backward(self, batch: dict, num_tokens: torch.Tensor, weighting: TokenWeight) -> StepSums:
-        tokens = batch.pop("n_tokens")
+    def forward_loss(self, batch: dict, num_tokens: torch.Tensor, weighting: TokenWeight):
+        """(loss to back-propagate, LossParts) for one micro-batch."""
         kl_coef = self.loss.kl_coef if self.reference is not None else 0.0
         ref = self.reference.forward(batch, hidden=self.fused) if kl_coef > 0 else None
         if self.fused:
@@ -182,8 +221,12 @@ class Trainer:
             parts = compute_loss(weighting, logits, batch["labels"].to(logits.device),
                                  num_tokens=num_tokens.to(logits.device), ref_logits=ref, kl_coef=kl_coef)
             loss = parts.loss
-        self.engine.backward(loss)
-        return StepSums.from_parts(parts, tokens)
+        inject_fault("kill_in_step", self.sampler.step + 1)
+        if fault_here("oom", self.sampler.step + 1):
+            raise torch.OutOfMemoryError("injected by DFT_DS_FAULT=oom (a test of the out-of-memory path)")
+        if fault_here("nan_loss", self.sampler.step + 1):
+            loss = loss * float("nan")
+        return loss, parts
 
     def _fused_forward(self, batch, num_tokens, weighting, ref_hidden, kl_coef):
         """Hidden states -> chunked head + loss inside the model's forward (ZeRO-3 gathers the head)."""
@@ -205,13 +248,15 @@ class Trainer:
 
     def maybe_log(self, step: int, window: StepSums, seconds: float, lr: float) -> dict:
         """Reduce the window's sums over ranks (all ranks take part) and hand them to rank 0's logger."""
-        loss, nll, prob, targets, tokens, low, kl, *hist = self.engine.all_reduce_sum(window.as_tensor()).tolist()
-        targets = max(targets, 1.0)
+        loss, nll, prob, targets, tokens, low, kl, skipped, *hist = self.engine.all_reduce_sum(window.as_tensor()).tolist()
+        skipped /= self.engine.dist.world_size  # every rank counts the same skipped step
+        # A window of skipped steps only has no targets: its per-token figures are null, not 0.
+        per_token = (lambda x: x / targets) if targets else (lambda x: None)
         record = {
-            "loss": loss / targets,
-            "nll": nll / targets,
-            "mean_token_prob": prob / targets,
-            "low_prob_share": low / targets,  # share of target tokens with p < LOW_PROB
+            "loss": per_token(loss),
+            "nll": per_token(nll),
+            "mean_token_prob": per_token(prob),
+            "low_prob_share": per_token(low),  # share of target tokens with p < LOW_PROB
             "lr": lr,
             "grad_norm": self.engine.grad_norm,
             "tokens": int(tokens),
@@ -219,7 +264,9 @@ class Trainer:
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         }
         if self.reference is not None:
-            record["kl_ref"] = kl / targets
+            record["kl_ref"] = per_token(kl)
+        if skipped:
+            record["skipped_steps"] = int(round(skipped))
         if self.hist_every and step >= self._hist_due:
             record["prob_hist"] = [int(c) for c in hist]
             self._hist_due = (step // self.hist_every + 1) * self.hist_every
