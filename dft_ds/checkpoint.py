@@ -171,6 +171,16 @@ def _os_reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _space_note(path: str) -> str:
+    """torch reports a full disk as a failed write position; the free space says what happened."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return ""
+    full = " -- the disk is full" if free < (16 << 20) else ""
+    return f" ({free / (1 << 20):.1f} MiB free on the file system of {path}{full})"
+
+
 class Checkpointer:
     """Saves `step-<N>` checkpoints; every rank calls save(), rank 0 finishes it."""
 
@@ -193,7 +203,7 @@ class Checkpointer:
             # its peers fail at their next collective. `latest` is untouched, so it still names the last
             # complete checkpoint; the partial directory has no state file and is never resumed from.
             raise SaveFailed(f"writing checkpoint {tag_dir} failed on rank {self.engine.dist.rank}: "
-                             f"{_os_reason(exc)}; {self._latest_text()}") from None
+                             f"{_os_reason(exc)}{_space_note(self.root)}; {self._latest_text()}") from None
         inject_fault("kill_after_shards", step)
         # Sync point: every rank's shards are on disk before the checkpoint is declared complete.
         self.engine.barrier()
@@ -203,7 +213,7 @@ class Checkpointer:
                 state = {**state, "files": file_manifest(tag_dir)}
                 write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=2))
             except OSError as exc:
-                raise SaveFailed(f"writing checkpoint {tag_dir} failed: {_os_reason(exc)}; "
+                raise SaveFailed(f"writing checkpoint {tag_dir} failed: {_os_reason(exc)}{_space_note(self.root)}; "
                                  f"{self._latest_text()}") from None
             write_atomic(os.path.join(self.root, LATEST), tag + "\n")
             self.rotate(tag)
