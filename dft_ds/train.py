@@ -30,6 +30,7 @@ examples:
   dft-train configs/qwen2.5-math-1.5b_numina.yaml train.output_dir=runs/q15
   deepspeed --num_gpus 8 --module dft_ds.train CONFIG.yaml loss.type=sft
   torchrun --nproc-per-node 2 -m dft_ds.train train.max_steps=20
+  dft-train --check CONFIG.yaml --world-size 8   # validate everything and print the plan; writes nothing
 """
 
 
@@ -43,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an optional YAML config file first, then any number of overrides")
     # The deepspeed launcher appends --local_rank=N; torchrun and srun pass it in the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--check", action="store_true",
+                        help="validate config, data, tokenizer/model and DeepSpeed config, print the plan (samples, "
+                             "tokens, steps, per-rank memory estimate) and exit 0, or 2 on bad input; writes nothing")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --check: the number of ranks to plan for (default: $WORLD_SIZE or 1)")
     ns = parser.parse_args(argv)
     ns.config, ns.overrides = None, []
     for i, item in enumerate(ns.args):
@@ -70,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
+    if ns.check:
+        from dft_ds.doctor import check
+
+        try:
+            check(load_config(ns.config, ns.overrides), ns.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        except UserError as exc:
+            print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        return 0
     try:
         try:
             cfg = load_config(ns.config, ns.overrides)
