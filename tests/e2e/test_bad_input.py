@@ -117,3 +117,47 @@ def test_deepspeed_config_that_contradicts_the_run(tmp_path):
     proc = train(tmp_path, f"deepspeed.config={ds}", "data.synthetic_size=100", f"train.output_dir={out}")
     assert_bad_input(proc, "'train_micro_batch_size_per_gpu' is 16 but the run config gives 4")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- the rest of the bad-input matrix
+
+@pytest.mark.parametrize("rows, needles", [
+    ([{"prompt": "a", "response": 7}], ["d.jsonl:1", "response"]),                 # wrong field type
+    ([{"prompt": ["a"], "response": "b"}], ["d.jsonl:1", "prompt"]),               # wrong field type
+    ([{"prompt": "a", "response": ""}], ["d.jsonl:1", "response"]),                # empty response
+    ([{"prompt": "a", "response": "   "}], ["d.jsonl:1", "response"]),             # blank response
+], ids=["int-response", "list-prompt", "empty-response", "blank-response"])
+def test_bad_rows_name_file_line_and_field(tmp_path, rows, needles):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD[:3] + rows)
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"data.source={data}", f"train.output_dir={out}")
+    assert_bad_input(proc, *[n.replace("d.jsonl:1", f"{data}:4") for n in needles])
+    assert not out.exists()
+
+
+def test_mistyped_value_and_unknown_key_on_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    proc = train(tmp_path, "train.max_steps=ten", "loss.prob_flor=0.1", f"train.output_dir={out}")
+    assert_bad_input(proc, "train.max_steps: expected", "unknown key 'loss.prob_flor'", "did you mean 'loss.prob_floor'")
+    assert not out.exists()
+
+
+def test_model_that_needs_remote_code_is_refused(tmp_path):
+    model_dir = tmp_path / "remote"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "dft-ds-remote-test", "architectures": ["RemoteLM"],
+        "auto_map": {"AutoConfig": "configuration_remote.RemoteConfig",
+                     "AutoModelForCausalLM": "modeling_remote.RemoteLM"}}))
+    # The code it would run: must never execute without model.trust_remote_code=true.
+    marker = tmp_path / "executed"
+    (model_dir / "configuration_remote.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    from transformers import AutoTokenizer
+
+    from dft_ds import synthetic
+
+    AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path / "cache")).save_pretrained(model_dir)
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"model.name_or_path={model_dir}", f"train.output_dir={out}")
+    assert_bad_input(proc, "needs its own code to run", "model.trust_remote_code=true")
+    assert not marker.exists() and not out.exists()
