@@ -28,5 +28,6 @@ setup(
     ],
     extras_require={"test": ["pytest>=8,<10"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
-                                      "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main"]},
+                                      "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
+                                      "dft-plan=dft_ds.plan:main"]},
 )
