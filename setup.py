@@ -26,7 +26,7 @@ setup(
         "pyarrow>=14,<30",
         "psutil>=5.9,<8",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10"], "peer": ["trl>=1.10,<2"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
                                       "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
                                       "dft-plan=dft_ds.plan:main"]},
