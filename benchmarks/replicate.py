@@ -102,9 +102,13 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--eval-problems", type=int, default=100)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--report-only", type=float, default=None, metavar="MINUTES",
+                        help="rewrite results.* from an existing --out (the pipeline's wall time in minutes)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out = os.path.abspath(args.out)
+    if args.report_only is not None:
+        return report(out, seeds, args, args.report_only * 60)
     if os.path.exists(out) and os.listdir(out):
         sys.exit(f"{out} exists and is not empty; choose a new --out")
     os.makedirs(out, exist_ok=True)
@@ -128,11 +132,19 @@ def main() -> None:
             runs[(loss, seed)] = run_dir
 
     print("3. evaluate", flush=True)
-    results = {"base": [evaluate(args, f"{base}/hf", os.path.join(out, "eval-base"))]}
+    evaluate(args, f"{base}/hf", os.path.join(out, "eval-base"))
     for (loss, seed), run_dir in runs.items():
-        results.setdefault(loss, []).append(evaluate(args, f"{run_dir}/hf", os.path.join(out, f"eval-{loss}-seed{seed}")))
+        evaluate(args, f"{run_dir}/hf", os.path.join(out, f"eval-{loss}-seed{seed}"))
+    report(out, seeds, args, time.perf_counter() - start)
 
-    summary = summarise(results, seeds, args, runs, time.perf_counter() - start)
+
+def report(out: str, seeds: list[int], args, seconds: float) -> None:
+    """Read every eval-*/results.json and run's metrics back; write results.{md,json,png}."""
+    runs = {(loss, seed): os.path.join(out, f"{loss}-seed{seed}") for seed in seeds for loss in ("sft", "dft")}
+    results = {"base": [json.load(open(os.path.join(out, "eval-base", "results.json")))]}
+    for (loss, seed) in runs:
+        results.setdefault(loss, []).append(json.load(open(os.path.join(out, f"eval-{loss}-seed{seed}", "results.json"))))
+    summary = summarise(results, seeds, args, runs, seconds)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     table = markdown(summary)
@@ -140,7 +152,7 @@ def main() -> None:
         fh.write(table)
     plot(summary, runs, seeds, os.path.join(out, "results.png"))
     print(table)
-    print(f"wrote {out}/results.md, results.json, results.png in {(time.perf_counter() - start) / 60:.1f} min")
+    print(f"wrote {out}/results.md, results.json, results.png")
 
 
 def summarise(results: dict, seeds: list[int], args, runs: dict, seconds: float) -> dict:
@@ -149,8 +161,12 @@ def summarise(results: dict, seeds: list[int], args, runs: dict, seconds: float)
         table[model] = {}
         for bench in BENCHMARKS:
             values = [100 * e["benchmarks"][bench]["avg_at_k"] for e in evals]
+            # Samples that end in an extractable answer: the format held, right or wrong.
+            answered = [100 * (1 - e["benchmarks"][bench]["no_answer"] / (e["benchmarks"][bench]["problems"] * args.samples))
+                        for e in evals]
             table[model][bench] = {"mean": statistics.mean(values),
-                                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values}
+                                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "per_seed": values,
+                                   "answered_mean": statistics.mean(answered), "answered_per_seed": answered}
     final = {f"{loss}-seed{seed}": read_metrics(run)[-1] for (loss, seed), run in runs.items()}
     return {"avg_at_k": table, "k": args.samples, "problems": args.eval_problems, "seeds": seeds,
             "final_training_metrics": {k: {m: v.get(m) for m in ("loss", "nll", "mean_token_prob")}
@@ -171,6 +187,18 @@ def markdown(summary: dict) -> str:
             per = ", ".join(f"{v:.1f}" for v in c["per_seed"])
             cells.append(f"{c['mean']:.1f}" if model == "base" else f"{c['mean']:.1f} ± {c['sd']:.1f} [{per}]")
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    lines += ["", f"Samples that end in an extractable `\\boxed{{}}` answer (%, right or wrong), mean [per seed]:", "",
+              "| model | in-domain | out-of-domain |", "|---|---|---|"]
+    for model, label in (("base", "base"), ("sft", "SFT"), ("dft", "DFT")):
+        cells = []
+        for bench in BENCHMARKS:
+            c = summary["avg_at_k"][model][bench]
+            cells.append(f"{c['answered_mean']:.1f} [" + ", ".join(f"{v:.1f}" for v in c["answered_per_seed"]) + "]")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    fm = summary["final_training_metrics"]
+    lines += ["", "Last logged training step (NLL of the fine-tuning targets; mean target-token probability):", ""]
+    for key in sorted(fm):
+        lines.append(f"- {key}: NLL {fm[key]['nll']:.3f}, mean p {fm[key]['mean_token_prob']:.3f}")
     lines += ["", f"Wall time for the whole pipeline: {summary['minutes']} min.", ""]
     return "\n".join(lines)
 
