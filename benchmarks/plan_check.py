@@ -88,11 +88,11 @@ def main() -> None:
             base = peak_rss(empty, ranks, args.steps, os.path.join(work, f"empty-{ranks}"))
             full = peak_rss(big, ranks, args.steps, os.path.join(work, f"big-{ranks}"))
             measured = full - base
-            est = estimate_memory(n, config, 3, ranks, "fp32", 2 * 512, False, True, 128, False)
+            est = estimate_memory(n, config, 3, ranks, "fp32", 2 * 512, False, True, 128, False, torch_adam=True)
             error = (est.total - measured) / measured
             rows.append({"ranks": ranks, "measured": measured, "estimate": est.total, "error": error,
                          "parts": {k: getattr(est, k) for k in ("params", "grads", "optimizer", "activations",
-                                                                "loss_head")}})
+                                                                "loss_head", "working_set")}})
             print(f"{ranks:>5} {measured / MIB:>13.0f} {est.total / MIB:>13.0f} {100 * error:>6.0f}%", flush=True)
     print(json.dumps(rows))
 

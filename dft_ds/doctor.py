@@ -27,20 +27,30 @@ class MemoryEstimate:
     optimizer: float
     activations: float
     loss_head: float
+    working_set: float = 0.0  # ZeRO-3's gathered parameters in flight; optimizer temporaries
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.loss_head
+        return self.params + self.grads + self.optimizer + self.activations + self.loss_head + self.working_set
+
+
+# DeepSpeed's stage3_max_live_parameters in ds_configs/zero3*.json: how many gathered parameters ZeRO-3
+# may keep in flight between uses (it releases them only past stage3_max_reuse_distance).
+ZERO3_MAX_LIVE = 1e9
 
 
 def estimate_memory(n_params: int, config, stage: int, world: int, precision: str, tokens_per_micro: int,
-                    checkpointing: bool, fused: bool, chunk_mb: int, offload: bool) -> MemoryEstimate:
+                    checkpointing: bool, fused: bool, chunk_mb: int, offload: bool,
+                    torch_adam: bool = False) -> MemoryEstimate:
     """Per-rank bytes on the accelerator (on CPU: host memory) of one training step.
 
     Weights and gradients in the training precision; AdamW keeps two fp32 moments, plus an fp32
     master copy when training in 16 bits. ZeRO-3 shards all three over ranks, ZeRO-2 the gradients
     and optimizer states, ZeRO-1 the optimizer states. Offload moves optimizer states (and under
-    ZeRO-3 the parameters) to host memory. Activations: about 34 x hidden bytes per token per layer
+    ZeRO-3 the parameters) to host memory. ZeRO-3 also keeps gathered parameters in flight, up to
+    stage3_max_live_parameters of them (all of a model below 1e9 parameters). `torch_adam` (the CPU
+    path; GPUs use DeepSpeed's fused Adam) adds the foreach implementation's temporaries, about two
+    fp32 copies of the rank's partition. Activations: about 34 x hidden bytes per token per layer
     in 16 bits with a fused attention kernel (Korthikanti et al., 2022), twice that in fp32; with
     checkpointing only each layer's input is kept, plus one layer's full activations.
     """
@@ -60,7 +70,10 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
         loss_head = (chunk_mb << 20) + 4 * vocab * hidden  # one chunk of fp32 logits + the fp32 head gradient
     else:
         loss_head = 3 * 4 * tokens_per_micro * vocab     # logits, log-softmax and its gradient, fp32
-    return MemoryEstimate(params, grads, optimizer, activations, loss_head)
+    working = b * min(n_params, ZERO3_MAX_LIVE) if stage == 3 else 0.0
+    if torch_adam and not offload:
+        working += 2 * 4 * n_params / shard[2]
+    return MemoryEstimate(params, grads, optimizer, activations, loss_head, working)
 
 
 def count_parameters(model_config) -> int:
@@ -125,7 +138,7 @@ def check(cfg: Config, world_size: int, print_=print) -> None:
     n_params = count_parameters(model_config)
     mem = estimate_memory(n_params, model_config, stage, world_size, precision,
                           plan.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing, fused,
-                          cfg.loss.chunk_mb, offload)
+                          cfg.loss.chunk_mb, offload, torch_adam=on_cpu)
     ref = ""
     if cfg.loss.type == "asft" and cfg.loss.kl_coef > 0:
         b = 2 if precision in ("bf16", "fp16") else 4
@@ -142,7 +155,8 @@ def check(cfg: Config, world_size: int, print_=print) -> None:
         f"  loss: {cfg.loss.type} ({'fused head' if fused else 'full logits'}); precision {precision}; "
         f"DeepSpeed ZeRO-{stage}{' with offload' if offload else ''}",
         f"  memory per rank (rough): {mem.total / GIB:.2f} GiB = parameters {mem.params / GIB:.2f} + gradients "
-        f"{mem.grads / GIB:.2f} + optimizer {mem.optimizer / GIB:.2f} + activations {mem.activations / GIB:.2f} "
+        f"{mem.grads / GIB:.2f} + optimizer {mem.optimizer / GIB:.2f} + working set {mem.working_set / GIB:.2f} + "
+        f"activations {mem.activations / GIB:.2f} "
         f"+ loss head {mem.loss_head / GIB:.2f}{ref}",
     ]
     lines += [f"  warning: {w}" for w in warnings]

@@ -77,7 +77,7 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
                 fits = 0 if one.total / GIB > budget else 1 + int((budget * GIB - one.total) // max(per_row, 1))
                 rows.append(Row(name, ckpt, fused, one.total / GIB,
                                 {k: getattr(one, k) / GIB for k in ("params", "grads", "optimizer", "activations",
-                                                                    "loss_head")}, fits))
+                                                                    "loss_head", "working_set")}, fits))
     return rows
 
 
@@ -85,12 +85,12 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
     lines = [f"{n_params / 1e9:.2f}B parameters; {world} GPUs of {gpu_gib:g} GiB ({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
              "tokens. GiB per GPU at micro batch 1:", "",
-             "| strategy | checkpointing | loss head | params | grads | optimizer | activations | loss head | total "
-             "| largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
+             "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r.parts
         lines.append(f"| {r.strategy} | {'on' if r.checkpointing else 'off'} | {'fused' if r.fused else 'full logits'} "
-                     f"| {p['params']:.2f} | {p['grads']:.2f} | {p['optimizer']:.2f} | {p['activations']:.2f} | "
+                     f"| {p['params']:.2f} | {p['grads']:.2f} | {p['optimizer']:.2f} | {p['working_set']:.2f} | {p['activations']:.2f} | "
                      f"{p['loss_head']:.2f} | {r.per_gpu_gib:.2f} | {r.max_micro_batch or 'does not fit'} |")
     return "\n".join(lines)
 
