@@ -7,7 +7,7 @@ Both runs: the same tiny Llama (saved once, same initial weights), the same prom
 through the same chat template, prompt tokens masked, no packing, rows of at most 512 tokens,
 micro batch 4 per rank x 2 ranks = global 8, one epoch, AdamW (lr 1e-3, betas 0.9/0.95, weight
 decay 0.01), cosine schedule with 10% warmup, gradient clipping 1.0, fp32, DeepSpeed ZeRO-3 on
-gloo, started by torchrun. Pure DFT (no probability floor: TRL has none).
+gloo; dft-train started by torchrun, TRL by `accelerate launch` (its own launcher). Pure DFT (no probability floor: TRL has none).
 
 Reported: training tokens/s (dft-train: summary.json; TRL: the dataset's real tokens over its
 train_runtime), wall time including start-up, peak RSS of the largest rank, and the two loss curves
@@ -45,11 +45,11 @@ ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": r["prom
                                   "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
 tok = AutoTokenizer.from_pretrained(model_dir)
 args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=%(micro)d, gradient_accumulation_steps=1,
-                 num_train_epochs=1, learning_rate=%(lr)r, lr_scheduler_type="cosine", warmup_ratio=%(warmup)r,
+                 num_train_epochs=1, learning_rate=%(lr)r, lr_scheduler_type="cosine", warmup_steps=%(warmup)r,
                  weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0,
                  logging_steps=1, report_to=[], save_strategy="no", max_length=%(max_len)d, packing=False,
                  loss_type="dft", completion_only_loss=True, bf16=False, fp16=False, seed=42,
-                 deepspeed=ds_config, dataloader_drop_last=True, disable_tqdm=True)
+                 dataloader_drop_last=True, disable_tqdm=True, use_cpu=True)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 result = trainer.train()
@@ -86,19 +86,22 @@ def timed(cmd: list[str], log: str) -> tuple[float, int]:
     return wall, rss
 
 
-def prepare(work: str, samples: int) -> tuple[str, str]:
+def prepare(work: str, samples: int, model: str | None) -> tuple[str, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dft_ds import synthetic
 
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
-    torch.manual_seed(0)
-    config = synthetic.tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                         pad_token_id=tok.pad_token_id)
-    model_dir = os.path.join(work, "model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    if model:
+        model_dir = model
+    else:
+        tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
+        torch.manual_seed(0)
+        config = synthetic.tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id)
+        model_dir = os.path.join(work, "model")
+        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
     data = os.path.join(work, "data.jsonl")
     with open(data, "w", encoding="utf-8") as fh:
         for ex in synthetic.generate_examples(samples, 7, "train"):
@@ -130,8 +133,10 @@ def run_trl(args, work: str, model_dir: str, data: str, i: int) -> dict:
         fh.write(TRL_SCRIPT)
     with open(ds, "w") as fh:
         json.dump(DS_CONFIG, fh)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
-           f"--master-port={free_port()}", script, model_dir, data, out, ds]
+    # accelerate's launcher: under plain torchrun on CPU, accelerate's state saw one process.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(args.ranks), "--num_machines",
+           "1", "--main_process_port", str(free_port()), "--use_deepspeed", "--deepspeed_config_file", ds,
+           "--mixed_precision", "no", script, model_dir, data, out, ds]
     wall, rss = timed(cmd, out + ".log")
     res = json.load(open(os.path.join(out, "peer_result.json")))
     return {"wall": wall, "rss": rss, "tokens_per_s": res["tokens"] / res["train_runtime"], "losses": res["losses"],
@@ -144,6 +149,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None, help="also keep the loss curves and plot here")
+    parser.add_argument("--model", default=None,
+                        help="a Hugging Face directory of the tiny Llama to start from (default: random init; pure DFT "
+                             "from random init collapses, so e.g. the base of benchmarks/replicate.py is the better test)")
     args = parser.parse_args()
     try:
         import trl  # noqa: F401
@@ -151,7 +159,7 @@ def main() -> None:
         sys.exit("TRL is not installed: .venv/bin/pip install 'trl>=1.10,<2' (or pip install -e '.[peer]')")
     results = {"dft-train": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="peer_bench-") as work:
-        model_dir, data = prepare(work, args.samples)
+        model_dir, data = prepare(work, args.samples, args.model)
         for i in range(args.repeat):
             results["dft-train"].append(run_ours(args, work, model_dir, data, i))
             results["trl"].append(run_trl(args, work, model_dir, data, i))
@@ -167,9 +175,14 @@ def main() -> None:
     a, b = dict(results["dft-train"][0]["losses"]), dict(results["trl"][0]["losses"])
     common = sorted(set(a) & set(b))
     diffs = [abs(a[s] - b[s]) / max(abs(b[s]), 1e-12) for s in common]
-    print(f"loss curves: {len(common)} common steps; relative difference median {statistics.median(diffs):.4f}, "
-          f"max {max(diffs):.4f}; first {a[common[0]]:.4f} vs {b[common[0]]:.4f}, last {a[common[-1]]:.4f} vs "
-          f"{b[common[-1]]:.4f}")
+
+    def smooth(curve, w=10):  # the two samplers order the same rows differently: compare trends
+        return [statistics.mean(curve[max(0, i - w + 1):i + 1]) for i in range(len(curve))]
+    sa, sb = smooth([a[s] for s in common]), smooth([b[s] for s in common])
+    sdiffs = [abs(x - y) / max(abs(y), 1e-12) for x, y in zip(sa, sb)]
+    print(f"loss curves: {len(common)} common steps; step 1: {a[common[0]]:.5f} vs {b[common[0]]:.5f}; "
+          f"per-step relative difference median {statistics.median(diffs):.3f}; 10-step moving average: median "
+          f"{statistics.median(sdiffs):.3f}, max {max(sdiffs):.3f}; last {sa[-1]:.5f} vs {sb[-1]:.5f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "peer_bench.json"), "w") as fh:
