@@ -7,7 +7,7 @@ NPROC  ?= 2
 OUT    ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 BIN    := $(VENV)/bin
 
-.PHONY: venv run test test-fast test-slurm docs clean
+.PHONY: venv run test test-fast test-slurm replicate docs clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ test-fast: venv
 
 test-slurm: venv
 	$(BIN)/python -m pytest tests/slurm -q -ra
+
+replicate: venv
+	$(BIN)/python benchmarks/replicate.py --out runs/replicate-$(shell date +%Y%m%d-%H%M%S) --pretrain-epochs 2
 
 docs: venv
 	$(BIN)/python -m dft_ds.config --markdown > docs/configuration.md
