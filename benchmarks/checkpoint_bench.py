@@ -10,7 +10,6 @@ torch.save of a state dict holding the same number of fp32 parameters (model wei
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 

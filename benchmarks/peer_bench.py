@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +27,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+from benchmarks.common import free_port, run_peak_rss  # noqa: E402
+
 LR, WARMUP, MAX_LEN, MICRO = 1e-3, 0.1, 512, 4
 
 TRL_SCRIPT = r'''
@@ -68,21 +66,15 @@ DS_CONFIG = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def timed(cmd: list[str], log: str) -> tuple[float, int]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], cwd=REPO, capture_output=True, text=True)
+    proc, rss = run_peak_rss(cmd)
     wall = time.perf_counter() - start
     with open(log, "w", encoding="utf-8") as fh:
         fh.write(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{(proc.stdout + proc.stderr)[-3000:]}")
-    rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXRSS")))
     return wall, rss
 
 

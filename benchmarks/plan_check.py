@@ -14,23 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+from benchmarks.common import free_port, run_peak_rss  # noqa: E402
+
 MIB = 1 << 20
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_dir(work: str, name: str, hidden: int, layers: int, vocab: int) -> tuple[str, object]:
@@ -54,16 +47,16 @@ def model_dir(work: str, name: str, hidden: int, layers: int, vocab: int) -> tup
 
 
 def peak_rss(path: str, ranks: int, steps: int, out: str) -> int:
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", "-m", "dft_ds.train", f"train.output_dir={out}",
            f"model.name_or_path={path}", "data.max_length=512", "train.micro_batch_size=2",
            "train.gradient_accumulation_steps=1", f"train.max_steps={steps}", "train.precision=fp32",
            "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_final=false",
            "data.synthetic_size=600"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc, rss = run_peak_rss(cmd)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
-    return int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXRSS")))
+    return rss
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,13 +32,10 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.common import free_port  # noqa: E402
+
 BENCHMARKS = ("synthetic", "synthetic-ood")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sh(cmd: list[str], log_path: str) -> None:
@@ -187,7 +183,7 @@ def markdown(summary: dict) -> str:
             per = ", ".join(f"{v:.1f}" for v in c["per_seed"])
             cells.append(f"{c['mean']:.1f}" if model == "base" else f"{c['mean']:.1f} ± {c['sd']:.1f} [{per}]")
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    lines += ["", f"Samples that end in an extractable `\\boxed{{}}` answer (%, right or wrong), mean [per seed]:", "",
+    lines += ["", "Samples that end in an extractable `\\boxed{}` answer (%, right or wrong), mean [per seed]:", "",
               "| model | in-domain | out-of-domain |", "|---|---|---|"]
     for model, label in (("base", "base"), ("sft", "SFT"), ("dft", "DFT")):
         cells = []

@@ -13,22 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
+from benchmarks.common import free_port, run_peak_rss  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_100m(work: str) -> str:
@@ -52,15 +45,14 @@ def model_100m(work: str) -> str:
 
 
 def cell(model: list[str], ranks: int, length: int, steps: int, out: str) -> dict:
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", "-m", "dft_ds.train", f"train.output_dir={out}", *model,
            f"data.max_length={length}", "train.micro_batch_size=1", "train.gradient_accumulation_steps=1",
            f"train.max_steps={steps}", "train.precision=fp32", "logging.progress_bar=false",
            "logging.tensorboard=false", "checkpoint.save_final=false", "data.synthetic_size=3000"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc, rss = run_peak_rss(cmd)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXRSS")))
     summary = json.load(open(os.path.join(out, "summary.json")))
     return {"tokens_per_s": summary["tokens_per_s"], "rss_mib": rss / 2**20}
 

@@ -18,27 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.common import free_port, run_peak_rss  # noqa: E402
 
 # Runs the launcher as its child and prints the largest descendant's peak RSS once it is reaped.
-WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def model_with_vocab(vocab: int, workdir: str) -> list[str]:
-    sys.path.insert(0, REPO)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,16 +52,15 @@ def model_with_vocab(vocab: int, workdir: str) -> list[str]:
 
 def one_run(args, fused: str, workdir: str, index: int) -> dict:
     out = os.path.join(workdir, f"run-{fused}-{index}")
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "torch.distributed.run",
+    cmd = [sys.executable, "-m", "torch.distributed.run",
            f"--nproc-per-node={args.ranks}", f"--master-port={free_port()}", "-m", "dft_ds.train",
            f"train.output_dir={out}", f"train.max_steps={args.steps}", f"loss.fused={fused}",
            "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_final=false", *args.overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc, rss = run_peak_rss(cmd)
     if proc.returncode != 0:
         sys.exit(f"run failed (loss.fused={fused}):\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
-    rss = int(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("MAXRSS")))
     return {"tokens_per_s": summary["tokens_per_s"], "max_rank_rss": rss, "last_loss": summary["last_loss"]}
 
 

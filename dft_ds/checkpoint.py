@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -246,15 +247,25 @@ class Checkpointer:
 # Resuming
 
 
-@dataclass
-class ResumePoint:
-    root: str
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One complete tag directory `root/tag` with its dft_state.json: what resume and dft-convert use."""
+
+    root: str | os.PathLike
     tag: str
     state: dict[str, Any]
 
     @property
+    def path(self) -> Path:
+        return Path(self.root) / self.tag
+
+    @property
     def tag_dir(self) -> str:
-        return os.path.join(self.root, self.tag)
+        return str(self.path)
+
+    @property
+    def hf_config(self) -> Path:
+        return self.path / HF_META
 
 
 def read_state(tag_dir: str) -> dict[str, Any]:
@@ -262,7 +273,7 @@ def read_state(tag_dir: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning) -> Optional[ResumePoint]:
+def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning) -> Optional[CheckpointRef]:
     """The checkpoint to resume from: `auto` looks in this run, a path names one; None starts fresh.
 
     `auto` (or a checkpoints/ directory) skips a `latest` that is incomplete or damaged for the newest
@@ -289,7 +300,7 @@ def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] 
             os.path.join(root, name), read_state(os.path.join(root, name)))]
         hint = f"; the newest intact one beside it is {os.path.join(root, older[-1])}" if older else ""
         raise CheckpointError(f"checkpoint.resume: {path} is damaged: {damage}{hint}")
-    return ResumePoint(os.path.dirname(path), os.path.basename(path), state)
+    return CheckpointRef(os.path.dirname(path), os.path.basename(path), state)
 
 
 def _complete_tags(root: str) -> list[tuple[int, str]]:
@@ -297,7 +308,7 @@ def _complete_tags(root: str) -> list[tuple[int, str]]:
                   if (m := TAG_RE.match(name)) and is_complete(os.path.join(root, name)))
 
 
-def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[ResumePoint]:
+def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[CheckpointRef]:
     latest_file = os.path.join(root, LATEST)
     if not os.path.isfile(latest_file):
         return None
@@ -316,13 +327,13 @@ def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[ResumePoi
         if damage is None:
             if name != latest:
                 warn(f"resuming from {tag_dir} instead of '{LATEST}' ({latest})")
-            return ResumePoint(root, name, state)
+            return CheckpointRef(root, name, state)
         warn(f"{tag_dir} is damaged, skipped: {damage}")
     raise CheckpointError(f"{os.path.join(root, latest)}: '{LATEST}' names it but it is incomplete or damaged, and "
                           "no older intact checkpoint exists; use checkpoint.resume=none with a new train.output_dir")
 
 
-def check_compatible(point: ResumePoint, current: dict[str, str], config: dict[str, Any], warn) -> None:
+def check_compatible(point: CheckpointRef, current: dict[str, str], config: dict[str, Any], warn) -> None:
     """Refuse a resume whose model, tokenizer or data changed; warn about other changed settings."""
     saved = point.state["fingerprints"]
     changed = [k for k in ("model", "tokenizer", "data") if saved.get(k) != current.get(k)]
@@ -339,7 +350,7 @@ def check_compatible(point: ResumePoint, current: dict[str, str], config: dict[s
                 warn(f"resume: {section}.{key} changed from {before!r} to {value!r}")
 
 
-def ensure_universal(point: ResumePoint, is_rank0: bool, barrier: Callable[[], None]) -> str:
+def ensure_universal(point: CheckpointRef, is_rank0: bool, barrier: Callable[[], None]) -> str:
     """Convert to DeepSpeed's universal format once (cached beside the original); returns its tag."""
     tag = f"{point.tag}_universal"
     out = os.path.join(point.root, tag)
@@ -356,7 +367,7 @@ def ensure_universal(point: ResumePoint, is_rank0: bool, barrier: Callable[[], N
     return tag
 
 
-def load_rng(point: ResumePoint, rank: int) -> None:
+def load_rng(point: CheckpointRef, rank: int) -> None:
     path = os.path.join(point.tag_dir, "rng", f"rank{rank}.pt")
     if os.path.isfile(path):  # a rank that did not exist in the saved world keeps its seeded state
         set_rng_state(torch.load(path, weights_only=True))

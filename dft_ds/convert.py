@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from dft_ds.checkpoint import HF_META, LATEST, STATE_FILE
+from dft_ds.checkpoint import HF_META, LATEST, STATE_FILE, CheckpointRef
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
 
 EXIT_VERIFY_FAILED = 1
@@ -61,23 +61,6 @@ class VerificationFailed(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # Finding the checkpoint
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    """One complete tag directory: `root/tag`, with its dft_state.json."""
-
-    root: Path
-    tag: str
-    state: dict[str, Any]
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.tag
-
-    @property
-    def hf_config(self) -> Path:
-        return self.path / HF_META
 
 
 def resolve_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> CheckpointRef:

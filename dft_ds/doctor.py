@@ -76,14 +76,22 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     return MemoryEstimate(params, grads, optimizer, activations, loss_head, working)
 
 
-def count_parameters(model_config) -> int:
+def meta_model(model_config):
+    """The model class built on the meta device: shapes and structure, no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def count_parameters(model_or_config) -> int:
+    """Parameters of a model (or of the model a config describes), tied weights counted once."""
+    import torch
+
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else meta_model(model_or_config)
     seen, total = set(), 0
-    for p in model.parameters():  # tied weights once
+    for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
@@ -128,14 +136,10 @@ def check(cfg: Config, world_size: int, print_=print) -> None:
     stage = eng.zero_stage(ds_config)
     offload = "offload_optimizer" in ds_config.get("zero_optimization", {})
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(model_config)
+    model = meta_model(model_config)
     warnings = []
-    fused = choose_fused_head(cfg, meta_model, warnings.append)
-    n_params = count_parameters(model_config)
+    fused = choose_fused_head(cfg, model, warnings.append)
+    n_params = count_parameters(model)
     mem = estimate_memory(n_params, model_config, stage, world_size, precision,
                           plan.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing, fused,
                           cfg.loss.chunk_mb, offload, torch_adam=on_cpu)

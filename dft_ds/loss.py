@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 

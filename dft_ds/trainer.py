@@ -21,8 +21,7 @@ from dft_ds.config import LossConfig
 from dft_ds.checkpoint import fault_here, inject_fault
 from dft_ds.data import IGNORE_INDEX, StepSampler, TrainData
 from dft_ds.errors import NonFiniteStop
-from dft_ds.loss import (DEFAULT_CHUNK_BUDGET_BYTES, HIST_BINS, LOW_PROB, LossParts, TokenWeight, compute_loss,
-                         fused_linear_loss, token_weight)
+from dft_ds.loss import HIST_BINS, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
 from dft_ds.metrics import NullMetrics  # noqa: F401  (re-exported for callers that log nothing)
 
 
@@ -195,9 +194,9 @@ class Trainer:
             self.skipped += 1
             self.metrics.print(f"warning: non-finite loss at step {step}: step skipped (no weight changed; "
                                f"{self.skipped} skipped so far)")
-            for _ in range(remaining):  # DeepSpeed's micro-step count reaches the boundary as usual
+            for left in range(remaining, 0, -1):  # DeepSpeed's micro-step count reaches the boundary as usual
                 self.engine.null_backward()
-                if _ == remaining - 1:
+                if left == 1:  # the boundary: its optimizer step runs at lr 0
                     self.engine.zero_lr_for_this_step()
                 self.engine.step()
             return StepSums(skipped=1)
@@ -231,7 +230,7 @@ class Trainer:
     def _fused_forward(self, batch, num_tokens, weighting, ref_hidden, kl_coef):
         """Hidden states -> chunked head + loss inside the model's forward (ZeRO-3 gathers the head)."""
         captured = {}
-        budget = self.loss.chunk_mb << 20 if self.loss.chunk_mb else DEFAULT_CHUNK_BUDGET_BYTES
+        budget = self.loss.chunk_mb << 20
 
         def head_loss(hidden, weight):
             labels = batch["labels"].to(hidden.device)
@@ -256,7 +255,7 @@ class Trainer:
             "loss": per_token(loss),
             "nll": per_token(nll),
             "mean_token_prob": per_token(prob),
-            "low_prob_share": per_token(low),  # share of target tokens with p < LOW_PROB
+            "low_prob_share": per_token(low),  # share of target tokens with p < loss.LOW_PROB
             "lr": lr,
             "grad_norm": self.engine.grad_norm,
             "tokens": int(tokens),
