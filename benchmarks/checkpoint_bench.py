@@ -19,7 +19,10 @@ from dft_ds import synthetic
 from dft_ds.checkpoint import Checkpointer, tag_for
 from dft_ds.config import load_config
 from dft_ds.engine import shutdown_distributed
-from dft_ds.train import build_run, checkpoint_state, write_hf_meta
+from dft_ds.model import save_hf_meta
+from dft_ds.rundir import checkpoints_dir
+from dft_ds.runplan import build_plan
+from dft_ds.train import build_session, world_size_from_env
 
 MODELS = {
     "tiny (3.4M)": {},
@@ -60,22 +63,23 @@ def bench(name: str, overrides: dict, root: str) -> None:
     out = os.path.join(root, "run")
     cfg = load_config(None, [f"model.name_or_path={model_arg}", f"train.output_dir={out}", "data.synthetic_size=200",
                              "data.max_length=128", "train.micro_batch_size=1", "logging.progress_bar=false"])
-    run = build_run(cfg)
-    engine = run.engine
-    params = sum(p.ds_numel for p in engine.ds.module.parameters())
+    plan = build_plan(cfg, world_size_from_env())
+    _, engine, _, sampler = build_session(plan)
+    params = sum(p.ds_numel for p in engine.module.parameters())
     # One real step first, so the optimizer's moments exist and are part of what is saved.
     from dft_ds.metrics import NullMetrics
     from dft_ds.trainer import Trainer
 
-    Trainer(engine, run.data, run.sampler, cfg.loss, 1, 1, NullMetrics()).train()
-    saver = Checkpointer(os.path.join(out, "checkpoints"), 2, engine, lambda d: write_hf_meta(run, d))
+    Trainer(engine, plan.data, sampler, cfg.loss, 1, 1, NullMetrics()).train()
+    saver = Checkpointer(checkpoints_dir(out), 2, engine, plan.identity(), sampler,
+                         lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
     engine.barrier()
     t0 = time.perf_counter()
-    tag_dir = saver.save(1, checkpoint_state(run, 1))
+    tag_dir = saver.save(1)
     save_s = time.perf_counter() - t0
     size = dir_size(tag_dir)
     t0 = time.perf_counter()
-    engine.load_checkpoint(os.path.join(out, "checkpoints"), tag_for(1))
+    engine.load_checkpoint(checkpoints_dir(out), tag_for(1))
     engine.barrier()
     load_s = time.perf_counter() - t0
     if rank == 0:

@@ -4,9 +4,10 @@ measuring the peak RSS of its largest descendant (one rank)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
+
+from dft_ds.net import free_port  # noqa: F401  (the benchmarks import it from here)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,12 +15,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # measured command gets a fresh wrapper, so runs never share the process-lifetime maximum.
 _WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
             "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:

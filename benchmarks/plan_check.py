@@ -5,7 +5,7 @@
 For a ~100M-parameter Llama (fp32, ZeRO-3, rows of 512 tokens, micro batch 2, fused head) on this
 CPU: the peak RSS of the largest rank in a short real run, minus the peak RSS of the SAME command
 with a near-empty model (1 layer, hidden 32): what is left is what the model, its gradients,
-optimizer states, activations and loss head cost. Compared with `dft_ds.doctor.estimate_memory`
+optimizer states, activations and loss head cost. Compared with `dft_ds.memory.estimate_memory`
 at 1 and 2 ranks; the relative error is printed.
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args()
-    from dft_ds.doctor import count_parameters, estimate_memory
+    from dft_ds.memory import count_parameters, estimate_memory
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="plan_check-") as work:

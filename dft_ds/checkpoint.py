@@ -1,4 +1,6 @@
-"""Checkpoints: sharded save (atomic `latest`, rotation), exact resume, resume on a new world size.
+"""Checkpoints, every write and every read: sharded save (atomic `latest`, rotation), the checks
+that a checkpoint is complete and intact, finding the one to resume from, restoring it (on the same
+or a new world size), and opening one for dft-convert.
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -16,14 +18,13 @@ This module does not parse config files.
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from dft_ds.errors import SaveFailed, UserError
+from dft_ds.faults import inject_fault
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +63,6 @@ def write_atomic(path: str, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprints: what must not change between a checkpoint and the run that resumes it
-
-
-def _digest(*parts: bytes | str) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part.encode() if isinstance(part, str) else part)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def fingerprints(model_config, tokenizer, rows) -> dict[str, str]:
-    """Model architecture, tokenizer vocabulary and template, and the tokenised training rows."""
-    model = _digest(model_config.to_json_string(use_diff=False))
-    vocab = sorted(tokenizer.get_vocab().items())
-    tok = _digest(json.dumps(vocab), str(tokenizer.all_special_tokens), str(getattr(tokenizer, "chat_template", "")))
-    h = hashlib.sha256()
-    for row in rows.docs:
-        for ids, labels in row:
-            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-            h.update(torch.tensor(labels, dtype=torch.int64).numpy().tobytes())
-        h.update(b"|")
-    return {"model": model, "tokenizer": tok, "data": h.hexdigest()[:16]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,21 +95,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Saving
 
 
-def fault_here(point: str, step: int) -> bool:
-    """Tests inject faults at named points: DFT_DS_FAULT=<point>:<step>[:<rank>] (rank 0 by default)."""
-    spec = os.environ.get("DFT_DS_FAULT", "")
-    if not spec:
-        return False
-    name, at_step, *rank = spec.split(":")
-    return name == point and int(at_step) == step and int(os.environ.get("RANK", "0")) == int(rank[0] if rank else 0)
-
-
-def inject_fault(point: str, step: int) -> None:
-    """SIGKILL this process at a named point (see fault_here)."""
-    if fault_here(point, step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def file_manifest(tag_dir: str) -> dict[str, int]:
     """Size of every file of a checkpoint (relative paths), recorded in its state file when it is complete."""
     sizes = {}
@@ -146,12 +107,27 @@ def file_manifest(tag_dir: str) -> dict[str, int]:
     return dict(sorted(sizes.items()))
 
 
-def find_damage(tag_dir: str, state: dict[str, Any]) -> Optional[str]:
-    """What is wrong with a complete checkpoint's files (missing, truncated, grown), or None.
+def expected_shard_files(zero_stage: int, world_size: int) -> list[str]:
+    """Glob patterns of the files DeepSpeed writes for this stage and world size, one per rank and kind."""
+    ranks = range(world_size)
+    if zero_stage == 3:
+        model = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks]
+    else:
+        model = ["mp_rank_00_model_states.pt"]
+    # Optimizer shards carry a precision prefix under bf16 ("bf16_zero_pp_rank_0_...").
+    optim = [f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
+    return model + optim
+
+
+def find_damage(tag_dir: str | os.PathLike, state: dict[str, Any]) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, or None: a file is missing, truncated or
+    grown against the size manifest, a shard DeepSpeed writes for the recorded world size and stage
+    is missing, or there are optimizer shards of another world size.
 
     Sizes only: a torn or truncated write is caught without reading gigabytes of shards. Checkpoints
     written before the manifest existed have none and are taken as they are.
     """
+    tag_dir = str(tag_dir)
     for rel, size in state.get("files", {}).items():
         path = os.path.join(tag_dir, rel)
         if not os.path.isfile(path):
@@ -159,6 +135,16 @@ def find_damage(tag_dir: str, state: dict[str, Any]) -> Optional[str]:
         actual = os.path.getsize(path)
         if actual != size:
             return f"{path} is {actual} bytes, but {size} were written"
+    world, stage = state.get("world_size"), state.get("zero_stage")
+    if isinstance(world, int) and stage in (1, 2, 3):
+        missing = [p for p in expected_shard_files(stage, world) if not glob.glob(os.path.join(tag_dir, p))]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            return (f"incomplete checkpoint, missing {shown} (expected ZeRO-{stage} shards of {world} ranks, "
+                    f"as {STATE_FILE} says)")
+        optim = glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))
+        if len(optim) != world:
+            return f"holds {len(optim)} optimizer shards but {STATE_FILE} says world_size={world}"
     return None
 
 
@@ -183,14 +169,25 @@ def _space_note(path: str) -> str:
 
 
 class Checkpointer:
-    """Saves `step-<N>` checkpoints; every rank calls save(), rank 0 finishes it."""
+    """Saves `step-<N>` checkpoints; every rank calls save(), rank 0 finishes it.
 
-    def __init__(self, root: str, keep: int, engine, write_hf_meta: Callable[[str], None]):
-        self.root, self.keep, self.engine, self.write_hf_meta = root, keep, engine, write_hf_meta
+    `identity` is what every checkpoint of the run records beside its step and sampler position:
+    world size, global batch, ZeRO stage, precision, fingerprints and the resolved config (see
+    RunPlan.identity). `write_hf_meta(dir)` writes config and tokenizer for dft-convert.
+    """
 
-    def save(self, step: int, state: dict[str, Any]) -> str:
+    def __init__(self, root: str, keep: int, engine, identity: dict[str, Any], sampler,
+                 write_hf_meta: Callable[[str], None]):
+        self.root, self.keep, self.engine = root, keep, engine
+        self.identity, self.sampler, self.write_hf_meta = identity, sampler, write_hf_meta
+
+    def save(self, step: int) -> str:
+        """Save optimizer step `step`, unless a complete checkpoint of it is already there."""
         tag = tag_for(step)
         tag_dir = os.path.join(self.root, tag)
+        if is_complete(tag_dir):
+            return tag_dir
+        state = {"global_step": step, "sampler": self.sampler.state_dict(), **self.identity}
         if self.engine.is_rank0 and os.path.isdir(tag_dir):
             # A leftover of a save that died half way (it has no state file, or `latest` would name it).
             shutil.rmtree(tag_dir)
@@ -243,8 +240,10 @@ class Checkpointer:
             shutil.rmtree(os.path.join(self.root, f"{name}_universal"), ignore_errors=True)
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# Resuming
+# Reading: the one reader of resume and dft-convert
 
 
 @dataclass(frozen=True)
@@ -267,10 +266,102 @@ class CheckpointRef:
     def hf_config(self) -> Path:
         return self.path / HF_META
 
+    @property
+    def step(self) -> int:
+        return int(self.state["global_step"])
 
-def read_state(tag_dir: str) -> dict[str, Any]:
-    with open(os.path.join(tag_dir, STATE_FILE), encoding="utf-8") as fh:
-        return json.load(fh)
+    @property
+    def world_size(self) -> int:
+        return int(self.state["world_size"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved run config the checkpoint was trained with (as config.to_dict gives it)."""
+        return self.state.get("config", {})
+
+
+def read_state(tag_dir: str | os.PathLike) -> dict[str, Any]:
+    """dft_state.json of a tag directory, checked for the fields every reader needs."""
+    state_file = Path(tag_dir) / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{tag_dir}: incomplete checkpoint, no {STATE_FILE} (the trainer writes it after "
+                              "every shard; its absence means the save was interrupted or this is not a dft_ds "
+                              "checkpoint)")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{state_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{state_file}: cannot be read ({exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file}: expected a JSON object")
+    problems = []
+    if not (isinstance(state.get("world_size"), int) and state["world_size"] >= 1):
+        problems.append(f"'world_size' must be a positive integer, found {state.get('world_size')!r}")
+    if state.get("zero_stage") not in (1, 2, 3):
+        problems.append(f"'zero_stage' must be 1, 2 or 3 (a ZeRO checkpoint), found {state.get('zero_stage')!r}")
+    if not isinstance(state.get("global_step"), int):
+        problems.append(f"'global_step' must be an integer, found {state.get('global_step')!r}")
+    if problems:
+        raise CheckpointError(f"{state_file}: " + "; ".join(problems))
+    return state
+
+
+def complete_tags(root: str | os.PathLike) -> list[str]:
+    """The `step-<N>` directories under root that hold a state file, oldest first (step-9 before step-10)."""
+    if not os.path.isdir(root):
+        return []
+    steps = [(int(m.group(1)), name) for name in os.listdir(root)
+             if (m := TAG_RE.match(name)) and is_complete(os.path.join(root, name))]
+    return [name for _, name in sorted(steps)]
+
+
+def _complete_tags_text(root: str | os.PathLike) -> str:
+    tags = complete_tags(root)
+    return f"complete checkpoints here: {', '.join(tags)}" if tags else f"no complete checkpoint in {root}"
+
+
+def read_latest(root: str | os.PathLike) -> str:
+    """The tag the `latest` file of a checkpoints/ directory names."""
+    latest = Path(root) / LATEST
+    if not latest.is_file():
+        raise CheckpointError(f"{root}: no '{LATEST}' file, so no tag to convert; pass --tag or a tag directory "
+                              f"({_complete_tags_text(root)})")
+    tag = latest.read_text(encoding="utf-8").strip()
+    if not tag or os.sep in tag:
+        raise CheckpointError(f"{latest}: expected one tag name (like step-20), found {tag!r}")
+    return tag
+
+
+def _looks_like_tag_dir(path: Path) -> bool:
+    return (path / STATE_FILE).exists() or (path / HF_META).is_dir() or any(path.glob("*_model_states.pt"))
+
+
+def open_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> CheckpointRef:
+    """A checkpoint to read whole (dft-convert): `path` is `<run>/checkpoints` (the tag from `tag` or
+    the `latest` file) or a tag directory. Refuses an incomplete or damaged one, naming the file."""
+    given = Path(path)
+    if not given.is_dir():
+        raise CheckpointError(f"{given}: no such checkpoint directory")
+    if _looks_like_tag_dir(given):
+        if tag is not None and tag != given.name:
+            raise CheckpointError(f"--tag {tag}: '{given}' is itself the checkpoint '{given.name}'; pass its parent "
+                                  "directory to choose another tag")
+        root, tag = given.parent, given.name
+    else:
+        root = given
+        tag = tag if tag is not None else read_latest(root)
+        if not (root / tag).is_dir():
+            raise CheckpointError(f"{root / tag}: no checkpoint with tag '{tag}' ({_complete_tags_text(root)})")
+    ref = CheckpointRef(root, tag, read_state(root / tag))
+    damage = find_damage(ref.path, ref.state)
+    if damage:
+        raise CheckpointError(f"{ref.path}: {damage}" if damage.startswith(("incomplete", "holds")) else
+                              f"{ref.path}: damaged checkpoint: {damage}")
+    if not (ref.hf_config / "config.json").is_file():
+        raise CheckpointError(f"{ref.hf_config / 'config.json'}: missing; the checkpoint carries the model's config "
+                              f"in {HF_META}/ and cannot be converted without it")
+    return ref
 
 
 def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning) -> Optional[CheckpointRef]:
@@ -292,20 +383,23 @@ def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] 
     if not is_complete(path):
         raise CheckpointError(f"checkpoint.resume: '{setting}' is not a complete checkpoint "
                               f"(expected a directory with {STATE_FILE}, or a checkpoints/ directory with '{LATEST}')")
-    state = read_state(path)
-    damage = find_damage(path, state)
+    root, tag = os.path.dirname(path), os.path.basename(path)
+    state, damage = _state_and_damage(path)
     if damage:
-        root, tag = os.path.dirname(path), os.path.basename(path)
-        older = [name for step, name in _complete_tags(root) if name != tag and not find_damage(
-            os.path.join(root, name), read_state(os.path.join(root, name)))]
+        older = [name for name in complete_tags(root) if name != tag and not _state_and_damage(
+            os.path.join(root, name))[1]]
         hint = f"; the newest intact one beside it is {os.path.join(root, older[-1])}" if older else ""
         raise CheckpointError(f"checkpoint.resume: {path} is damaged: {damage}{hint}")
-    return CheckpointRef(os.path.dirname(path), os.path.basename(path), state)
+    return CheckpointRef(root, tag, state)
 
 
-def _complete_tags(root: str) -> list[tuple[int, str]]:
-    return sorted((int(m.group(1)), name) for name in os.listdir(root)
-                  if (m := TAG_RE.match(name)) and is_complete(os.path.join(root, name)))
+def _state_and_damage(tag_dir: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """(state, None) for an intact checkpoint, (state or None, what is wrong) otherwise."""
+    try:
+        state = read_state(tag_dir)
+    except CheckpointError as exc:
+        return None, str(exc)
+    return state, find_damage(tag_dir, state)
 
 
 def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[CheckpointRef]:
@@ -316,14 +410,13 @@ def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[Checkpoin
         latest = fh.read().strip()
     latest_match = TAG_RE.match(latest)
     latest_step = int(latest_match.group(1)) if latest_match else None
-    candidates = [name for step, name in _complete_tags(root) if latest_step is None or step <= latest_step]
+    candidates = [name for name in complete_tags(root) if latest_step is None or int(name.split("-")[1]) <= latest_step]
     if latest not in candidates:
         # `latest` is written last, so this means the files were damaged or removed afterwards.
         warn(f"{os.path.join(root, latest)} is incomplete (no {STATE_FILE}); looking for an older checkpoint")
     for name in reversed(candidates):
         tag_dir = os.path.join(root, name)
-        state = read_state(tag_dir)
-        damage = find_damage(tag_dir, state)
+        state, damage = _state_and_damage(tag_dir)
         if damage is None:
             if name != latest:
                 warn(f"resuming from {tag_dir} instead of '{LATEST}' ({latest})")
@@ -333,21 +426,31 @@ def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[Checkpoin
                           "no older intact checkpoint exists; use checkpoint.resume=none with a new train.output_dir")
 
 
-def check_compatible(point: CheckpointRef, current: dict[str, str], config: dict[str, Any], warn) -> None:
-    """Refuse a resume whose model, tokenizer or data changed; warn about other changed settings."""
-    saved = point.state["fingerprints"]
+def check_fingerprints(point: CheckpointRef, current: dict[str, str]) -> None:
+    """Refuse a resume whose model, tokenizer or data differ from the checkpoint's."""
+    saved = point.state.get("fingerprints", {})
     changed = [k for k in ("model", "tokenizer", "data") if saved.get(k) != current.get(k)]
     if changed:
         raise CheckpointError(
             f"{point.tag_dir}: cannot resume: the {', '.join(changed)} differ from the checkpoint's "
             f"(fingerprints {', '.join(f'{k} {saved.get(k)} -> {current.get(k)}' for k in changed)}); "
             "resume only with the same model, tokenizer and data, or start a new train.output_dir")
-    old = point.state.get("config", {})
-    for section, values in config.items():
-        for key, value in values.items():
-            before = old.get(section, {}).get(key, value)
-            if before != value and section != "checkpoint":
-                warn(f"resume: {section}.{key} changed from {before!r} to {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Restoring
+
+
+def restore(point: CheckpointRef, engine, sampler, *, universal: bool, peak_lr: float) -> None:
+    """Everything a resume loads, in one call on every rank: the DeepSpeed shards (through the
+    universal format when the world size changed), the sampler position, this rank's RNG states,
+    and a new peak learning rate when the config changed it."""
+    tag = ensure_universal(point, engine.is_rank0, engine.barrier) if universal else point.tag
+    engine.load_checkpoint(str(point.root), tag)
+    sampler.load_state_dict(point.state["sampler"])
+    load_rng(point, engine.dist.rank)
+    if point.config.get("train", {}).get("lr", peak_lr) != peak_lr:
+        engine.set_peak_lr(peak_lr)
 
 
 def ensure_universal(point: CheckpointRef, is_rank0: bool, barrier: Callable[[], None]) -> str:

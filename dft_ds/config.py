@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from dft_ds.errors import ConfigError
+from dft_ds.loss import LOSS_TYPES
 
 SYNTHETIC = "synthetic"
 
@@ -88,6 +89,11 @@ class LossConfig:
     """Fused chunked LM head + loss, never holding [tokens, vocab] logits: auto (on when the head is a plain bias-free linear layer), true (error if it is not), false."""
     chunk_mb: int = 128
     """Fused path: MiB of fp32 logits per chunk of target tokens (chunk rows = chunk_mb MiB / (4 x vocab))."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the run needs the frozen starting model: the asft KL term with a non-zero weight."""
+        return self.type == "asft" and self.kl_coef > 0
 
 
 @dataclass
@@ -222,7 +228,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.preset": tuple(PRESETS),
     "data.template": ("auto", "chat", "plain"),
     "data.overlong": ("truncate", "drop"),
-    "loss.type": ("dft", "sft", "power", "mix", "asft"),
+    "loss.type": LOSS_TYPES,
     "loss.fused": ("auto", "true", "false"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
@@ -499,28 +505,86 @@ class BatchPlan:
     micro_batch_size: int
     gradient_accumulation_steps: int
     world_size: int
+    note: str = field(default="", compare=False)  # how a resumed global batch was split, when it was
 
     @property
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
 
 
-def resolve_batch(train: TrainConfig, world_size: int) -> BatchPlan:
-    """Fill in whichever of accumulation / global batch is null, or check that they agree."""
+def _batch_error(message: str) -> ConfigError:
+    return ConfigError(f"invalid configuration:\n  - {message}")
+
+
+def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[int] = None) -> BatchPlan:
+    """Fill in whichever of accumulation / global batch is null, or check that they agree.
+
+    `saved_global`: the global batch of the checkpoint a run resumes from. Unless train.global_batch_size
+    is set, the resumed run keeps it (so it continues with the same samples per step on any world
+    size) and splits it over this world: the largest micro batch up to train.micro_batch_size that
+    divides each rank's share, and the accumulation that makes up the rest.
+    """
     micro, accum, total = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
     per_step = micro * world_size
+    if total is None and saved_global is not None:
+        return _split_saved_batch(train, world_size, saved_global)
     if total is None:
         return BatchPlan(micro, accum or 1, world_size)
     if total % per_step:
-        raise ConfigError(
-            f"invalid configuration:\n  - train.global_batch_size: {total} is not divisible by micro_batch_size "
-            f"{micro} x world size {world_size} = {per_step}")
+        raise _batch_error(f"train.global_batch_size: {total} is not divisible by micro_batch_size {micro} x "
+                           f"world size {world_size} = {per_step}")
     derived = total // per_step
     if accum is not None and accum != derived:
-        raise ConfigError(
-            f"invalid configuration:\n  - train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x "
-            f"world size {world_size} = {accum * per_step}, but train.global_batch_size is {total}")
+        raise _batch_error(f"train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x world size "
+                           f"{world_size} = {accum * per_step}, but train.global_batch_size is {total}")
     return BatchPlan(micro, derived, world_size)
+
+
+def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> BatchPlan:
+    micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
+    if accum is not None and micro * accum * world_size == saved:
+        return BatchPlan(micro, accum, world_size)
+    if saved % world_size:
+        raise _batch_error(
+            f"train.global_batch_size: the checkpoint was trained with a global batch of {saved} rows, which "
+            f"{world_size} ranks cannot share evenly; resume on a number of ranks that divides {saved}, or set "
+            "train.global_batch_size to change the batch from here on")
+    share = saved // world_size
+    fit = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
+    plan = BatchPlan(fit, share // fit, world_size)
+    fresh = micro * (accum or 1) * world_size
+    if plan.global_batch_size == fresh and fit == micro:
+        return plan
+    changed = f"micro batch {fit} (train.micro_batch_size is {micro})" if fit != micro else f"micro batch {fit}"
+    note = (f"resume keeps the checkpoint's global batch of {saved} rows: {changed} x accumulation "
+            f"{plan.gradient_accumulation_steps} x world {world_size}")
+    return BatchPlan(fit, plan.gradient_accumulation_steps, world_size, note)
+
+
+# Settings that change what the trained weights mean. A resume with another value would leave a run
+# directory whose config.yaml describes training its checkpoints did not have, so it is refused.
+# (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
+# resolved on the machine.) Every other setting only continues the run and may change with a warning.
+RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "data.*", "loss.type",
+                "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "train.seed")
+
+
+def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[str], list[str]]:
+    """(fixed, other): the settings that differ from a checkpoint's resolved config (config.to_dict),
+    as 'key: old -> new', split into those RESUME_FIXED refuses and those a resume may change.
+    The checkpoint section (how to save and resume) is never compared."""
+    fixed, other = [], []
+    for section, values in to_dict(cfg).items():
+        if section == "checkpoint":
+            continue
+        for name, value in values.items():
+            before = saved.get(section, {}).get(name, value)
+            if before == value:
+                continue
+            key = f"{section}.{name}"
+            text = f"{key} changed from {before!r} to {value!r}"
+            (fixed if key in RESUME_FIXED or f"{section}.*" in RESUME_FIXED else other).append(text)
+    return fixed, other
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from dft_ds.checkpoint import HF_META, LATEST, STATE_FILE, CheckpointRef
+from dft_ds.checkpoint import STATE_FILE, CheckpointRef, open_checkpoint
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
 
 EXIT_VERIFY_FAILED = 1
@@ -57,108 +57,6 @@ PROBE_SEED = 1234
 
 class VerificationFailed(RuntimeError):
     """--verify found logits that differ beyond the tolerance: the conversion is not trusted."""
-
-
-# --------------------------------------------------------------------------------------------
-# Finding the checkpoint
-
-
-def resolve_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> CheckpointRef:
-    """`path` is `<run>/checkpoints` (the tag from `tag` or the `latest` file) or a tag directory."""
-    given = Path(path)
-    if not given.is_dir():
-        raise UserError(f"{given}: no such checkpoint directory")
-    if _looks_like_tag_dir(given):
-        if tag is not None and tag != given.name:
-            raise UserError(f"--tag {tag}: '{given}' is itself the checkpoint '{given.name}'; pass its parent "
-                            "directory to choose another tag")
-        root, tag = given.parent, given.name
-    else:
-        root = given
-        tag = tag if tag is not None else read_latest(root)
-        if not (root / tag).is_dir():
-            raise UserError(f"{root / tag}: no checkpoint with tag '{tag}' ({_complete_tags_text(root)})")
-    ref = CheckpointRef(root, tag, read_state(root / tag))
-    check_shard_files(ref)
-    if not (ref.hf_config / CONFIG_FILE).is_file():
-        raise UserError(f"{ref.hf_config / CONFIG_FILE}: missing; the checkpoint carries the model's config in "
-                        f"{HF_META}/ and cannot be converted without it")
-    return ref
-
-
-def _looks_like_tag_dir(path: Path) -> bool:
-    return (path / STATE_FILE).exists() or (path / HF_META).is_dir() or any(path.glob("*_model_states.pt"))
-
-
-def complete_tags(root: Path) -> list[str]:
-    names = [p.name for p in root.iterdir() if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(names, key=lambda n: (len(n), n))  # step-9 before step-10
-
-
-def _complete_tags_text(root: Path) -> str:
-    tags = complete_tags(root)
-    return f"complete checkpoints here: {', '.join(tags)}" if tags else f"no complete checkpoint in {root}"
-
-
-def read_latest(root: Path) -> str:
-    latest = root / LATEST
-    if not latest.is_file():
-        raise UserError(f"{root}: no '{LATEST}' file, so no tag to convert; pass --tag or a tag directory "
-                        f"({_complete_tags_text(root)})")
-    tag = latest.read_text(encoding="utf-8").strip()
-    if not tag or os.sep in tag:
-        raise UserError(f"{latest}: expected one tag name (like step-20), found {tag!r}")
-    return tag
-
-
-def read_state(tag_dir: Path) -> dict[str, Any]:
-    state_file = tag_dir / STATE_FILE
-    if not state_file.is_file():
-        raise UserError(f"{tag_dir}: incomplete checkpoint, no {STATE_FILE} (the trainer writes it after every "
-                        "shard; its absence means the save was interrupted or this is not a dft_ds checkpoint)")
-    try:
-        state = json.loads(state_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{state_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    problems = []
-    if not isinstance(state, dict):
-        raise UserError(f"{state_file}: expected a JSON object")
-    if not (isinstance(state.get("world_size"), int) and state["world_size"] >= 1):
-        problems.append(f"'world_size' must be a positive integer, found {state.get('world_size')!r}")
-    if state.get("zero_stage") not in (1, 2, 3):
-        problems.append(f"'zero_stage' must be 1, 2 or 3 (a ZeRO checkpoint), found {state.get('zero_stage')!r}")
-    if problems:
-        raise UserError(f"{state_file}: " + "; ".join(problems))
-    return state
-
-
-def expected_shard_files(zero_stage: int, world_size: int) -> list[str]:
-    """Glob patterns of the files DeepSpeed writes for this stage and world size, one per rank and kind."""
-    ranks = range(world_size)
-    if zero_stage == 3:
-        model = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in ranks]
-    else:
-        model = ["mp_rank_00_model_states.pt"]
-    # Optimizer shards carry a precision prefix under bf16 ("bf16_zero_pp_rank_0_...").
-    optim = [f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in ranks]
-    return model + optim
-
-
-def check_shard_files(ref: CheckpointRef) -> None:
-    world, stage = ref.state["world_size"], ref.state["zero_stage"]
-    missing = [pattern for pattern in expected_shard_files(stage, world) if not any(ref.path.glob(pattern))]
-    if missing:
-        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise UserError(f"{ref.path}: incomplete checkpoint, missing {shown} (expected ZeRO-{stage} shards of "
-                        f"{world} ranks, as {STATE_FILE} says)")
-    from dft_ds.checkpoint import find_damage
-
-    damage = find_damage(str(ref.path), ref.state)
-    if damage:
-        raise UserError(f"{ref.path}: damaged checkpoint: {damage}")
-    optim = list(ref.path.glob("*_optim_states.pt"))
-    if len(optim) != world:
-        raise UserError(f"{ref.path}: holds {len(optim)} optimizer shards but {STATE_FILE} says world_size={world}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +484,7 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
     """ZeRO checkpoint -> Hugging Face directory. Raises UserError on bad input, VerificationFailed on a mismatch."""
     start = time.perf_counter()
     out = Path(out_dir)
-    ref = resolve_checkpoint(checkpoint_dir, tag)
+    ref = open_checkpoint(checkpoint_dir, tag)
     check_out_dir(out, ref, overwrite)
     out_dtype = choose_dtype(dtype, ref)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)

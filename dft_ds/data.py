@@ -25,8 +25,8 @@ import torch
 
 from dft_ds.config import SYNTHETIC, BatchPlan, DataConfig
 from dft_ds.errors import DataError
+from dft_ds.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 

@@ -45,3 +45,26 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """The model or tokenizer cannot be used as configured."""
+
+
+def report_exit_code(code: int, message: str) -> None:
+    """Called by a training rank about to exit with `code` != 0: under torchrun, leave a note so
+    that dft-launch can exit with the same code (torchrun turns every failure into 1).
+
+    Writes torchelastic's error-file format to TORCHELASTIC_ERROR_FILE, which torchrun sets per rank;
+    elsewhere (deepspeed, srun, a plain process) it does nothing: those pass exit codes on.
+    `dft_ds.launch.torchrun_error_code` reads it back.
+    """
+    import json
+    import os
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or code == 0:
+        return
+    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time())), "exit_code": code}}}
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+    except OSError:
+        pass

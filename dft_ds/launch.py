@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
+from dft_ds.net import free_port
 
 VIAS = ("torchrun", "deepspeed", "srun")
 TRAIN_MODULE = "dft_ds.train"
@@ -210,12 +211,6 @@ def visible_gpus(env: Mapping[str, str]) -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def interface_for(addr: str) -> Optional[str]:
@@ -572,7 +567,7 @@ class SignalForwarder:
 def torchrun_error_code(path: str) -> Optional[int]:
     """torchrun exits 1 whatever its ranks returned; the first failed rank's code is in its error file.
 
-    torchrun copies a failed rank's error file (if the rank wrote one, see `report_exit_code`) to
+    torchrun copies a failed rank's error file (if the rank wrote one, see `dft_ds.errors.report_exit_code`) to
     TORCHELASTIC_ERROR_FILE with message.errorCode set to that rank's real exit code.
     """
     try:
@@ -583,24 +578,6 @@ def torchrun_error_code(path: str) -> Optional[int]:
     message = data.get("message") if isinstance(data, dict) else None
     code = message.get("errorCode") if isinstance(message, dict) else None
     return code if isinstance(code, int) and code > 0 else None
-
-
-def report_exit_code(code: int, message: str) -> None:
-    """Called by a training rank about to exit with `code` != 0: under torchrun, leave a note so
-    that dft-launch can exit with the same code (torchrun turns every failure into 1).
-
-    Writes torchelastic's error-file format to TORCHELASTIC_ERROR_FILE, which torchrun sets per rank;
-    elsewhere (deepspeed, srun, a plain process) it does nothing: those pass exit codes on.
-    """
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path or code == 0:
-        return
-    data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time())), "exit_code": code}}}
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(data, fh)
-    except OSError:
-        pass
 
 
 def exit_status(returncode: int) -> int:

@@ -103,19 +103,6 @@ class NullMetrics:
     def log(self, step: int, values: dict[str, Any]) -> None:
         pass
 
-    def _add_histogram(self, tag: str, counts: list[int], step: int) -> None:
-        """Counts of equal bins on [0, 1]; sums are taken at bin centres (TensorBoard wants them)."""
-        width = 1.0 / len(counts)
-        centres = [(i + 0.5) * width for i in range(len(counts))]
-        total = sum(counts)
-        if not total:
-            return
-        self._tb.add_histogram_raw(tag, min=0.0, max=1.0, num=total,
-                                   sum=sum(c * x for c, x in zip(counts, centres)),
-                                   sum_squares=sum(c * x * x for c, x in zip(counts, centres)),
-                                   bucket_limits=[(i + 1) * width for i in range(len(counts))],
-                                   bucket_counts=counts, global_step=step)
-
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         pass
 

@@ -82,6 +82,22 @@ def build_model(cfg: ModelConfig, config, ds_config: dict[str, Any], dtype: torc
     return model, keepalive
 
 
+def save_hf_meta(model, tokenizer, directory: str) -> None:
+    """What dft-convert needs beside a checkpoint's shards: the model's config (set up for inference),
+    its generation config and the tokenizer."""
+    import copy
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.use_cache = True  # off for training only; inference (and vLLM) wants it
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 # Config attributes of models whose logits are not plain `last_hidden_state @ head.weight.T`
 # (soft-capping, scaling after the head); the fused head would silently compute a different loss.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",

@@ -7,7 +7,7 @@ For a named preset or any Hugging Face config (read, never downloaded here: give
 a cluster shape, prints per GPU: parameters, gradients, optimizer states, activations (with and
 without gradient checkpointing) and loss buffers (fused head and full logits) under ZeRO-2, ZeRO-3
 and ZeRO-3 with offload, and the largest micro batch that fits. The formulas are those of
-`dft_ds.doctor.estimate_memory` (documented there and in docs/benchmarks.md, with the measured
+`dft_ds.memory.estimate_memory` (documented there and in docs/benchmarks.md, with the measured
 error on CPU runs).
 """
 
@@ -17,7 +17,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from dft_ds.doctor import GIB, count_parameters, estimate_memory
+from dft_ds.memory import GIB, count_parameters, estimate_memory
 
 # Architecture numbers from the models' published config.json files.
 PRESETS: dict[str, dict] = {

@@ -18,11 +18,10 @@ from typing import Callable, Optional
 import torch
 
 from dft_ds.config import LossConfig
-from dft_ds.checkpoint import fault_here, inject_fault
-from dft_ds.data import IGNORE_INDEX, StepSampler, TrainData
+from dft_ds.data import StepSampler, TrainData
 from dft_ds.errors import NonFiniteStop
-from dft_ds.loss import HIST_BINS, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
-from dft_ds.metrics import NullMetrics  # noqa: F401  (re-exported for callers that log nothing)
+from dft_ds.faults import fault_here, inject_fault
+from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
 
 
 @dataclass
@@ -211,8 +210,9 @@ class Trainer:
 
     def forward_loss(self, batch: dict, num_tokens: torch.Tensor, weighting: TokenWeight):
         """(loss to back-propagate, LossParts) for one micro-batch."""
-        kl_coef = self.loss.kl_coef if self.reference is not None else 0.0
-        ref = self.reference.forward(batch, hidden=self.fused) if kl_coef > 0 else None
+        # The reference exists only when the loss uses it (LossConfig.uses_reference).
+        ref = self.reference.forward(batch, hidden=self.fused) if self.reference is not None else None
+        kl_coef = self.loss.kl_coef if ref is not None else 0.0
         if self.fused:
             loss, parts = self._fused_forward(batch, num_tokens, weighting, ref, kl_coef)
         else:

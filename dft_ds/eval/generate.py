@@ -66,7 +66,7 @@ def request_seed(seed: int, benchmark: str, index: int, sample: int) -> int:
 def resolve_dtype(name: str):
     """(device, torch dtype): cuda when available; auto = bf16 on GPUs that support it, else fp32.
 
-    fp32 on CPU: CPUs without native bf16 run it several times slower (see FACTS.md).
+    fp32 on CPU: a CPU without native bf16 was seen to run a model about 8x slower in bf16.
     """
     import torch
 

@@ -13,32 +13,36 @@ from deepspeed.utils import safe_get_full_grad
 
 from dft_ds.config import load_config
 from dft_ds.engine import shutdown_distributed
-from dft_ds.train import build_run
-from dft_ds.trainer import NullMetrics, Trainer
+from dft_ds.metrics import NullMetrics
+from dft_ds.runplan import build_plan
+from dft_ds.train import build_session, world_size_from_env
+from dft_ds.trainer import Trainer
 
 
 def main(out_path: str, overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
-    run = build_run(cfg)
-    engine, captured = run.engine, {}
+    plan = build_plan(cfg, world_size_from_env())
+    dist, engine, reference, sampler = build_session(plan)
+    captured = {}
     real_step = engine.step
 
     def step_and_capture():
         if engine.ds.is_gradient_accumulation_boundary():
-            for name, param in engine.ds.module.named_parameters():
+            for name, param in engine.module.named_parameters():
                 grad = safe_get_full_grad(param)  # a collective under ZeRO-3: every rank calls it
                 captured[name] = grad.detach().double().cpu().clone()
         real_step()
 
     engine.step = step_and_capture
-    trainer = Trainer(engine, run.data, run.sampler, cfg.loss, run.total_steps, 1, NullMetrics(), fused=run.fused,
-                      reference=run.reference)
+    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused,
+                      reference=reference)
     engine.train()
-    sums = trainer.train_step(run.sampler.indices_for_step(run.sampler.step))  # 0, or the resumed step
+    sums = trainer.train_step(sampler.indices_for_step(sampler.step))  # 0, or the resumed step
     totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
-    if run.dist.is_rank0:
+    if dist.is_rank0:
         torch.save({"grads": captured, "loss": totals[0] / totals[3], "targets": totals[3], "kl": totals[6] / totals[3],
-                    "world_size": run.dist.world_size, "fused": run.fused, "accum": run.plan.gradient_accumulation_steps}, out_path)
+                    "world_size": dist.world_size, "fused": plan.fused, "accum": plan.batch.gradient_accumulation_steps},
+                   out_path)
     engine.barrier()  # nobody tears down gloo while another rank is still in a collective
 
 

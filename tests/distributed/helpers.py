@@ -2,21 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
+
+from dft_ds.net import free_port  # noqa: F401  (tests import it from here)
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and quick: a couple of hundred problems, short rows, a dozen steps.
 QUICK = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_size=2",
          "logging.progress_bar=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(tmp_path) -> dict:

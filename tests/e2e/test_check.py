@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from dft_ds.doctor import estimate_memory
+from dft_ds.memory import estimate_memory
 from tests.distributed.helpers import clean_env
 
 pytestmark = pytest.mark.slow

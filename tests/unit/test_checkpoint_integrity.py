@@ -18,7 +18,7 @@ def make_checkpoint(root, step: int, latest: bool = True) -> str:
                       ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", 900)):
         with open(os.path.join(tag_dir, rel), "wb") as fh:
             fh.write(os.urandom(size))
-    state = {"global_step": step, "files": file_manifest(tag_dir)}
+    state = {"global_step": step, "world_size": 1, "zero_stage": 3, "files": file_manifest(tag_dir)}
     write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state))
     if latest:
         write_atomic(os.path.join(root, LATEST), tag_for(step) + "\n")

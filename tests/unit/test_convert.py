@@ -14,8 +14,9 @@ import torch
 from safetensors import safe_open
 
 from dft_ds import convert
-from dft_ds.convert import (CheckpointRef, TensorSpec, convert_checkpoint, dedupe_aliases, index_json, materialize,
-                            parse_size, plan_conversion, resolve_checkpoint)
+from dft_ds.checkpoint import CheckpointRef, expected_shard_files, open_checkpoint
+from dft_ds.convert import (TensorSpec, convert_checkpoint, dedupe_aliases, index_json, materialize, parse_size,
+                            plan_conversion)
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
 
 MB = 10**6
@@ -59,7 +60,7 @@ def make_checkpoint(root, tag="step-2", world=2, stage=3, precision="fp32", tie=
     """A tag directory with the files the trainer writes (shards empty: the reader is faked)."""
     tag_dir = root / tag
     (tag_dir / "hf_config").mkdir(parents=True)
-    for pattern in convert.expected_shard_files(stage, world):
+    for pattern in expected_shard_files(stage, world):
         (tag_dir / pattern.replace("*", "")).write_bytes(b"")
     (tag_dir / "dft_state.json").write_text(json.dumps(
         {"global_step": 2, "world_size": world, "zero_stage": stage, "precision": precision}))
@@ -187,36 +188,36 @@ def test_materialize_detaches_views_of_a_larger_buffer():
 def test_tag_comes_from_latest(tmp_path):
     make_checkpoint(tmp_path, tag="step-5", latest=False)
     make_checkpoint(tmp_path, tag="step-10")
-    ref = resolve_checkpoint(tmp_path)
+    ref = open_checkpoint(tmp_path)
     assert (ref.root, ref.tag, ref.path) == (tmp_path, "step-10", tmp_path / "step-10")
-    assert resolve_checkpoint(tmp_path, tag="step-5").tag == "step-5"
+    assert open_checkpoint(tmp_path, tag="step-5").tag == "step-5"
 
 
 def test_a_tag_directory_can_be_given_directly(tmp_path):
     make_checkpoint(tmp_path, tag="step-3")
-    ref = resolve_checkpoint(tmp_path / "step-3")
+    ref = open_checkpoint(tmp_path / "step-3")
     assert (ref.root, ref.tag, ref.state["global_step"]) == (tmp_path, "step-3", 2)
     with pytest.raises(UserError, match="is itself the checkpoint 'step-3'"):
-        resolve_checkpoint(tmp_path / "step-3", tag="step-4")
+        open_checkpoint(tmp_path / "step-3", tag="step-4")
 
 
 def test_no_latest_and_no_tag_lists_the_complete_checkpoints(tmp_path):
     make_checkpoint(tmp_path, tag="step-10", latest=False)
     make_checkpoint(tmp_path, tag="step-9", latest=False)
     with pytest.raises(UserError) as err:
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
     assert f"{tmp_path}: no 'latest' file" in str(err.value) and "step-9, step-10" in str(err.value)
 
 
 def test_unknown_tag_is_named(tmp_path):
     make_checkpoint(tmp_path, tag="step-2")
     with pytest.raises(UserError, match=r"step-7: no checkpoint with tag 'step-7' \(complete checkpoints here: step-2"):
-        resolve_checkpoint(tmp_path, tag="step-7")
+        open_checkpoint(tmp_path, tag="step-7")
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(UserError, match="nowhere: no such checkpoint directory"):
-        resolve_checkpoint(tmp_path / "nowhere")
+        open_checkpoint(tmp_path / "nowhere")
 
 
 def test_a_checkpoint_without_its_state_file_is_incomplete(tmp_path):
@@ -224,51 +225,51 @@ def test_a_checkpoint_without_its_state_file_is_incomplete(tmp_path):
     (tag_dir / "dft_state.json").unlink()
     for target in (tmp_path, tag_dir):  # via latest, and named directly
         with pytest.raises(UserError, match=f"{tag_dir}: incomplete checkpoint, no dft_state.json"):
-            resolve_checkpoint(target)
+            open_checkpoint(target)
 
 
 def test_a_missing_shard_file_is_named(tmp_path):
     tag_dir = make_checkpoint(tmp_path, world=2)
     (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(UserError, match=r"missing \*zero_pp_rank_1_mp_rank_00_optim_states.pt .*ZeRO-3 shards of 2"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_zero2_layout_and_its_missing_model_file(tmp_path):
     tag_dir = make_checkpoint(tmp_path, stage=2, world=2)
-    assert resolve_checkpoint(tmp_path).state["zero_stage"] == 2
+    assert open_checkpoint(tmp_path).state["zero_stage"] == 2
     (tag_dir / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(UserError, match="missing mp_rank_00_model_states.pt"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_optimizer_shards_of_another_world_size_are_refused(tmp_path):
     tag_dir = make_checkpoint(tmp_path, world=1)
     (tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(UserError, match="holds 2 optimizer shards but dft_state.json says world_size=1"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_broken_state_file_names_the_line(tmp_path):
     tag_dir = make_checkpoint(tmp_path)
     (tag_dir / "dft_state.json").write_text('{\n"world_size": 2,\n}')
     with pytest.raises(UserError, match=r"dft_state.json:3: not valid JSON"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
     (tag_dir / "dft_state.json").write_text('{"world_size": 0, "zero_stage": 0}')
     with pytest.raises(UserError, match="'world_size' must be a positive integer.*'zero_stage' must be 1, 2 or 3"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_missing_hf_config_is_named(tmp_path):
     tag_dir = make_checkpoint(tmp_path)
     (tag_dir / "hf_config" / "config.json").unlink()
     with pytest.raises(UserError, match=r"hf_config/config.json: missing"):
-        resolve_checkpoint(tmp_path)
+        open_checkpoint(tmp_path)
 
 
 def test_unknown_precision_needs_an_explicit_dtype(tmp_path):
     make_checkpoint(tmp_path, precision="auto")
-    ref = resolve_checkpoint(tmp_path)
+    ref = open_checkpoint(tmp_path)
     with pytest.raises(UserError, match="'precision' is 'auto'.*pass --dtype"):
         convert.choose_dtype(None, ref)
     assert convert.choose_dtype("bf16", ref) == torch.bfloat16

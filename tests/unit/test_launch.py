@@ -18,7 +18,7 @@ import time
 import pytest
 
 from dft_ds import launch
-from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, UserError
+from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, UserError, report_exit_code
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "launcher", "dft-launch")
@@ -301,7 +301,7 @@ if os.environ.get("FAKE_WAIT_SIGNAL"):
         json.dump(got, fh)
 code = int(os.environ.get("FAKE_EXIT", "0"))
 if os.environ.get("FAKE_REPORT"):
-    from dft_ds.launch import report_exit_code
+    from dft_ds.errors import report_exit_code
     report_exit_code(code, "fake training stopped")
 sys.exit(code)
 """
@@ -396,7 +396,7 @@ def test_runs_module_tells_ranks_from_launchers():
 def test_torchrun_error_file_gives_the_rank_exit_code(tmp_path, monkeypatch):
     rank_file = tmp_path / "rank-error.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(rank_file))
-    launch.report_exit_code(EXIT_PREEMPTED, "stopped")
+    report_exit_code(EXIT_PREEMPTED, "stopped")
     data = json.load(open(rank_file))
     # torchrun copies the first failed rank's file and writes its real exit code into it.
     data["message"]["errorCode"] = EXIT_PREEMPTED

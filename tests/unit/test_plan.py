@@ -3,7 +3,7 @@ and the largest micro batch it reports actually fits its own budget while one mo
 
 import pytest
 
-from dft_ds.doctor import GIB, count_parameters, estimate_memory
+from dft_ds.memory import GIB, count_parameters, estimate_memory
 from dft_ds.plan import PRESETS, RESERVE_GIB, load_config, main, plan
 
 

@@ -1,0 +1,202 @@
+"""What a run decides before any process group or weights exist, computed once by `build_plan`.
+
+`dft-train` builds its run from the plan, and `dft-train --check` prints the same plan, so what
+--check says (batch, steps, resume point, loss head, precision, DeepSpeed config) is what the run
+does. Nothing here starts a process or writes a file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from dft_ds import checkpoint as ckpt
+from dft_ds import rundir
+from dft_ds.config import BatchPlan, Config, resolve_batch, resume_changes, to_dict
+from dft_ds.errors import ConfigError, ModelError
+from dft_ds.memory import GIB
+
+
+@dataclass
+class RunPlan:
+    cfg: Config
+    world_size: int
+    batch: BatchPlan
+    resume: Optional[ckpt.CheckpointRef]
+    tokenizer: Any
+    model_config: Any
+    data: Any  # dft_ds.data.TrainData
+    fingerprints: dict[str, str]
+    steps_per_epoch: int
+    total_steps: int
+    precision: str
+    on_cpu: bool
+    ds_config: dict[str, Any]
+    fused: bool
+    n_params: int
+    changed: list[str] = field(default_factory=list)   # settings a resume changes ('key changed from a to b')
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def start_step(self) -> int:
+        return self.resume.step if self.resume is not None else 0
+
+    @property
+    def complete(self) -> bool:
+        """The run directory already holds a run these settings do not extend: nothing to train."""
+        return self.resume is not None and self.start_step >= self.total_steps
+
+    @property
+    def load_universal(self) -> bool:
+        """A resume on another world size loads through DeepSpeed's universal checkpoint format."""
+        return self.resume is not None and self.resume.world_size != self.world_size
+
+    @property
+    def zero_stage(self) -> int:
+        from dft_ds.engine import zero_stage
+
+        return zero_stage(self.ds_config)
+
+    def sampler(self, rank: int):
+        from dft_ds.data import StepSampler
+
+        return StepSampler(len(self.data.rows), self.batch, rank, self.cfg.train.seed)
+
+    def identity(self) -> dict[str, Any]:
+        """What every checkpoint of this run records beside its step and sampler position."""
+        return {"world_size": self.world_size, "global_batch_size": self.batch.global_batch_size,
+                "zero_stage": self.zero_stage, "precision": self.precision, "fingerprints": self.fingerprints,
+                "config": to_dict(self.cfg)}
+
+    # ---- what is printed, the same by --check and by the run
+
+    def batch_line(self) -> str:
+        b = self.batch
+        start = f" from step {self.start_step}" if self.resume is not None else ""
+        return (f"batch: micro {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x world "
+                f"{b.world_size} = global {b.global_batch_size} rows; {self.steps_per_epoch} steps per epoch; "
+                f"{self.total_steps} steps{start}")
+
+    def loss_line(self) -> str:
+        offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
+        return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
+                f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if offload else ''}")
+
+    def output_dir_line(self) -> str:
+        path = self.cfg.train.output_dir
+        if self.complete:
+            return (f"output_dir: {path} (already complete: its checkpoint {self.resume.tag_dir} is at step "
+                    f"{self.start_step} of {self.total_steps}; nothing to train)")
+        if self.resume is not None:
+            return f"output_dir: {path} (resumes from {self.resume.tag_dir} at step {self.start_step})"
+        if rundir.is_started(path):
+            return f"output_dir: {path} (a dft_ds run without checkpoints: starts from step 0)"
+        return f"output_dir: {path} (new)"
+
+    def complete_message(self) -> str:
+        return (f"{self.cfg.train.output_dir} is already complete: its checkpoint {self.resume.tag_dir} is at step "
+                f"{self.start_step} of {self.total_steps}; nothing was trained and no file was changed. To train "
+                "further raise train.max_steps or train.epochs; for another run set a new train.output_dir")
+
+    def check_report(self) -> str:
+        """`dft-train --check`: the plan, and a per-rank memory estimate."""
+        from dft_ds.memory import estimate_memory
+
+        cfg = self.cfg
+        offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
+        mem = estimate_memory(self.n_params, self.model_config, self.zero_stage, self.world_size, self.precision,
+                              self.batch.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing,
+                              self.fused, cfg.loss.chunk_mb, offload, torch_adam=self.on_cpu)
+        ref = ""
+        if cfg.loss.uses_reference:
+            b = 2 if self.precision in ("bf16", "fp16") else 4
+            ref_bytes = b * self.n_params / (self.world_size if self.zero_stage == 3 else 1)
+            ref = f"; asft reference model {ref_bytes / GIB:.2f} GiB more"
+        lines = [
+            "dft-train --check: OK",
+            f"  {self.output_dir_line()}",
+            f"  data: {self.data.report.summary()}",
+            f"  {self.batch_line()}",
+            f"  model: {cfg.model.name_or_path}, {self.n_params / 1e6:.1f}M parameters, vocabulary "
+            f"{self.model_config.vocab_size}",
+            f"  {self.loss_line()}",
+            f"  memory per rank (rough): {mem.total / GIB:.2f} GiB = parameters {mem.params / GIB:.2f} + gradients "
+            f"{mem.grads / GIB:.2f} + optimizer {mem.optimizer / GIB:.2f} + working set {mem.working_set / GIB:.2f} + "
+            f"activations {mem.activations / GIB:.2f} + loss head {mem.loss_head / GIB:.2f}{ref}",
+        ]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def build_plan(cfg: Config, world_size: int) -> RunPlan:
+    """Everything a run decides before it starts; raises UserError on bad input, having written nothing."""
+    from dft_ds import engine as eng
+    from dft_ds import model as mdl
+    from dft_ds.data import StepSampler, build_train_data
+    from dft_ds.memory import count_parameters, meta_model
+
+    out = cfg.train.output_dir
+    rundir.check_output_dir(cfg)
+    warnings: list[str] = []
+    resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append)
+    batch = resolve_batch(cfg.train, world_size, resume.state.get("global_batch_size") if resume else None)
+    if batch.note:
+        warnings.append(batch.note)
+    tokenizer = mdl.load_tokenizer(cfg.model)
+    model_config = mdl.load_model_config(cfg.model, tokenizer)
+    data = build_train_data(cfg.data, tokenizer, cfg.train.seed)
+    prints = rundir.fingerprints(model_config, tokenizer, data.rows)
+    precision = eng.resolve_precision(cfg.train.precision)
+    changed: list[str] = []
+    if resume is not None:
+        ckpt.check_fingerprints(resume, prints)
+        changed = check_resume_settings(resume, cfg, precision)
+        warnings += [f"resume: {c}" for c in changed]
+    rundir.check_run_fingerprints(out, prints)
+    steps_per_epoch = StepSampler(len(data.rows), batch, 0, cfg.train.seed).steps_per_epoch
+    total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    on_cpu = eng.device().type == "cpu"
+    load_universal = resume is not None and resume.world_size != world_size
+    if load_universal:
+        warnings.append(f"resume: world size {resume.world_size} -> {world_size}; loading through DeepSpeed's "
+                        "universal checkpoint format")
+    ds_config = eng.render_ds_config(cfg, batch, precision, model_config.hidden_size, on_cpu,
+                                     load_universal=load_universal)
+    model = meta_model(model_config, cfg.model.trust_remote_code)
+    fused = choose_fused_head(cfg, model, warnings.append)
+    return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
+                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), changed, warnings)
+
+
+def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str) -> list[str]:
+    """Refuse settings that change what the weights mean (exit 2, naming each key and the directory);
+    return the other changed settings, which continue the run."""
+    fixed, other = resume_changes(resume.config, cfg)
+    saved_precision = resume.state.get("precision")
+    if saved_precision is not None and saved_precision != precision:
+        fixed.append(f"train.precision resolves to {precision!r} here, but the checkpoint trained in "
+                     f"{saved_precision!r}")
+    if fixed:
+        listed = "\n".join(f"  - {c}" for c in fixed)
+        raise ConfigError(
+            f"cannot resume {cfg.train.output_dir} from {resume.tag_dir}: these settings change what its weights "
+            f"mean:\n{listed}\nset them back to the checkpoint's values to continue that run, or set a new "
+            "train.output_dir for a new run (runs are never overwritten)")
+    return other
+
+
+def choose_fused_head(cfg: Config, model, warn) -> bool:
+    """loss.fused: auto uses the fused head + loss where it computes the same loss; true insists."""
+    from dft_ds.model import fused_head_problem
+
+    if cfg.loss.fused == "false":
+        return False
+    problem = fused_head_problem(model, cfg.model.trust_remote_code)
+    if problem is None:
+        return True
+    if cfg.loss.fused == "true":
+        raise ModelError(f"loss.fused=true: the fused head cannot stand in for {cfg.model.name_or_path}: {problem}; "
+                         "set loss.fused=auto or false")
+    warn(f"loss.fused=auto: using full logits, because {problem}")
+    return False
