@@ -63,7 +63,8 @@ write_conf() {
     cpus=$(nproc)
     mkdir -p "$DIR/state" "$DIR/spool"
     : > "$MARK"
-    # Settings from FACTS.md ("A real Slurm on one machine"). Why the others are there:
+    # Slurm 22.05 (Debian) was seen to start on one machine with auth/none, cred/none, SlurmUser=root,
+    # proctrack/linuxproc, task/none, select/cons_tres and cgroup/v1 without automount. Why the others are there:
     #   JobRequeue=1         batch jobs may requeue themselves (`scontrol requeue`, train.sbatch's trap)
     #   MinJobAge=3600       finished jobs stay visible to `scontrol show job` (no slurmdbd, so no sacct)
     #   JobCompType          one line per finished run of a job (also each run before a requeue)

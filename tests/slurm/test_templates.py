@@ -33,6 +33,10 @@ FAKE_PYTHON = """#!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_LOG/python.args"
 exit "${FAKE_RC:-0}"
 """
+FAKE_SBATCH = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_LOG/sbatch.args"
+echo 4242
+"""
 
 
 def write_exe(path, text):
@@ -49,7 +53,9 @@ def fake(tmp_path):
         d.mkdir(parents=True)
     write_exe(bin_dir / "srun", FAKE_SRUN)
     write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    write_exe(bin_dir / "sbatch", FAKE_SBATCH)
     write_exe(venv / "bin" / "python3", FAKE_PYTHON)
+    write_exe(venv / "bin" / "python", FAKE_PYTHON)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "FAKE_LOG": str(logs),
            "REPO": harness.REPO, "VENV": str(venv), "SLURM_JOB_ID": "123", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_SUBMIT_DIR": str(tmp_path)}
@@ -64,9 +70,68 @@ def lines(path):
     return path.read_text().splitlines() if path.exists() else []
 
 
-@pytest.mark.parametrize("script", [harness.TRAIN, harness.CONVERT])
-def test_templates_parse(script):
-    assert subprocess.run(["bash", "-n", script]).returncode == 0
+SLURM_DIR = os.path.join(harness.REPO, "slurm")
+
+
+def train_call(tmp, env, logs):
+    """Defaults: one dft-launch per node through srun, torchrun inside."""
+    return logs / "srun.args", ["--nodes=2", "--ntasks-per-node=1", str(tmp / "venv" / "bin" / "python3"),
+                                os.path.join(harness.REPO, "launcher", "dft-launch"), "--via", "torchrun"]
+
+
+def convert_call(tmp, env, logs):
+    env.update(CHECKPOINT_DIR="runs/r/checkpoints")
+    return logs / "python.args", ["-m", "dft_ds.convert", "runs/r/checkpoints", "runs/r/hf", "--no-progress"]
+
+
+def eval_call(tmp, env, logs):
+    """Array task 1 of 2: its shard of dft-eval (task 0 would also submit the merge)."""
+    env.update(MODEL="runs/r/hf", BENCHMARKS="synthetic math500=m.jsonl", OUT="evals/r", SLURM_ARRAY_TASK_ID="1",
+               SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_JOB_ID="77")
+    return logs / "python.args", ["-m", "dft_ds.eval", "--model", "runs/r/hf", "--shard", "1/2", "--out",
+                                  "evals/r.shards/shard-1-of-2", "--samples", "16", "--temperature", "1.0",
+                                  "--backend", "hf", "--no-progress", "--benchmark", "synthetic", "--benchmark",
+                                  "math500=m.jsonl"]
+
+
+# Every template in slurm/, with how to run it and the command it must hand to the (fake) scheduler.
+TEMPLATE_CALLS = {"train.sbatch": train_call, "convert.sbatch": convert_call, "eval.sbatch": eval_call}
+
+
+def test_every_template_is_exercised_here():
+    assert sorted(n for n in os.listdir(SLURM_DIR) if n.endswith(".sbatch")) == sorted(TEMPLATE_CALLS)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATE_CALLS))
+def test_every_template_runs_against_fakes(fake, name):
+    tmp, env, logs = fake
+    record, expected = TEMPLATE_CALLS[name](tmp, env, logs)
+    proc = run_template(os.path.join(SLURM_DIR, name), [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert lines(record) == expected
+
+
+def test_eval_task_zero_submits_the_merge_once(fake):
+    tmp, env, logs = fake
+    eval_call(tmp, env, logs)
+    env.update(SLURM_ARRAY_TASK_ID="0")
+    for _ in range(2):  # a requeued task 0 must not submit a second merge
+        proc = run_template(os.path.join(SLURM_DIR, "eval.sbatch"), [], env, tmp)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        if _ == 0:
+            submit = lines(logs / "sbatch.args")
+            (logs / "sbatch.args").unlink()
+    assert submit[:4] == ["--parsable", "--dependency=afterok:77", "--array=0", "--job-name=dft-eval-merge"]
+    assert "MODE=merge,SHARD_COUNT=2,OUT=evals/r" in submit[4] and submit[-1].endswith("slurm/eval.sbatch")
+    assert not (logs / "sbatch.args").exists()
+    assert lines(logs / "python.args")[:6] == ["-m", "dft_ds.eval", "--model", "runs/r/hf", "--shard", "0/2"]
+
+
+def test_a_template_without_its_required_knob_exits_2(fake):
+    tmp, env, logs = fake
+    proc = run_template(os.path.join(SLURM_DIR, "eval.sbatch"), [], env, tmp)
+    assert proc.returncode == 2 and "set OUT" in proc.stdout
+    assert not (logs / "python.args").exists()
 
 
 def test_train_passes_user_values_through_as_literal_words(fake):

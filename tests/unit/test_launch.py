@@ -202,7 +202,7 @@ def test_contradictory_input_is_a_user_error(argv, env_extra, message):
 
 
 def test_torchrun_in_the_batch_shell_of_a_multi_node_job_is_refused(fakebin):
-    # Every node would read SLURM_NODEID=0 there (the pitfall in FACTS.md).
+    # Every node would read SLURM_NODEID=0 there: the batch shell runs on the first node only.
     with pytest.raises(UserError, match="srun --ntasks-per-node=1"):
         plan_for(["--via", "torchrun"], slurm_env(fakebin, in_task=False))
 
