@@ -426,15 +426,11 @@ def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[Checkpoin
                           "no older intact checkpoint exists; use checkpoint.resume=none with a new train.output_dir")
 
 
-def check_fingerprints(point: CheckpointRef, current: dict[str, str]) -> None:
-    """Refuse a resume whose model, tokenizer or data differ from the checkpoint's."""
+def fingerprint_changes(point: CheckpointRef, current: dict[str, str]) -> list[str]:
+    """How the model, tokenizer and data of this run differ from the checkpoint's, one line each."""
     saved = point.state.get("fingerprints", {})
-    changed = [k for k in ("model", "tokenizer", "data") if saved.get(k) != current.get(k)]
-    if changed:
-        raise CheckpointError(
-            f"{point.tag_dir}: cannot resume: the {', '.join(changed)} differ from the checkpoint's "
-            f"(fingerprints {', '.join(f'{k} {saved.get(k)} -> {current.get(k)}' for k in changed)}); "
-            "resume only with the same model, tokenizer and data, or start a new train.output_dir")
+    return [f"the {k} differ from the checkpoint's (fingerprint {saved.get(k)} -> {current.get(k)})"
+            for k in ("model", "tokenizer", "data") if saved.get(k) != current.get(k)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -572,7 +572,8 @@ RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_cod
 def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[str], list[str]]:
     """(fixed, other): the settings that differ from a checkpoint's resolved config (config.to_dict),
     as 'key: old -> new', split into those RESUME_FIXED refuses and those a resume may change.
-    The checkpoint section (how to save and resume) is never compared."""
+    Neither the checkpoint section (how to save and resume) nor train.output_dir (a run directory may
+    be moved or copied) is compared."""
     fixed, other = [], []
     for section, values in to_dict(cfg).items():
         if section == "checkpoint":
@@ -582,6 +583,8 @@ def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[
             if before == value:
                 continue
             key = f"{section}.{name}"
+            if key == "train.output_dir":
+                continue
             text = f"{key} changed from {before!r} to {value!r}"
             (fixed if key in RESUME_FIXED or f"{section}.*" in RESUME_FIXED else other).append(text)
     return fixed, other

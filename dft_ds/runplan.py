@@ -150,8 +150,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     precision = eng.resolve_precision(cfg.train.precision)
     changed: list[str] = []
     if resume is not None:
-        ckpt.check_fingerprints(resume, prints)
-        changed = check_resume_settings(resume, cfg, precision)
+        changed = check_resume_settings(resume, cfg, precision, prints)
         warnings += [f"resume: {c}" for c in changed]
     rundir.check_run_fingerprints(out, prints)
     steps_per_epoch = StepSampler(len(data.rows), batch, 0, cfg.train.seed).steps_per_epoch
@@ -169,20 +168,23 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
                    total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), changed, warnings)
 
 
-def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str) -> list[str]:
-    """Refuse settings that change what the weights mean (exit 2, naming each key and the directory);
-    return the other changed settings, which continue the run."""
+def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str,
+                          prints: dict[str, str]) -> list[str]:
+    """Refuse settings that change what the weights mean, and a model, tokenizer or data that differ
+    from the checkpoint's (exit 2, naming each key and the directory); return the other changed
+    settings, which continue the run."""
     fixed, other = resume_changes(resume.config, cfg)
     saved_precision = resume.state.get("precision")
     if saved_precision is not None and saved_precision != precision:
         fixed.append(f"train.precision resolves to {precision!r} here, but the checkpoint trained in "
                      f"{saved_precision!r}")
+    fixed += ckpt.fingerprint_changes(resume, prints)
     if fixed:
         listed = "\n".join(f"  - {c}" for c in fixed)
         raise ConfigError(
-            f"cannot resume {cfg.train.output_dir} from {resume.tag_dir}: these settings change what its weights "
-            f"mean:\n{listed}\nset them back to the checkpoint's values to continue that run, or set a new "
-            "train.output_dir for a new run (runs are never overwritten)")
+            f"cannot resume {cfg.train.output_dir} from {resume.tag_dir}: what its weights mean would change:\n"
+            f"{listed}\nset these back to the checkpoint's to continue that run (same model, tokenizer and data), "
+            "or set a new train.output_dir for a new run (runs are never overwritten)")
     return other
 
 

@@ -132,7 +132,8 @@ def test_changed_data_is_refused_and_nothing_is_touched(tmp_path, straight):
     before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(out) for p in fs}
     rc, log = train(tmp_path, out, 2, "train.max_steps=12", "data.synthetic_size=301")
     assert_exit(rc, log, 2)
-    assert "cannot resume: the data differ from the checkpoint's" in log
+    assert f"cannot resume {out} from {out / 'checkpoints' / 'step-8'}" in log
+    assert "data.synthetic_size changed from 300 to 301" in log and "the data differ from the checkpoint's" in log
     after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(out) for p in fs}
     assert before == after
 
