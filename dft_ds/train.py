@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "tokens, steps, per-rank memory estimate) and exit 0, or 2 on bad input; writes nothing")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="with --check: the number of ranks to plan for (default: $WORLD_SIZE or 1)")
-    ns = parser.parse_args(argv)
+    # Options and overrides may come in any order: `--check CONFIG --world-size 8 key=value`.
+    ns = parser.parse_intermixed_args(argv)
     ns.config, ns.overrides = None, []
     for i, item in enumerate(ns.args):
         if "=" in item:

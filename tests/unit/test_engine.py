@@ -42,6 +42,14 @@ def test_config_file_then_overrides():
     assert ns.config == "c.yaml" and ns.overrides == ["a.b=1", "c.d=2"]
 
 
+@pytest.mark.parametrize("argv", [["--check", "c.yaml", "--world-size", "8", "a.b=1"],
+                                  ["c.yaml", "a.b=1", "--check", "--world-size=8"],
+                                  ["--world-size", "8", "c.yaml", "--check", "a.b=1"]])
+def test_options_and_overrides_mix_in_any_order(argv):
+    ns = parse_args(argv)
+    assert ns.check and ns.world_size == 8 and ns.config == "c.yaml" and ns.overrides == ["a.b=1"]
+
+
 def render(overrides=(), on_cpu=True, precision="fp32", plan=BatchPlan(4, 2, 2), hidden=256):
     return engine.render_ds_config(load_config(None, list(overrides)), plan, precision, hidden, on_cpu)
 
