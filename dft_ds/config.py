@@ -99,7 +99,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/dft-tiny"
-    """Run directory: resolved config, metrics.jsonl, tensorboard/. Must not already hold a run."""
+    """Run directory: resolved config, metrics.jsonl, tensorboard/, checkpoints/. The same for every start, so a requeued job resumes its run; one holding a dft_ds run is resumed only with settings that keep what its weights mean (docs/checkpoints.md), so set a new one for each new run."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
     micro_batch_size: int = 4

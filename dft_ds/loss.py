@@ -148,6 +148,11 @@ def _parts(loss: torch.Tensor, loss_sum: torch.Tensor, logp: torch.Tensor, kl_su
                      hist=torch.histc(p.float().cpu(), bins=HIST_BINS, min=0.0, max=1.0))
 
 
+def kl_term_on(reference, kl_coef: float) -> bool:
+    """The KL(reference || model) term is added when a reference is given with a positive weight."""
+    return reference is not None and kl_coef > 0
+
+
 def compute_loss(weighting: TokenWeight | str, logits, labels, *, num_tokens, prob_floor: float = 0.0,
                  ref_logits: Optional[torch.Tensor] = None, kl_coef: float = 0.0,
                  ignore_index: int = IGNORE_INDEX) -> LossParts:
@@ -158,7 +163,7 @@ def compute_loss(weighting: TokenWeight | str, logits, labels, *, num_tokens, pr
     logp, mask = target_logprobs(logits, labels, ignore_index)
     token_loss = -weighting(logp) * logp
     kl_sum = 0.0
-    if ref_logits is not None and kl_coef > 0:
+    if kl_term_on(ref_logits, kl_coef):
         kl = kl_ref_model(logits.reshape(-1, logits.shape[-1])[mask], ref_logits.reshape(-1, ref_logits.shape[-1])[mask])
         token_loss = token_loss + kl_coef * kl
         kl_sum = float(kl.detach().sum())
@@ -201,7 +206,7 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         flat_y = labels.reshape(-1)
         idx = (flat_y != ignore_index).nonzero().squeeze(1)
         rows, targets = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
-        use_ref = ref_hidden is not None and kl_coef > 0
+        use_ref = ref_hidden is not None  # fused_linear_loss passes it only when the term is on
         if use_ref:
             ref_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, idx)
         # Accumulate in fp32 from bf16/fp16 inputs (fp64 stays fp64). The upcast weight is a copy
@@ -295,7 +300,7 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
     gives, without ever holding [tokens, vocab] logits. With ref_hidden/ref_weight (a frozen
     reference model's last hidden states and head) and kl_coef > 0, adds kl_coef x KL(ref || model)."""
     _check_shapes(hidden, weight, labels)
-    use_ref = ref_hidden is not None and kl_coef > 0
+    use_ref = kl_term_on(ref_hidden, kl_coef)
     if use_ref:
         _check_shapes(ref_hidden, ref_weight, labels)
         if ref_weight.shape[0] != weight.shape[0]:

@@ -9,6 +9,10 @@ import json
 import os
 from typing import Any
 
+# The files a logger writes in the run directory.
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+TENSORBOARD = "tensorboard"
 # Keys of metrics.jsonl -> TensorBoard tags (namespaced).
 TB_TAGS = {
     "loss": "train/loss",
@@ -28,13 +32,13 @@ class MetricsLogger:
     def __init__(self, output_dir: str, tensorboard: bool, progress_bar: bool, total_steps: int,
                  purge_step: int | None = None):
         self._dir = output_dir
-        self._jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._jsonl = open(os.path.join(output_dir, METRICS_FILE), "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events a previous session wrote past the step this one resumes from.
-            self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
+            self._tb = SummaryWriter(os.path.join(output_dir, TENSORBOARD), purge_step=purge_step)
         # The bar is opened at the first step, so the set-up lines print above it, not through it.
         self._bar, self._want_bar, self._total = None, progress_bar, total_steps
 
@@ -68,7 +72,7 @@ class MetricsLogger:
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         """Evaluation results go to eval.jsonl (metrics.jsonl stays one row per training step)."""
-        with open(os.path.join(self._dir, "eval.jsonl"), "a", encoding="utf-8") as fh:
+        with open(os.path.join(self._dir, EVAL_FILE), "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:
             self._tb.add_scalar(f"eval/{values['benchmark']}/accuracy", values["accuracy"], step)

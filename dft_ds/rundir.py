@@ -1,11 +1,13 @@
 """The run directory (`train.output_dir`): whether it is new or ours, what rank 0 writes into it at
-a start, and what it writes at the end. Its sub-folders are named here and nowhere else.
+a start, and what it writes at the end. Its files and sub-folders are named here, except the
+logger's own (metrics.jsonl, eval.jsonl, tensorboard/), which metrics.py names.
 
     config.yaml           the resolved config of the latest segment, headed by world size and precision
     config_history.jsonl  one line per start that trained: step, world size, batch, what changed
     ds_config.json        the rendered DeepSpeed config
     fingerprints.json     model, tokenizer and data hashes; a start with other ones is refused
     metrics.jsonl         one line per logged step (trimmed back to the checkpoint on a resume)
+    eval.jsonl            with eval.every_steps: one line per evaluation
     tensorboard/          the same figures as TensorBoard events
     checkpoints/          see dft_ds/checkpoint.py
     hf/                   with export.hf: the final weights as a Hugging Face directory
@@ -25,15 +27,14 @@ from typing import Any
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
 from dft_ds.errors import UserError
+from dft_ds.metrics import METRICS_FILE  # metrics.py names the files its logger writes
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config_history.jsonl"
 DS_CONFIG_FILE = "ds_config.json"
 FINGERPRINTS_FILE = "fingerprints.json"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-TENSORBOARD = "tensorboard"
 HF_EXPORT = "hf"
 
 
