@@ -97,7 +97,8 @@ class RunPlan:
     def complete_message(self) -> str:
         return (f"{self.cfg.train.output_dir} is already complete: its checkpoint {self.resume.tag_dir} is at step "
                 f"{self.start_step} of {self.total_steps}; nothing was trained and no file was changed. To train "
-                "further raise train.max_steps or train.epochs; for another run set a new train.output_dir")
+                "further raise train.max_steps or train.epochs; for another run set a new train.output_dir; to "
+                f"export it, run dft-convert {rundir.checkpoints_dir(self.cfg.train.output_dir)} OUT_DIR")
 
     def check_report(self) -> str:
         """`dft-train --check`: the plan, and a per-rank memory estimate."""

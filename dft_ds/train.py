@@ -25,7 +25,7 @@ EXAMPLES = """\
 examples:
   dft-train                                   # the embedded default: tiny Llama, synthetic math, DFT
   dft-train configs/qwen2.5-math-1.5b_numina.yaml train.output_dir=runs/q15
-  deepspeed --num_gpus 8 --module dft_ds.train CONFIG.yaml loss.type=sft
+  deepspeed --num_gpus 8 --module dft_ds.train CONFIG.yaml loss.type=sft train.output_dir=runs/my-sft
   torchrun --nproc-per-node 2 -m dft_ds.train train.max_steps=20
   dft-train --check CONFIG.yaml --world-size 8   # validate everything and print the plan; writes nothing
 """
