@@ -29,7 +29,7 @@ run: venv
 	@echo "results: $(OUT) (metrics.jsonl, tensorboard/, checkpoints/, config.yaml, summary.json)"
 
 test: venv
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit -q -m "not slow"
