@@ -53,6 +53,11 @@ class RunPlan:
         return self.resume is not None and self.resume.world_size != self.world_size
 
     @property
+    def offload(self) -> bool:
+        """The DeepSpeed config keeps optimizer states (and under ZeRO-3 parameters) in host memory."""
+        return "offload_optimizer" in self.ds_config.get("zero_optimization", {})
+
+    @property
     def zero_stage(self) -> int:
         from dft_ds.engine import zero_stage
 
@@ -79,9 +84,8 @@ class RunPlan:
                 f"{self.total_steps} steps{start}")
 
     def loss_line(self) -> str:
-        offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
         return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
-                f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if offload else ''}")
+                f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if self.offload else ''}")
 
     def output_dir_line(self) -> str:
         path = self.cfg.train.output_dir
@@ -105,10 +109,9 @@ class RunPlan:
         from dft_ds.memory import estimate_memory
 
         cfg = self.cfg
-        offload = "offload_optimizer" in self.ds_config.get("zero_optimization", {})
         mem = estimate_memory(self.n_params, self.model_config, self.zero_stage, self.world_size, self.precision,
                               self.batch.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing,
-                              self.fused, cfg.loss.chunk_mb, offload, torch_adam=self.on_cpu)
+                              self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu)
         ref = ""
         if cfg.loss.uses_reference:
             b = 2 if self.precision in ("bf16", "fp16") else 4
