@@ -35,8 +35,8 @@ class ModelConfig:
     """Tokenizer directory or hub name; null means the same as model.name_or_path."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: eager, sdpa or flash_attention_2 (GPU only)."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed), else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents stay apart with each; the batch line says which runs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
 
@@ -223,7 +223,7 @@ SYNTHETIC_PROFILE: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
     "data.format": ("prompt_response", "messages"),
     "data.preset": tuple(PRESETS),
     "data.template": ("auto", "chat", "plain"),

@@ -174,11 +174,10 @@ def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: st
     if not response.strip():
         raise DataError(f"{where}: field '{cfg.response_field}' is empty (a response needs text to learn from)")
     if chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    else:
-        prompt = prompt + "\n"
-    return [(prompt, False), (response, True)]
+        # The template renders the reply too, so its end-of-turn marker (not a bare EOS) is the target end.
+        return _chat_segments([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                              tokenizer, where)
+    return [(prompt + "\n", False), (response, True)]
 
 
 def _field(row: dict, name: str, kind: type, where: str):
@@ -200,13 +199,55 @@ def _chat_segments(messages: list, tokenizer, where: str) -> list[tuple[str, boo
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: the conversation has no non-empty assistant turn to learn from")
     segments, done = [], ""
+    specials = _special_strings(tokenizer)
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
             # The generation prompt (e.g. "<|assistant|>\n") belongs to the prompt, even before a first turn.
-            done = _append(segments, done, _generation_prompt(tokenizer, messages[:i]), False, where)
-        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        done = _append(segments, done, after, msg["role"] == "assistant", where)
+            done = _append(segments, done, _render(tokenizer, messages[:i], where, generation=True), False, where)
+        after = _render(tokenizer, messages[: i + 1], where)
+        if msg["role"] != "assistant":
+            done = _append(segments, done, after, False, where)
+            continue
+        # The target is the reply up to its end-of-turn marker; what a template writes after the
+        # marker (the newline between turns in ChatML and Gemma) is not part of the reply.
+        added = after[len(done):] if after.startswith(done) else ""
+        end = _turn_end(added, specials)
+        done = _append(segments, done, done + added[:end], True, where)
+        done = _append(segments, done, after, False, where)
     return segments
+
+
+def _special_strings(tokenizer) -> list[str]:
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            found.add(str(token))
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _turn_end(added: str, specials: list[str]) -> int:
+    """Where an assistant turn's text ends: after its last special token when only whitespace follows
+    it, else at the end of the text."""
+    best = -1
+    for token in specials:
+        at = added.rfind(token)
+        if at >= 0:
+            best = max(best, at + len(token))
+    if best < 0 or added[best:].strip():
+        return len(added)
+    return best
+
+
+def _render(tokenizer, messages: list, where: str, generation: bool = False) -> str:
+    """The chat template's text, or a DataError naming the row (e.g. a template that refuses a role)."""
+    try:
+        if generation:
+            return _generation_prompt(tokenizer, messages)
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
+        roles = ", ".join(m["role"] for m in messages)
+        raise DataError(f"{where}: the tokenizer's chat template refuses this conversation ({exc}; roles: {roles}); "
+                        "fix the data, or set model.tokenizer to a tokenizer whose template accepts it") from None
 
 
 def _generation_prompt(tokenizer, history: list) -> str:
@@ -283,7 +324,7 @@ def tokenize_dataset(raw: RawData, cfg: DataConfig, tokenizer) -> tuple[list[lis
     """Tokenise every sample; apply the over-length policy; fail on any malformed row."""
     chat = use_chat_template(cfg, tokenizer)
     is_chat_rendered = chat or cfg.format == "messages"
-    add_eos = cfg.format == "prompt_response"
+    add_eos = cfg.format == "prompt_response" and not chat  # a chat template ends the reply itself
     report = DataReport(samples=len(raw.dataset))
     all_ids, all_labels = [], []
     for index, row in enumerate(raw.dataset):

@@ -258,7 +258,7 @@ class ReferenceEngine:
     def forward(self, batch: dict[str, torch.Tensor], hidden: bool):
         """Last hidden states (the fused path gathers the head itself) or full logits."""
         if hidden:
-            return _forward(self.ds, self.device, batch, head_loss=lambda h, _w: h)
+            return _forward(self.ds, self.device, batch, head_loss=lambda h, _w, _cap: h)
         return _forward(self.ds, self.device, batch).logits
 
     def gathered_head(self):
@@ -386,7 +386,8 @@ def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEng
     from dft_ds import model as mdl
 
     cfg, dtype = plan.cfg, torch_dtype(plan.precision)
-    model, keepalive = mdl.build_model(cfg.model, plan.model_config, plan.ds_config, dtype, cfg.train.seed)
+    model, keepalive = mdl.build_model(cfg.model, plan.model_config, plan.ds_config, dtype, cfg.train.seed,
+                                       attention=plan.attention)
     if plan.fused:
         mdl.attach_head_loss(model)
     engine = Engine(model, plan.ds_config, dist, plan.total_steps, cfg)
@@ -395,7 +396,8 @@ def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEng
     if cfg.loss.uses_reference:
         ref_config = reference_ds_config(plan.ds_config)
         ref_model, keepalive = mdl.build_model(replace(cfg.model, gradient_checkpointing=False),
-                                               plan.model_config, ref_config, dtype, cfg.train.seed)
+                                               plan.model_config, ref_config, dtype, cfg.train.seed,
+                                               attention=plan.attention)
         if plan.fused:
             mdl.attach_head_loss(ref_model)
         reference = ReferenceEngine(ref_model, ref_config)

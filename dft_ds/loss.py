@@ -195,12 +195,13 @@ def default_chunk_rows(vocab: int, budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTE
 
 
 class _FusedLinearTokenLoss(torch.autograd.Function):
-    """SUM over target rows of -w * log softmax(h @ W.T)_y [+ kl_coef * KL(ref || model)];
-    gradients computed in the forward pass. Also returns the detached target log-probs and KL sum."""
+    """SUM over target rows of -w * log softmax(z)_y [+ kl_coef * KL(ref || model)], where z = h @ W.T,
+    or z = cap * tanh(h @ W.T / cap) with a softcap; gradients computed in the forward pass. Also
+    returns the detached target log-probs and KL sum."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, weighting: TokenWeight, ignore_index: int, chunk_size: int,
-                need_grads: bool, ref_hidden, ref_weight, kl_coef: float):
+                need_grads: bool, ref_hidden, ref_weight, kl_coef: float, softcap: Optional[float]):
         hidden_shape, hidden_dtype = hidden.shape, hidden.dtype
         flat_h = hidden.reshape(-1, hidden.shape[-1])
         flat_y = labels.reshape(-1)
@@ -225,6 +226,13 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             h = rows[start:start + chunk_size].to(cdt)
             y = targets[start:start + chunk_size].unsqueeze(1)
             z = h @ w.T                                     # [c, V], the model's only vocab-sized tensor
+            if softcap:
+                # z <- cap * tanh(z / cap), in place; dz/draw = 1 - tanh^2 needs one more [c, V] (the
+                # chunk is halved for it by fused_linear_loss).
+                t = z.div_(softcap).tanh_()
+                dcap = torch.mul(t, t).neg_().add_(1) if (want_h or want_w) else None
+                z = t.mul_(softcap)
+                del t
             z_y = z.gather(1, y)                            # [c, 1]
             # log-sum-exp by hand, in z's storage: torch.logsumexp allocates a second [c, V].
             z_max = z.amax(dim=-1, keepdim=True)
@@ -237,7 +245,11 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             probs = e.div_(sum_e)                           # softmax, still in z's storage
             if use_ref:
                 # KL(q || p) = sum_v q (log q - log p), d/dz = p - q. log p from the same storage.
-                logq = torch.log_softmax(ref_rows[start:start + chunk_size].to(cdt) @ w_ref.T, dim=-1)
+                ref_z = ref_rows[start:start + chunk_size].to(cdt) @ w_ref.T
+                if softcap:
+                    ref_z = ref_z.div_(softcap).tanh_().mul_(softcap)
+                logq = torch.log_softmax(ref_z, dim=-1)
+                del ref_z
                 q = logq.exp()
                 logq.sub_(probs.clamp(min=torch.finfo(cdt).tiny).log_())   # log q - log p, in place
                 kl_total += torch.vdot(q.reshape(-1), logq.reshape(-1))    # no [c, V] temporary
@@ -247,6 +259,9 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
                 dz = probs.mul_(tok_w + kl_coef if use_ref else tok_w).scatter_add_(1, y, -tok_w)
                 if use_ref:
                     dz.sub_(q.mul_(kl_coef))
+                if softcap:
+                    dz.mul_(dcap)                           # through the cap: d/draw = d/dz * (1 - tanh^2)
+                    del dcap
                 if want_h:
                     torch.mm(dz, w, out=grad_rows[start:start + chunk_size])
                 if want_w:
@@ -283,7 +298,7 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             # In place: the fp32 [V, H] accumulator is the largest thing here, so no second copy.
             ctx.grad_w = None
             grad_weight = grad_w.mul_(grad_out).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _check_shapes(hidden, weight, labels) -> None:
@@ -295,19 +310,22 @@ def _check_shapes(hidden, weight, labels) -> None:
 
 def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tokens=None,
                       ignore_index: int = IGNORE_INDEX, chunk_size: Optional[int] = None,
-                      chunk_budget: int = DEFAULT_CHUNK_BUDGET_BYTES, ref_hidden=None, ref_weight=None, kl_coef: float = 0.0) -> LossParts:
+                      chunk_budget: int = DEFAULT_CHUNK_BUDGET_BYTES, ref_hidden=None, ref_weight=None, kl_coef: float = 0.0,
+                      softcap: Optional[float] = None) -> LossParts:
     """The whole loss family on the fused path: LossParts as `compute_loss(weighting, hidden @ weight.T, ...)`
     gives, without ever holding [tokens, vocab] logits. With ref_hidden/ref_weight (a frozen
-    reference model's last hidden states and head) and kl_coef > 0, adds kl_coef x KL(ref || model)."""
+    reference model's last hidden states and head) and kl_coef > 0, adds kl_coef x KL(ref || model).
+    With `softcap` the logits are cap * tanh(hidden @ weight.T / cap) (Gemma 2's final_logit_softcapping),
+    for the model and the reference alike."""
     _check_shapes(hidden, weight, labels)
     use_ref = kl_term_on(ref_hidden, kl_coef)
     if use_ref:
         _check_shapes(ref_hidden, ref_weight, labels)
         if ref_weight.shape[0] != weight.shape[0]:
             raise ValueError(f"fused loss: reference vocabulary {ref_weight.shape[0]} != model's {weight.shape[0]}")
-    # With a reference, a chunk holds up to four [c, V] tensors at once instead of one.
+    # With a reference, a chunk holds up to four [c, V] tensors at once instead of one; a softcap adds one.
     if chunk_size is None:
-        chunk = max(1, default_chunk_rows(weight.shape[0], chunk_budget) // (4 if use_ref else 1))
+        chunk = max(1, default_chunk_rows(weight.shape[0], chunk_budget) // ((4 if use_ref else 1) + bool(softcap)))
     else:
         chunk = int(chunk_size)
     if chunk < 1:
@@ -315,7 +333,8 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total, logps, kl = _FusedLinearTokenLoss.apply(hidden, weight, labels, weighting, int(ignore_index), chunk,
                                                    need_grads, ref_hidden if use_ref else None,
-                                                   ref_weight if use_ref else None, float(kl_coef))
+                                                   ref_weight if use_ref else None, float(kl_coef),
+                                                   float(softcap) if softcap else None)
     count = logps.numel() if num_tokens is None else num_tokens
     if isinstance(count, torch.Tensor):
         loss = total / count.clamp(min=1).to(total.dtype)

@@ -58,7 +58,70 @@ def load_model_config(cfg: ModelConfig, tokenizer):
     return config
 
 
-def build_model(cfg: ModelConfig, config, ds_config: dict[str, Any], dtype: torch.dtype, seed: int):
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
+# How each kernel keeps packed documents apart. Rows carry no attention_mask, only position_ids that
+# restart at 0 for every document: flash-attention reads the restarts as variable-length sequences;
+# for the others transformers builds a block-diagonal causal mask from the same restarts.
+PACKED_ISOLATION = {"flash_attention_2": "variable-length sequences from position ids",
+                    "sdpa": "a block mask from position ids", "eager": "a block mask from position ids",
+                    "flex_attention": "a block mask from position ids"}
+
+
+def _model_class(config):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None  # a model with its own code (trust_remote_code): its class is not known here
+
+
+def supported_attention(config) -> list[str]:
+    """The attention kernels this model's class supports (eager always), or [] when unknown."""
+    cls = _model_class(config)
+    if cls is None:
+        return []
+    out = ["eager"]
+    if getattr(cls, "_supports_sdpa", False):
+        out.append("sdpa")
+    if getattr(cls, "_supports_flash_attn", False):
+        out.append("flash_attention_2")
+    if getattr(cls, "_supports_flex_attn", False):
+        out.append("flex_attention")
+    return out
+
+
+def _flash_attn_usable(on_cuda: bool) -> bool:
+    if not on_cuda:
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attention(requested: str, config, on_cuda: bool) -> str:
+    """model.attn_implementation: `auto` picks, among the kernels the model supports, flash-attention
+    (on CUDA, when installed), else sdpa, else eager (Gemma 2: sdpa cannot softcap attention scores).
+    An explicit choice the model or machine cannot run is refused (ModelError, exit 2)."""
+    supported = supported_attention(config)
+    name = type(config).__name__
+    if requested == "auto":
+        if not supported:
+            return "sdpa"
+        if "flash_attention_2" in supported and _flash_attn_usable(on_cuda):
+            return "flash_attention_2"
+        return "sdpa" if "sdpa" in supported else "eager"
+    if supported and requested not in supported:
+        raise ModelError(f"model.attn_implementation={requested}: this model ({name}) supports "
+                         f"{', '.join(supported)}; set one of them, or auto")
+    if requested == "flash_attention_2" and not _flash_attn_usable(on_cuda):
+        raise ModelError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash_attn "
+                         "package; set model.attn_implementation=auto to use sdpa or eager here")
+    return requested
+
+
+def build_model(cfg: ModelConfig, config, ds_config: dict[str, Any], dtype: torch.dtype, seed: int,
+                attention: str = "sdpa"):
     """Instantiate (and load, for pretrained models) under ZeRO-3 init when the stage is 3.
 
     Returns (model, keepalive): keep `keepalive` referenced until deepspeed.initialize is done;
@@ -70,7 +133,7 @@ def build_model(cfg: ModelConfig, config, ds_config: dict[str, Any], dtype: torc
     keepalive = HfDeepSpeedConfig(ds_config)
     # Same seed on every rank: random init is identical before zero.Init partitions it.
     torch.manual_seed(seed)
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation)
+    kwargs = dict(dtype=dtype, attn_implementation=attention)
     if cfg.name_or_path == SYNTHETIC:
         model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
@@ -99,9 +162,20 @@ def save_hf_meta(model, tokenizer, directory: str) -> None:
 
 
 # Config attributes of models whose logits are not plain `last_hidden_state @ head.weight.T`
-# (soft-capping, scaling after the head); the fused head would silently compute a different loss.
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
-                    "output_multiplier_scale", "logit_softcapping")
+# (scaling after the head); the fused head would silently compute a different loss. Final-logit
+# softcapping (Gemma 2) is computed inside the fused head instead (see head_softcap).
+LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier_scale",
+                    "logit_softcapping")
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_softcap(config) -> float | None:
+    """The cap of `logits = cap * tanh(z / cap)` after the head (Gemma 2's final_logit_softcapping), or None."""
+    value = getattr(_text_config(config), "final_logit_softcapping", None)
+    return float(value) if value else None
 
 
 def fused_head_problem(model, trust_remote_code: bool = False) -> str | None:
@@ -111,7 +185,7 @@ def fused_head_problem(model, trust_remote_code: bool = False) -> str | None:
         return f"its output layer is {type(head).__name__}, not a linear layer"
     if head.bias is not None:
         return "its LM head has a bias"
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model.config)
     for name in LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value not in (None, 0, 1, 1.0, False):
@@ -125,7 +199,8 @@ def fused_head_problem(model, trust_remote_code: bool = False) -> str | None:
 
 
 def attach_head_loss(model) -> None:
-    """Let `model(..., head_loss=fn)` return fn(last_hidden_state, head.weight) instead of logits.
+    """Let `model(..., head_loss=fn)` return fn(last_hidden_state, head.weight, softcap) instead of
+    logits, where softcap is the model's final-logit cap or None (see head_softcap).
 
     The model's own forward is unchanged without `head_loss` (generation, evaluation, export). The
     call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head weight
@@ -134,11 +209,12 @@ def attach_head_loss(model) -> None:
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     original = model.forward
+    softcap = head_softcap(model.config)
 
     def forward(*args, head_loss=None, **kwargs):
         if head_loss is None:
             return original(*args, **kwargs)
-        return head_loss(decoder(*args, **kwargs).last_hidden_state, head.weight)
+        return head_loss(decoder(*args, **kwargs).last_hidden_state, head.weight, softcap)
 
     model.forward = forward
     if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter

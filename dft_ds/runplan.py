@@ -35,6 +35,7 @@ class RunPlan:
     ds_config: dict[str, Any]
     fused: bool
     n_params: int
+    attention: str = "sdpa"   # the attention kernel the model runs (model.choose_attention)
     changed: list[str] = field(default_factory=list)   # settings a resume changes ('key changed from a to b')
     warnings: list[str] = field(default_factory=list)
 
@@ -81,7 +82,15 @@ class RunPlan:
         start = f" from step {self.start_step}" if self.resume is not None else ""
         return (f"batch: micro {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x world "
                 f"{b.world_size} = global {b.global_batch_size} rows; {self.steps_per_epoch} steps per epoch; "
-                f"{self.total_steps} steps{start}")
+                f"{self.total_steps} steps{start}; attention {self.attention_line()}")
+
+    def attention_line(self) -> str:
+        from dft_ds.model import PACKED_ISOLATION
+
+        if not self.cfg.data.packing:
+            return f"{self.attention} (one document per row)"
+        how = PACKED_ISOLATION.get(self.attention, "position ids")
+        return f"{self.attention} (packed documents kept apart by {how})"
 
     def loss_line(self) -> str:
         return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
@@ -168,8 +177,10 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
                                      load_universal=load_universal)
     model = meta_model(model_config, cfg.model.trust_remote_code)
     fused = choose_fused_head(cfg, model, warnings.append)
+    attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
     return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
-                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), changed, warnings)
+                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), attention, changed,
+                   warnings)
 
 
 def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str,

@@ -232,13 +232,14 @@ class Trainer:
         captured = {}
         budget = self.loss.chunk_mb << 20
 
-        def head_loss(hidden, weight):
+        def head_loss(hidden, weight, softcap):
             labels = batch["labels"].to(hidden.device)
             ref_head = self.reference.gathered_head() if ref_hidden is not None else contextlib.nullcontext()
             with ref_head as ref_weight:
                 captured["parts"] = fused_linear_loss(hidden, weight, labels, weighting,
                                                       num_tokens=num_tokens.to(hidden.device), chunk_budget=budget,
-                                                      ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef)
+                                                      ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef,
+                                                      softcap=softcap)
             return captured["parts"].loss
 
         # Back-propagate what the engine returns: under ZeRO-3 it carries the backward hooks.

@@ -105,7 +105,8 @@ def test_prompt_response_targets_are_exactly_the_response_and_eos(tok, template,
     chat = data.use_chat_template(cfg, tok)
     assert chat == (template == "chat")
     segments = sample_segments(row, cfg, tok, chat, "test:1")
-    ids, targets = tokenize_sample(segments, tok, chat_rendered=chat, add_eos=True)
+    # A chat template writes the reply's end itself; plain text gets the EOS appended.
+    ids, targets = tokenize_sample(segments, tok, chat_rendered=chat, add_eos=not chat)
     assert len(ids) == len(targets)
 
     target_ids = targets_of(ids, targets)

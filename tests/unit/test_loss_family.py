@@ -2,7 +2,8 @@
 
 Formulas are checked against hand-written per-token expressions; then the fused path's value,
 gradients (hidden states and head weight) and logging sums are checked against the unfused path
-for every type, with ignored tokens, chunk sizes that do not divide the targets, and bf16 inputs.
+for every type, with ignored tokens, chunk sizes that do not divide the targets, and bf16 inputs,
+with and without Gemma 2's final-logit softcapping (cap * tanh(z / cap)) inside the fused head.
 """
 
 from __future__ import annotations
@@ -105,26 +106,33 @@ def test_asft_adds_kl_and_its_gradient_is_p_minus_q():
 # ---------------------------------------------------------------- fused == unfused, every type
 
 
-def _run(path, weighting, kl_coef, hidden, weight, ref_hidden, ref_weight, labels, **kw):
+def capped(logits, softcap):
+    """Gemma 2's final-logit softcapping, as its forward applies it after the head."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _run(path, weighting, kl_coef, hidden, weight, ref_hidden, ref_weight, labels, softcap=None, **kw):
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     if path == "fused":
         parts = fused_linear_loss(h, w, labels, weighting, ref_hidden=ref_hidden, ref_weight=ref_weight,
-                                  kl_coef=kl_coef, **kw)
+                                  kl_coef=kl_coef, softcap=softcap, **kw)
     else:
         kw.pop("chunk_size", None)
-        ref_logits = ref_hidden @ ref_weight.T if kl_coef else None
-        parts = compute_loss(weighting, h @ w.T, labels, ref_logits=ref_logits, kl_coef=kl_coef, **kw)
+        ref_logits = capped(ref_hidden @ ref_weight.T, softcap) if kl_coef else None
+        parts = compute_loss(weighting, capped(h @ w.T, softcap), labels, ref_logits=ref_logits, kl_coef=kl_coef,
+                             **kw)
     parts.loss.backward()
     return parts, h.grad, w.grad
 
 
 @pytest.mark.parametrize("name,weighting,kl_coef", FAMILY, ids=[f[0] for f in FAMILY])
 @pytest.mark.parametrize("chunk_size", [1, 5, None])
-def test_fused_equals_unfused_fp64(name, weighting, kl_coef, chunk_size):
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_fused_equals_unfused_fp64(name, weighting, kl_coef, chunk_size, softcap):
     inputs = _inputs()
-    ref, ref_gh, ref_gw = _run("unfused", weighting, kl_coef, *inputs, num_tokens=30)
-    got, gh, gw = _run("fused", weighting, kl_coef, *inputs, num_tokens=30, chunk_size=chunk_size)
+    ref, ref_gh, ref_gw = _run("unfused", weighting, kl_coef, *inputs, num_tokens=30, softcap=softcap)
+    got, gh, gw = _run("fused", weighting, kl_coef, *inputs, num_tokens=30, chunk_size=chunk_size, softcap=softcap)
     torch.testing.assert_close(got.loss, ref.loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gh, ref_gh, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-9, atol=1e-12)
@@ -140,13 +148,14 @@ def test_fused_equals_unfused_fp64(name, weighting, kl_coef, chunk_size):
 
 
 @pytest.mark.parametrize("name,weighting,kl_coef", FAMILY, ids=[f[0] for f in FAMILY])
-def test_fused_bf16_inputs_match_fp64_reference(name, weighting, kl_coef):
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_fused_bf16_inputs_match_fp64_reference(name, weighting, kl_coef, softcap):
     inputs = _inputs()
     bf = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs]
     # The reference on the bf16-rounded inputs, in fp64: what remains is accumulation error only.
     rounded = [x.double() if x.is_floating_point() else x for x in bf]
-    ref, ref_gh, ref_gw = _run("unfused", weighting, kl_coef, *rounded, num_tokens=None)
-    got, gh, gw = _run("fused", weighting, kl_coef, *bf, num_tokens=None, chunk_size=7)
+    ref, ref_gh, ref_gw = _run("unfused", weighting, kl_coef, *rounded, num_tokens=None, softcap=softcap)
+    got, gh, gw = _run("fused", weighting, kl_coef, *bf, num_tokens=None, chunk_size=7, softcap=softcap)
     assert gh.dtype == gw.dtype == torch.bfloat16
     assert got.loss.dtype == torch.float32  # accumulated in fp32
     torch.testing.assert_close(got.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
