@@ -1,0 +1,89 @@
+"""For each model family directory: one optimizer step of the real trainer on the fused head and one
+on full logits, under 2-rank ZeRO-3, saving (rank 0) both losses and full gradients; then, from the
+full-logits engine after its step, the logits of one batch and a checkpoint for dft-convert.
+
+Started by tests/distributed/test_families.py:
+  python -m torch.distributed.run --nproc-per-node 2 family_probe.py OUT_DIR NAME=MODEL_DIR ... -- [overrides]
+Each family writes OUT_DIR/NAME.pt and OUT_DIR/NAME-run/ (a run directory whose checkpoint is at step 1).
+"""
+
+import gc
+import os
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from dft_ds import checkpoint as ckpt
+from dft_ds import rundir
+from dft_ds.config import load_config
+from dft_ds.engine import shutdown_distributed
+from dft_ds.metrics import NullMetrics
+from dft_ds.model import save_hf_meta
+from dft_ds.runplan import build_plan
+from dft_ds.train import build_session, world_size_from_env
+from dft_ds.trainer import Trainer
+
+
+def one_step(overrides: list[str], keep):
+    """(loss, target count, gradients, plan line) of step 1; `keep(plan, engine, sampler)` runs after it."""
+    cfg = load_config(None, overrides)
+    plan = build_plan(cfg, world_size_from_env())
+    dist, engine, reference, sampler = build_session(plan)
+    captured = {}
+    real_step = engine.step
+
+    def step_and_capture():
+        if engine.ds.is_gradient_accumulation_boundary():
+            for name, param in engine.module.named_parameters():
+                captured[name] = safe_get_full_grad(param).detach().double().cpu().clone()  # a collective
+        real_step()
+
+    engine.step = step_and_capture
+    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused)
+    engine.train()
+    sums = trainer.train_step(sampler.indices_for_step(sampler.step))
+    sampler.step += 1
+    totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
+    extra = keep(plan, engine, sampler) if keep else None
+    result = {"loss": totals[0] / totals[3], "targets": totals[3], "grads": captured, "fused": plan.fused,
+              "lines": [plan.batch_line(), plan.loss_line()], "extra": extra}
+    engine.barrier()
+    del engine, trainer, reference
+    gc.collect()
+    return result, dist
+
+
+def logits_and_checkpoint(plan, engine, sampler):
+    """Logits of the first micro-batch of step 2 from the engine's model, and a checkpoint at step 1."""
+    engine.ds.eval()
+    batch = plan.data.batch(sampler.indices_for_step(1)[0])
+    with torch.no_grad():
+        logits = engine.forward(batch).logits.detach().float().cpu()
+    if engine.is_rank0:
+        rundir.start(plan)
+    engine.barrier()
+    saver = ckpt.Checkpointer(rundir.checkpoints_dir(plan.cfg.train.output_dir), 2, engine, plan.identity(), sampler,
+                              lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
+    saver.save(1)
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "logits": logits}
+
+
+def main(out_dir: str, families: list[str], overrides: list[str]) -> None:
+    for spec in families:
+        name, path = spec.split("=", 1)
+        common = [f"model.name_or_path={path}", *overrides]
+        fused, _ = one_step(common + ["loss.fused=true", f"train.output_dir={out_dir}/{name}-fused"], None)
+        full, dist = one_step(common + ["loss.fused=false", f"train.output_dir={out_dir}/{name}-run"],
+                              logits_and_checkpoint)
+        if dist.is_rank0:
+            torch.save({"fused": fused, "full": full, "world_size": dist.world_size}, os.path.join(out_dir, f"{name}.pt"))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    split = args.index("--") if "--" in args else len(args)
+    try:
+        main(args[0], args[1:split], args[split + 1:])
+    finally:
+        shutdown_distributed()
