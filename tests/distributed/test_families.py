@@ -6,41 +6,25 @@
   DeepSpeed engine's model gave on the same batch;
 - exact resume of a tied family (Qwen2): 2 + 2 steps equal 4 steps bit for bit, and so do the weights.
 
-All families run in one torchrun launch (tests/distributed/family_probe.py): start-up is paid once.
+All families run in one torchrun launch (tests/distributed/family_probe.py, the session fixture
+`family_probe` of tests/conftest.py, which the vLLM tier reuses): start-up is paid once.
 """
 
 import os
-import sys
 
 import pytest
 import torch
 
 from dft_ds import families
-from tests.distributed.helpers import clean_env, free_port, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.families]
 
 NAMES = list(families.FAMILIES)
-PROBE = os.path.join(os.path.dirname(__file__), "family_probe.py")
-BASE = ["data.synthetic_size=32", "data.max_length=128", "train.micro_batch_size=2", "train.global_batch_size=4",
-        "train.max_grad_norm=0", "train.max_steps=4", "logging.tensorboard=false", "logging.progress_bar=false",
-        "loss.prob_floor=0", "deepspeed.config=zero3", "data.packing=true"]
-
-
-@pytest.fixture(scope="module")
-def probed(tmp_path_factory, family_dir):
-    out = tmp_path_factory.mktemp("probe")
-    specs = [f"{name}={family_dir(name)}" for name in NAMES]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           PROBE, str(out), *specs, "--", *BASE]
-    proc = run(cmd, clean_env(out), timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return out
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fused_step_equals_full_logits_step(probed, name):
-    result = torch.load(probed / f"{name}.pt")
+def test_fused_step_equals_full_logits_step(family_probe, name):
+    result = torch.load(family_probe / f"{name}.pt")
     fused, full = result["fused"], result["full"]
     assert result["world_size"] == 2 and fused["fused"] is True and full["fused"] is False
     assert "ZeRO-3" in fused["lines"][1] and "fused head" in fused["lines"][1]
@@ -58,15 +42,11 @@ def test_fused_step_equals_full_logits_step(probed, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_converted_model_gives_the_engines_logits(probed, name, tmp_path):
+def test_converted_model_gives_the_engines_logits(family_probe, converted_family, name):
     from transformers import AutoModelForCausalLM
 
-    from dft_ds.convert import convert_checkpoint
-
-    saved = torch.load(probed / f"{name}.pt")["full"]["extra"]
-    out = tmp_path / "hf"
-    convert_checkpoint(probed / f"{name}-run" / "checkpoints", out, progress=False, log=lambda *_: None)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    saved = torch.load(family_probe / f"{name}.pt")["full"]["extra"]
+    model = AutoModelForCausalLM.from_pretrained(converted_family(name), dtype=torch.float32).eval()
     assert type(model).__name__ == families.family(name).architecture
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"], position_ids=saved["position_ids"], use_cache=False).logits
