@@ -247,9 +247,46 @@ class VLLMBackend:
         self.llm = None
         self.startup_s = 0.0
 
+    def check_fits(self) -> None:
+        """What can be told before vLLM starts: a head size without a CPU kernel, weights larger than
+        the memory share. vLLM's own errors surface in its worker process, as 'see root cause above'."""
+        import glob
+        import os
+
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model_dir)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if self.device == "cpu":
+            try:
+                from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+                sizes = CPUAttentionBackend.get_supported_head_sizes()
+            except (ImportError, AttributeError):  # another vLLM layout: let vLLM decide
+                sizes = None
+            if sizes is not None and head not in sizes:
+                raise ModelError(f"--backend vllm: {self.model_dir} has attention heads of size {head}, and vLLM's CPU "
+                                 f"attention supports {', '.join(map(str, sizes))}; use --backend hf for this model")
+        weights = sum(os.path.getsize(f) for f in glob.glob(os.path.join(self.model_dir, "*.safetensors")))
+        if self.device == "cuda":
+            import torch
+
+            total, where = torch.cuda.mem_get_info()[1], "GPU"
+        else:
+            import psutil
+
+            total, where = psutil.virtual_memory().total, "host"
+        if weights >= self.memory_utilization * total:
+            raise ModelError(f"--backend vllm: the weights of {self.model_dir} ({weights / 2**30:.2f} GiB) do not fit in "
+                             f"--gpu-memory-utilization (now {self.memory_utilization} of {where} memory, "
+                             f"{self.memory_utilization * total / 2**30:.2f} GiB), which must also hold the KV cache; "
+                             "raise it")
+
     def start(self, max_model_len: int) -> None:
         import time
 
+        self.check_fits()
         t0 = time.perf_counter()
         try:
             self.llm = self.vllm.LLM(model=self.model_dir, dtype=self.dtype, max_model_len=max_model_len,

@@ -158,9 +158,22 @@ def test_no_vllm_is_one_message_and_exit_2(tmp_path, converted_family):
     assert "Traceback" not in proc.stderr
 
 
-def test_too_little_memory_is_one_message_and_exit_2(tmp_path, converted_family, vllm_bin):
-    proc = dft_eval(vllm_bin, vllm_env(tmp_path), converted_family("mistral"), tmp_path / "o", "--backend", "vllm",
+def test_too_little_memory_is_one_message_and_exit_2(tmp_path, family_dir, vllm_bin):
+    proc = dft_eval(vllm_bin, vllm_env(tmp_path), family_dir("mistral"), tmp_path / "o", "--backend", "vllm",
                     "--gpu-memory-utilization", "0.0001")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("dft-eval: error: --backend vllm: vLLM could not start") and "--gpu-memory-utilization" in last
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dft-eval: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"dft-eval: error: --backend vllm: the weights of {family_dir('mistral')} (0.07 GiB) "
+                                "do not fit in --gpu-memory-utilization (now 0.0001 of host memory"), errors[0]
+    assert not os.path.exists(tmp_path / "o" / "results.json")
+
+
+def test_head_size_without_a_cpu_kernel_is_one_message_and_exit_2(tmp_path, vllm_bin):
+    model = families.build_family("mistral", tmp_path / "m", head_dim=16)
+    proc = dft_eval(vllm_bin, vllm_env(tmp_path), model, tmp_path / "o", "--backend", "vllm")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dft-eval: error:")]
+    assert errors == [f"dft-eval: error: --backend vllm: {model} has attention heads of size 16, and vLLM's CPU "
+                      "attention supports 32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512; use --backend hf for "
+                      "this model"], proc.stderr[-3000:]
