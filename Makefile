@@ -72,3 +72,8 @@ docs: venv
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache
+
+# One GPU, about 8 minutes: CUDA tests, fused bf16 vs fp64, tokens/s + MFU of a Qwen2.5-1.5B shape
+# (fused vs full logits), peak memory vs dft-plan, dft-eval --backend vllm. Exits 2 at once without CUDA.
+gpu-check: venv
+	$(BIN)/python scripts/gpu_check.py

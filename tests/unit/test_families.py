@@ -190,3 +190,15 @@ def test_fused_head_equals_the_models_own_logits(name, family_dir, tokenizers):
     assert full_grads.keys() == fused_grads.keys()
     for key in full_grads:
         torch.testing.assert_close(fused_grads[key], full_grads[key], rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_command_line_never_writes_into_a_directory_that_is_not_empty(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep")
+    assert families.main(["qwen2", str(target)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in target.iterdir()] == ["mine.txt"] and (target / "mine.txt").read_text() == "keep"
+    with pytest.raises(SystemExit) as exit_info:
+        families.main(["qwen9", str(tmp_path / "new")])
+    assert exit_info.value.code == 2 and not (tmp_path / "new").exists()

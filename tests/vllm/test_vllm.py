@@ -137,10 +137,12 @@ def test_dft_eval_vllm_equals_hf_at_temperature_0_and_reproduces_seeded(tmp_path
     assert samples(tmp_path / "vllm") == samples(tmp_path / "hf")
     results = json.load(open(tmp_path / "vllm" / "results.json", encoding="utf-8"))
     assert results["settings"]["backend"] == "vllm" and results["runtime"]["startup_seconds"] > 0
+    # 128 seeded requests with the longer boxed prompt: more prompt tokens than one scheduler step
+    # takes, which once made vLLM's CPU build fail while splitting a prefill (generate.VLLMBackend.start).
     runs = []
     for name in ("s1", "s2"):
-        proc = dft_eval(vllm_bin, env, model, tmp_path / name, "--backend", "vllm", "--samples", "4",
-                        "--temperature", "1", "--gpu-memory-utilization", "0.05")
+        proc = dft_eval(vllm_bin, env, model, tmp_path / name, "--backend", "vllm", "--samples", "16", "--limit", "8",
+                        "--prompt", "boxed", "--temperature", "1", "--gpu-memory-utilization", "0.05")
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(samples(tmp_path / name))
     assert runs[0] == runs[1]
