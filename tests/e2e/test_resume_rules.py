@@ -109,7 +109,8 @@ def test_check_predicts_the_resume_on_another_world_size(tmp_path, copy):
     assert batch_line(check.stdout).startswith("batch: micro 4 x accumulation 1 x world 1 = global 4 rows;")
     predicted = batch_line(check2.stdout)
     assert predicted.startswith("batch: micro 2 x accumulation 1 x world 2 = global 4 rows;")
-    assert predicted.endswith("; 6 steps from step 3")
+    assert predicted.endswith("; 6 steps from step 3; attention sdpa (packed documents kept apart by a block mask "
+                              "from position ids)")
     assert "resume keeps the checkpoint's global batch of 4 rows: micro batch 2 (train.micro_batch_size is 4)" \
         in check2.stdout
 
