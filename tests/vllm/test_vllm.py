@@ -146,7 +146,9 @@ def test_dft_eval_vllm_equals_hf_at_temperature_0_and_reproduces_seeded(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(samples(tmp_path / name))
     assert runs[0] == runs[1]
-    assert len({r[3] for r in runs[0]}) > len(runs[0]) // 2  # seeded samples, not one greedy answer
+    # Seeded samples, not one greedy answer. Few are distinct as text: a random model mostly draws ids of
+    # the untrained padded rows (beyond the tokenizer's 4096), which decode to nothing.
+    assert len({r[3] for r in runs[0]}) > len(runs[0]) // 8
 
 
 # ---------------------------------------------------------------- start-up failures
