@@ -12,44 +12,24 @@ import os
 import sys
 
 import torch
-from deepspeed.utils import safe_get_full_grad
+from grad_probe import probe_step  # this directory is on sys.path: the probe runs as a script
 
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
-from dft_ds.config import load_config
 from dft_ds.engine import shutdown_distributed
-from dft_ds.metrics import NullMetrics
 from dft_ds.model import save_hf_meta
-from dft_ds.runplan import build_plan
-from dft_ds.train import build_session, world_size_from_env
-from dft_ds.trainer import Trainer
 
 
 def one_step(overrides: list[str], keep):
-    """(loss, target count, gradients, plan line) of step 1; `keep(plan, engine, sampler)` runs after it."""
-    cfg = load_config(None, overrides)
-    plan = build_plan(cfg, world_size_from_env())
-    dist, engine, reference, sampler = build_session(plan)
-    captured = {}
-    real_step = engine.step
-
-    def step_and_capture():
-        if engine.ds.is_gradient_accumulation_boundary():
-            for name, param in engine.module.named_parameters():
-                captured[name] = safe_get_full_grad(param).detach().double().cpu().clone()  # a collective
-        real_step()
-
-    engine.step = step_and_capture
-    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused)
-    engine.train()
-    sums = trainer.train_step(sampler.indices_for_step(sampler.step))
+    """(result, dist) of step 1: loss, target count, gradients and the plan's lines; `keep(plan, engine,
+    sampler)` runs after the step and its return value is result["extra"]."""
+    result, plan, dist, engine, sampler = probe_step(overrides)
+    totals = result.pop("totals")
     sampler.step += 1
-    totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
-    extra = keep(plan, engine, sampler) if keep else None
-    result = {"loss": totals[0] / totals[3], "targets": totals[3], "grads": captured, "fused": plan.fused,
-              "lines": [plan.batch_line(), plan.loss_line()], "extra": extra}
+    result.update(loss=totals[0] / totals[3], targets=totals[3], lines=[plan.batch_line(), plan.loss_line()],
+                  extra=keep(plan, engine, sampler) if keep else None)
     engine.barrier()
-    del engine, trainer, reference
+    del engine
     gc.collect()
     return result, dist
 

@@ -19,7 +19,11 @@ from dft_ds.train import build_session, world_size_from_env
 from dft_ds.trainer import Trainer
 
 
-def main(out_path: str, overrides: list[str]) -> None:
+def probe_step(overrides: list[str]):
+    """One optimizer step of the real trainer with the full gradient captured at the boundary.
+
+    Returns (result, plan, dist, engine, sampler); result holds the gradients, the step's reduced
+    logging sums (`totals`) and the plan's loss head."""
     cfg = load_config(None, overrides)
     plan = build_plan(cfg, world_size_from_env())
     dist, engine, reference, sampler = build_session(plan)
@@ -39,10 +43,17 @@ def main(out_path: str, overrides: list[str]) -> None:
     engine.train()
     sums = trainer.train_step(sampler.indices_for_step(sampler.step))  # 0, or the resumed step
     totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
+    result = {"grads": captured, "totals": totals, "fused": plan.fused}
+    return result, plan, dist, engine, sampler
+
+
+def main(out_path: str, overrides: list[str]) -> None:
+    result, plan, dist, engine, _ = probe_step(overrides)
+    totals = result["totals"]
     if dist.is_rank0:
-        torch.save({"grads": captured, "loss": totals[0] / totals[3], "targets": totals[3], "kl": totals[6] / totals[3],
-                    "world_size": dist.world_size, "fused": plan.fused, "accum": plan.batch.gradient_accumulation_steps},
-                   out_path)
+        torch.save({"grads": result["grads"], "loss": totals[0] / totals[3], "targets": totals[3],
+                    "kl": totals[6] / totals[3], "world_size": dist.world_size, "fused": plan.fused,
+                    "accum": plan.batch.gradient_accumulation_steps}, out_path)
     engine.barrier()  # nobody tears down gloo while another rank is still in a collective
 
 
