@@ -96,7 +96,7 @@ def build_model(out: str) -> str:
 
 
 def train(model: str, out: str, fused: bool, args) -> tuple[float, float, int]:
-    """(median tokens/s after 3 warm-up steps, peak GiB allocated, parameters) of one run in this process."""
+    """(median tokens/s after 3 warm-up steps, peak GiB allocated, the overrides it ran with) of one run in this process."""
     import torch
 
     from dft_ds import train as dft_train
