@@ -47,8 +47,8 @@ class DataConfig:
     """A .jsonl/.json/.parquet file, a directory saved by datasets.save_to_disk, a hub dataset name, or "synthetic"."""
     split: str = "train"
     """Split to read from a saved DatasetDict or a hub dataset."""
-    format: str = "prompt_response"
-    """Sample layout: prompt_response (two text fields) or messages (a chat list of role/content)."""
+    format: str = "auto"
+    """Sample layout: auto (detected from the first row's fields and printed), prompt_response (two fields: text, or TRL's conversational lists of messages), messages (a chat list of role/content), alpaca (instruction/input/output), sharegpt (conversations of from/value). docs/data.md shows each."""
     preset: Optional[str] = None
     """Field-name preset: numina_cot (problem/solution). Fields you set yourself win over the preset."""
     prompt_field: str = "prompt"
@@ -69,6 +69,12 @@ class DataConfig:
     """Use only the first N samples of the source (null: all)."""
     synthetic_size: int = 4000
     """Number of generated training problems when source is "synthetic"."""
+    eval_source: Optional[str] = None
+    """Held-out rows for eval.loss_every, read like data.source (same layout and fields); "synthetic" is the synthetic test split. Null with eval_fraction 0: no held-out loss."""
+    eval_split: str = "test"
+    """Split of a saved DatasetDict or hub dataset given as data.eval_source."""
+    eval_fraction: float = 0.0
+    """Hold out this fraction of data.source's samples (seeded, before packing) for eval.loss_every, when data.eval_source is null."""
 
 
 @dataclass
@@ -174,6 +180,8 @@ class EvalConfig:
     """Prompt style as for dft-eval: chat (the tokenizer's chat template, as training data is rendered by default), boxed or plain."""
     temperature: float = 0.0
     """0 is greedy decoding (a curve free of sampling noise); > 0 samples with a fixed seed."""
+    loss_every: int = 0
+    """Held-out loss, NLL and mean token probability (data.eval_source or data.eval_fraction) every N optimizer steps, sharded over ranks, logged as eval/*; 0 never."""
 
 
 @dataclass
@@ -182,8 +190,16 @@ class LoggingConfig:
     """Log metrics every N optimizer steps."""
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
+    report_to: str = "none"
+    """More trackers, comma-separated: wandb, mlflow (tensorboard is logging.tensorboard). Rank 0 only; nothing is imported unless named. W&B honours WANDB_MODE=offline; MLflow writes to MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
+    project: str = "dft_ds"
+    """W&B project and MLflow experiment name (logging.report_to)."""
+    run_name: Optional[str] = None
+    """Run name shown by the trackers; null is the last part of train.output_dir."""
     progress_bar: bool = True
-    """Show a progress bar with loss and tokens/s (rank 0)."""
+    """Show a progress bar with loss and tokens/s (rank 0). Off, or when stdout is not a terminal (a Slurm log), one plain line is printed every logging.every_steps steps instead."""
+    plot: bool = True
+    """Write training_curves.png (loss, NLL, mean token probability against step) to output_dir at the end of a run."""
     hist_every: int = 50
     """Write a histogram of target-token probabilities (20 bins on [0, 1], the logging window's tokens) at the first log on or after every N steps; 0 never."""
 
@@ -222,9 +238,21 @@ SYNTHETIC_PROFILE: dict[str, dict[str, Any]] = {
     "loss": {"prob_floor": 0.1},
 }
 
+# logging.report_to names any of these, comma-separated, or "none".
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def trackers(logging: "LoggingConfig") -> list[str]:
+    """The trackers a run writes to, in a fixed order: logging.tensorboard, then logging.report_to."""
+    named = {t.strip() for t in logging.report_to.split(",") if t.strip() and t.strip() != "none"}
+    if logging.tensorboard:
+        named.add("tensorboard")
+    return [t for t in TRACKERS if t in named]
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
-    "data.format": ("prompt_response", "messages"),
+    "data.format": ("auto", "prompt_response", "messages", "alpaca", "sharegpt"),
     "data.preset": tuple(PRESETS),
     "data.template": ("auto", "chat", "plain"),
     "data.overlong": ("truncate", "drop"),
@@ -487,6 +515,14 @@ def _check_values(cfg: Config) -> list[str]:
     need(cfg.eval.limit >= 1, "eval.limit", "an integer >= 1")
     need(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1")
     need(cfg.eval.temperature >= 0, "eval.temperature", "a number >= 0")
+    unknown = [t.strip() for t in cfg.logging.report_to.split(",")
+               if t.strip() and t.strip() not in TRACKERS + ("none",)]
+    need(not unknown, "logging.report_to", f"none or a comma-separated list of {', '.join(TRACKERS)}")
+    need(cfg.eval.loss_every >= 0, "eval.loss_every", "an integer >= 0 (0: never)")
+    need(0 <= d.eval_fraction < 1, "data.eval_fraction", "a number in [0, 1)")
+    if cfg.eval.loss_every and d.eval_source is None and not d.eval_fraction:
+        problems.append("eval.loss_every: held-out loss needs held-out rows: set data.eval_source (a file, directory, "
+                        "hub name or 'synthetic') or data.eval_fraction (e.g. 0.05)")
     need(cfg.logging.every_steps >= 1, "logging.every_steps", "an integer >= 1")
     need(bool(cfg.deepspeed.config), "deepspeed.config", "zero2, zero3, zero3_offload or a JSON path")
     if t.micro_batch_size >= 1 and t.global_batch_size and t.gradient_accumulation_steps:
