@@ -16,6 +16,7 @@ This module knows nothing about the loss.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
         if ext not in FILE_BUILDERS:
             raise DataError(f"{source}: unsupported file type '{ext}' (expected .jsonl, .json or .parquet)")
         if ext in (".jsonl", ".json"):
-            lines = check_json_file(source, expected_fields(cfg))
+            lines = check_json_file(source, lambda row, where: resolve_layout(cfg, row, where).fields)
         ds = _load_quietly(lambda: datasets.load_dataset(FILE_BUILDERS[ext], data_files=source, split="train"),
                            source)
         origin = source
@@ -80,18 +81,13 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
     return RawData(ds, origin, lines)
 
 
-def expected_fields(cfg: DataConfig) -> dict[str, type]:
-    if cfg.format == "messages":
-        return {cfg.messages_field: list}
-    return {cfg.prompt_field: str, cfg.response_field: str}
-
-
-def check_json_file(path: str, fields: Optional[dict[str, type]] = None) -> Optional[list[int]]:
+def check_json_file(path: str, fields=None) -> Optional[list[int]]:
     """Parse a .json/.jsonl file up front so a broken line or field is reported as file:line.
 
     Checking field types here matters: a column of mixed types makes the Arrow reader fail with a
-    message that names neither the line nor the field. Returns the line number of each row for
-    JSON lines, None for a single JSON document.
+    message that names neither the line nor the field. `fields` maps each needed field to its type,
+    or is a function of the first row and its place that returns that map (the detected layout).
+    Returns the line number of each row for JSON lines, None for a single JSON document.
     """
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
@@ -107,6 +103,8 @@ def check_json_file(path: str, fields: Optional[dict[str, type]] = None) -> Opti
             return None
     lines = []
     for number, row in json_lines(path, text):
+        if callable(fields):
+            fields = fields(row, f"{path}:{number}")
         for name, kind in (fields or {}).items():
             _field(row, name, kind, f"{path}:{number}")
         lines.append(number)
@@ -165,47 +163,202 @@ def use_chat_template(cfg: DataConfig, tokenizer) -> bool:
     return cfg.template == "chat" or (cfg.template == "auto" and has_template)
 
 
-def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: str) -> list[tuple[str, bool]]:
-    """A sample as (text, is_target) pieces, in order. The EOS after a response is added at tokenisation."""
+# --------------------------------------------------------------------------------------------
+# Layouts: which fields of a row hold the prompt, the response or the conversation
+
+TEXT_OR_TURNS = (str, list)  # a plain string, or TRL's conversational form (a list of messages)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How rows are read: the format, the fields it takes (with their types), and how it was chosen."""
+
+    name: str                   # what the user is told, e.g. "NuminaMath-CoT (problem/solution)"
+    format: str                 # prompt_response, messages, alpaca or sharegpt
+    fields: dict                # field -> type (or tuple of types) every row must have
+    optional: tuple = ()        # fields read when present
+    detected: bool = False
+    prompt_field: str = ""
+    response_field: str = ""
+    messages_field: str = ""
+
+    def uses(self) -> set[str]:
+        return set(self.fields) | set(self.optional)
+
+    def line(self) -> str:
+        how = "detected from the fields" if self.detected else "data.format"
+        return f"layout {self.name} ({how}: {', '.join(sorted(self.uses()))})"
+
+
+def _pair(name: str, prompt: str, response: str, detected: bool) -> Layout:
+    return Layout(name, "prompt_response", {prompt: TEXT_OR_TURNS, response: TEXT_OR_TURNS}, detected=detected,
+                  prompt_field=prompt, response_field=response)
+
+
+def _messages(field: str, detected: bool) -> Layout:
+    return Layout(f"messages ({field})", "messages", {field: list}, detected=detected, messages_field=field)
+
+
+def _sharegpt(field: str, detected: bool) -> Layout:
+    return Layout(f"ShareGPT ({field}: from/value)", "sharegpt", {field: list}, detected=detected,
+                  messages_field=field)
+
+
+ALPACA = Layout("Alpaca (instruction/input/output)", "alpaca", {"instruction": str, "output": str},
+                optional=("input", "system", "history"))
+
+
+def resolve_layout(cfg: DataConfig, row: dict, where: str) -> Layout:
+    """The layout data.format names, or with data.format=auto the first that the row's fields match:
+    the configured prompt/response fields, TRL's prompt/completion, NuminaMath-CoT's problem/solution,
+    the configured messages field, Alpaca's instruction/output, ShareGPT's conversations."""
+    sharegpt_field = cfg.messages_field if cfg.messages_field != "messages" else "conversations"
+    if cfg.format == "prompt_response":
+        return _pair(f"prompt/response ({cfg.prompt_field}/{cfg.response_field})", cfg.prompt_field,
+                     cfg.response_field, False)
     if cfg.format == "messages":
-        return _chat_segments(_field(row, cfg.messages_field, list, where), tokenizer, where)
-    prompt = _field(row, cfg.prompt_field, str, where)
-    response = _field(row, cfg.response_field, str, where)
+        return _messages(cfg.messages_field, False)
+    if cfg.format == "alpaca":
+        return ALPACA
+    if cfg.format == "sharegpt":
+        return _sharegpt(sharegpt_field, False)
+    present = {k for k, v in row.items() if v is not None}
+    candidates = [
+        (_pair(f"prompt/response ({cfg.prompt_field}/{cfg.response_field})", cfg.prompt_field, cfg.response_field,
+               True), {cfg.prompt_field, cfg.response_field}),
+        (_pair("TRL prompt/completion", "prompt", "completion", True), {"prompt", "completion"}),
+        (_pair("NuminaMath-CoT (problem/solution)", "problem", "solution", True), {"problem", "solution"}),
+        (_messages(cfg.messages_field, True), {cfg.messages_field}),
+        (dataclasses.replace(ALPACA, detected=True), {"instruction", "output"}),
+        (_sharegpt(sharegpt_field, True), {sharegpt_field}),
+    ]
+    for layout, needs in candidates:
+        if needs <= present:
+            return layout
+    raise DataError(
+        f"{where}: data.format=auto cannot tell the layout from the fields ({', '.join(sorted(present)) or 'none'}); "
+        "expected prompt/response, prompt/completion, problem/solution, messages, instruction/output (Alpaca) or "
+        "conversations (ShareGPT). Set data.format and the field names, e.g. data.format=prompt_response "
+        "data.prompt_field=question data.response_field=answer (docs/data.md)")
+
+
+def unused_fields(layout: Layout, row: dict) -> list[str]:
+    return sorted(k for k, v in row.items() if v is not None and k not in layout.uses())
+
+
+def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: str,
+                    layout: Optional[Layout] = None) -> list[tuple[str, bool]]:
+    """A sample as (text, is_target) pieces, in order. The EOS after a plain response is added at
+    tokenisation."""
+    layout = layout or resolve_layout(cfg, row, where)
+    if layout.format == "messages":
+        return _chat_segments(_field(row, layout.messages_field, list, where), tokenizer, where)
+    if layout.format == "sharegpt":
+        return _chat_segments(_sharegpt_messages(_field(row, layout.messages_field, list, where), where),
+                              tokenizer, where)
+    if layout.format == "alpaca":
+        context, prompt, response = _alpaca_parts(row, where)
+        response_name = "output"
+    else:
+        context = []
+        prompt = _field(row, layout.prompt_field, TEXT_OR_TURNS, where)
+        response = _field(row, layout.response_field, TEXT_OR_TURNS, where)
+        response_name = layout.response_field
+        if isinstance(prompt, list) or isinstance(response, list):
+            return _conversational_pair(prompt, response, layout, tokenizer, where)
     if not response.strip():
-        raise DataError(f"{where}: field '{cfg.response_field}' is empty (a response needs text to learn from)")
+        raise DataError(f"{where}: field '{response_name}' is empty (a response needs text to learn from)")
     if chat:
         # The template renders the reply too, so its end-of-turn marker (not a bare EOS) is the target end.
-        return _chat_segments([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
-                              tokenizer, where)
-    return [(prompt + "\n", False), (response, True)]
+        messages = context + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return _chat_segments(messages, tokenizer, where, first_target=len(messages) - 1)
+    if any(m["role"] != "system" for m in context):
+        raise DataError(f"{where}: field 'history' (earlier turns) needs a chat template to be rendered; set "
+                        "data.template=chat with a tokenizer that has one, or remove the field")
+    system = "".join(m["content"] + "\n\n" for m in context)
+    return [(system + prompt + "\n", False), (response, True)]
 
 
-def _field(row: dict, name: str, kind: type, where: str):
+def _field(row: dict, name: str, kind, where: str):
     if name not in row or row[name] is None:
         raise DataError(f"{where}: missing field '{name}' (fields present: {', '.join(k for k in row if row[k] is not None)})")
     value = row[name]
     if not isinstance(value, kind):
-        raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
+        expected = "str or a list of messages" if kind == TEXT_OR_TURNS else kind.__name__
+        raise DataError(f"{where}: field '{name}' must be {expected}, got {type(value).__name__}")
     return value
 
 
-def _chat_segments(messages: list, tokenizer, where: str) -> list[tuple[str, bool]]:
-    """Render a conversation turn by turn; the text each assistant turn adds is the target."""
+def _alpaca_parts(row: dict, where: str) -> tuple[list[dict], str, str]:
+    """(earlier turns, prompt, response) of an Alpaca row. The prompt is the instruction, then the
+    input after a blank line when there is one, as Alpaca's own prompt sets them apart."""
+    instruction = _field(row, "instruction", str, where)
+    extra = row.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{where}: field 'input' must be str, got {type(extra).__name__}")
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    context = []
+    system = row.get("system")
+    if isinstance(system, str) and system.strip():
+        context.append({"role": "system", "content": system})
+    for i, turn in enumerate(row.get("history") or []):
+        if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
+            raise DataError(f"{where}: field 'history' item {i} must be a [user, assistant] pair of strings")
+        context += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    return context, prompt, _field(row, "output", str, where)
+
+
+def _sharegpt_messages(turns: list, where: str) -> list[dict]:
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: conversation turn {i} must be an object with string 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(f"{where}: conversation turn {i} has the role '{turn['from']}'; ShareGPT rows may use "
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _is_turn_list(row: dict, layout: Layout) -> bool:
+    return layout.format == "prompt_response" and isinstance(row.get(layout.prompt_field), list)
+
+
+def _conversational_pair(prompt, response, layout: Layout, tokenizer, where: str) -> list[tuple[str, bool]]:
+    """TRL's conversational prompt/completion: two lists of messages; only the completion's assistant
+    turns are targets."""
+    for name, value in ((layout.prompt_field, prompt), (layout.response_field, response)):
+        if not isinstance(value, list):
+            raise DataError(f"{where}: field '{name}' must be a list of messages like the other field, got "
+                            f"{type(value).__name__}")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in response):
+        raise DataError(f"{where}: field '{layout.response_field}' has no assistant turn to learn from")
+    return _chat_segments(prompt + response, tokenizer, where, first_target=len(prompt))
+
+
+def _chat_segments(messages: list, tokenizer, where: str, first_target: int = 0) -> list[tuple[str, bool]]:
+    """Render a conversation turn by turn; the text each assistant turn from `first_target` on adds
+    is the target (earlier assistant turns are context)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: data.format=messages needs a tokenizer with a chat_template")
+        raise DataError(f"{where}: a conversation needs a tokenizer with a chat_template (set model.tokenizer to "
+                        "one that has it)")
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
             raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[first_target:]):
         raise DataError(f"{where}: the conversation has no non-empty assistant turn to learn from")
     segments, done = [], ""
     specials = _special_strings(tokenizer)
     for i, msg in enumerate(messages):
-        if msg["role"] == "assistant":
+        if msg["role"] == "assistant" and i >= first_target:
             # The generation prompt (e.g. "<|assistant|>\n") belongs to the prompt, even before a first turn.
             done = _append(segments, done, _render(tokenizer, messages[:i], where, generation=True), False, where)
         after = _render(tokenizer, messages[: i + 1], where)
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < first_target:
             done = _append(segments, done, after, False, where)
             continue
         # The target is the reply up to its end-of-turn marker; what a template writes after the
@@ -313,24 +466,42 @@ class DataReport:
     rows: int = 0
     target_tokens: int = 0
     tokens: int = 0
+    layout: str = ""
+    warnings: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.samples} samples -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
+        layout = f"{self.layout}; " if self.layout else ""
+        return (f"{layout}{self.samples} samples -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
                 f"truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
                 f"{self.dropped_no_target} with no target left")
 
 
 def tokenize_dataset(raw: RawData, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], DataReport]:
-    """Tokenise every sample; apply the over-length policy; fail on any malformed row."""
+    """Tokenise every sample; apply the over-length policy; fail on any malformed row. The layout is
+    resolved once, from the first row, and every row must then have its fields."""
     chat = use_chat_template(cfg, tokenizer)
-    is_chat_rendered = chat or cfg.format == "messages"
-    add_eos = cfg.format == "prompt_response" and not chat  # a chat template ends the reply itself
     report = DataReport(samples=len(raw.dataset))
+    if not len(raw.dataset):
+        raise DataError(f"{raw.origin}: the source holds no samples")
+    first = raw.dataset[0]
+    layout = resolve_layout(cfg, first, raw.where(0))
+    report.layout = layout.line()
+    unused = unused_fields(layout, first)
+    if unused:
+        report.warnings.append(f"data: field{'s' if len(unused) > 1 else ''} {', '.join(unused)} of {raw.origin} "
+                               f"{'are' if len(unused) > 1 else 'is'} not used by the layout {layout.name}")
+    # Conversations are rendered by the chat template, which writes its own special tokens and ends
+    # each reply itself; a plain prompt/response gets the tokenizer's special tokens and an EOS.
+    conversational = layout.format in ("messages", "sharegpt")
     all_ids, all_labels = [], []
     for index, row in enumerate(raw.dataset):
         where = raw.where(index)
-        segments = sample_segments(row, cfg, tokenizer, chat, where)
-        ids, targets = tokenize_sample(segments, tokenizer, is_chat_rendered, add_eos)
+        segments = sample_segments(row, cfg, tokenizer, chat, where, layout)
+        rendered = chat or conversational or _is_turn_list(row, layout)
+        if rendered and not chat and not conversational:
+            raise DataError(f"{where}: conversational prompt/completion rows need the chat template; "
+                            "set data.template=auto or chat with a tokenizer that has one")
+        ids, targets = tokenize_sample(segments, tokenizer, rendered, add_eos=not rendered)
         labels = shift_labels(ids, targets)
         was_long = len(ids) > cfg.max_length
         if was_long and cfg.overlong == "drop":

@@ -159,6 +159,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     tokenizer = mdl.load_tokenizer(cfg.model)
     model_config = mdl.load_model_config(cfg.model, tokenizer)
     data = build_train_data(cfg.data, tokenizer, cfg.train.seed)
+    warnings += data.report.warnings
     prints = rundir.fingerprints(model_config, tokenizer, data.rows)
     precision = eng.resolve_precision(cfg.train.precision)
     changed: list[str] = []

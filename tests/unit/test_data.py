@@ -362,7 +362,7 @@ def test_wrong_field_type_names_field_and_line(tok, tmp_path):
     with pytest.raises(DataError) as info:
         _load(tok, path)
     msg = str(info.value)
-    assert f"{path}:1" in msg and "field 'response' must be str, got int" in msg
+    assert f"{path}:1" in msg and "field 'response' must be str or a list of messages, got int" in msg
 
 
 def test_wrong_field_type_in_json_list_names_row(tok, tmp_path):
@@ -379,7 +379,7 @@ def test_wrong_field_type_in_one_row_of_many_names_field_and_line(tok, tmp_path)
     with pytest.raises(DataError) as info:
         _load(tok, path)
     msg = str(info.value)
-    assert f"{path}:3" in msg and "field 'response' must be str, got int" in msg
+    assert f"{path}:3" in msg and "field 'response' must be str or a list of messages, got int" in msg
 
 
 def test_wrong_field_type_in_jsonl_with_blank_line_names_field_and_line(tok, tmp_path):
