@@ -9,11 +9,17 @@ without gradient checkpointing) and loss buffers (fused head and full logits) un
 and ZeRO-3 with offload, and the largest micro batch that fits. The formulas are those of
 `dft_ds.memory.estimate_memory` (documented there and in docs/benchmarks.md, with the measured
 error on CPU runs).
+
+A model directory needs only its config.json (a `dft-convert` output without a tokenizer will do):
+the parameters are counted on a meta-device model built from it. Rows longer than the model's
+max_position_embeddings get a warning; a shape that cannot be planned (0 nodes, 0 GPUs, rows of 0
+tokens, GPUs no larger than the reserve) exits 2 with the option named.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass
 
@@ -23,19 +29,19 @@ from dft_ds.memory import GIB, count_parameters, estimate_memory
 PRESETS: dict[str, dict] = {
     "qwen2.5-math-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                              tie_word_embeddings=True),
+                              max_position_embeddings=4096, tie_word_embeddings=True),
     "qwen2.5-math-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                            tie_word_embeddings=False),
+                            max_position_embeddings=4096, tie_word_embeddings=False),
     "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, head_dim=128,
-                         tie_word_embeddings=True),
+                         max_position_embeddings=131072, tie_word_embeddings=True),
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                         tie_word_embeddings=False),
+                         max_position_embeddings=131072, tie_word_embeddings=False),
     "deepseek-math-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=30,
                              num_attention_heads=32, num_key_value_heads=32, vocab_size=102400,
-                             tie_word_embeddings=False),
+                             max_position_embeddings=4096, tie_word_embeddings=False),
 }
 
 # Not available to tensors: the CUDA context, NCCL buffers and allocator fragmentation.
@@ -81,8 +87,17 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
     return rows
 
 
+def format_count(n: int) -> str:
+    """1.54B, 3.40M, 202.05K: a small model is not "0.00B"."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return str(n)
+
+
 def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int) -> str:
-    lines = [f"{n_params / 1e9:.2f}B parameters; {world} GPUs of {gpu_gib:g} GiB ({RESERVE_GIB:g} GiB reserved for "
+    lines = [f"{format_count(n_params)} parameters; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
+             f"({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
              "tokens. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
@@ -95,14 +110,58 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
     return "\n".join(lines)
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low, with the value it got in the message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _gpu_memory(text: str) -> float:
+    """GiB per GPU: a finite number above the reserve, else no micro batch could ever fit."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GiB per GPU (a number), got '{text}'") from None
+    if not math.isfinite(value) or value <= RESERVE_GIB:
+        raise argparse.ArgumentTypeError(
+            f"expected GiB per GPU above the {RESERVE_GIB:g} GiB reserved for the CUDA context and fragmentation, "
+            f"got {text}")
+    return value
+
+
+def length_warning(config, max_length: int) -> str | None:
+    """Rows longer than the model was built for: the plan still prints, the run would need longer positions."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        return (f"dft-plan: warning: --max-length {max_length} is longer than the model's max_position_embeddings "
+                f"({limit}); positions past {limit} were never trained (set data.max_length <= {limit}, or extend "
+                "the model's context first)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dft-plan", description=__doc__.splitlines()[0],
-                                     epilog="presets: " + ", ".join(PRESETS))
-    parser.add_argument("--model", required=True, help="a preset name or a Hugging Face model directory")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per row (data.max_length)")
+                                     epilog="presets: " + ", ".join(PRESETS) + ". Bad values exit 2 with the option "
+                                            "named.")
+    parser.add_argument("--model", required=True,
+                        help="a preset name or a Hugging Face model directory (config.json is enough: the "
+                             "parameters are counted from it, weights and tokenizer are not read)")
+    parser.add_argument("--nodes", type=_at_least(1), default=1, metavar="N", help="nodes (>= 1; default 1)")
+    parser.add_argument("--gpus-per-node", type=_at_least(1), default=8, metavar="G",
+                        help="GPUs per node (>= 1; default 8)")
+    parser.add_argument("--gpu-memory", type=_gpu_memory, default=80.0, metavar="GIB",
+                        help=f"GiB per GPU (default 80); more than the {RESERVE_GIB:g} GiB kept back for the CUDA "
+                             "context and fragmentation")
+    parser.add_argument("--max-length", type=_at_least(1), default=2048, metavar="T",
+                        help="tokens per row (data.max_length; >= 1, default 2048); a warning if longer than the "
+                             "model's max_position_embeddings")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.model)
@@ -110,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dft-plan: error: --model {args.model}: not a preset ({', '.join(PRESETS)}) and not a readable "
               f"model directory ({exc})", file=sys.stderr)
         return 2
+    warning = length_warning(config, args.max_length)
+    if warning:
+        print(warning, file=sys.stderr)
     world = args.nodes * args.gpus_per_node
     rows = plan(config, world, args.gpu_memory, args.max_length)
     print(render(rows, count_parameters(config), world, args.gpu_memory, args.max_length))

@@ -50,3 +50,63 @@ def test_cli_prints_a_table_and_refuses_an_unknown_model(capsys, tmp_path):
     assert "1.54B parameters" in out and "| ZeRO-3 + offload | on | fused |" in out
     assert main(["--model", str(tmp_path / "nope")]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--nodes", "0", "argument --nodes: expected an integer >= 1, got 0"),
+    ("--nodes", "two", "argument --nodes: expected an integer >= 1, got 'two'"),
+    ("--gpus-per-node", "0", "argument --gpus-per-node: expected an integer >= 1, got 0"),
+    ("--max-length", "0", "argument --max-length: expected an integer >= 1, got 0"),
+    ("--max-length", "-5", "argument --max-length: expected an integer >= 1, got -5"),
+    ("--gpu-memory", "-8", "argument --gpu-memory: expected GiB per GPU above the 2 GiB reserved"),
+    ("--gpu-memory", "0", "argument --gpu-memory: expected GiB per GPU above the 2 GiB reserved"),
+    ("--gpu-memory", "1.5", "argument --gpu-memory: expected GiB per GPU above the 2 GiB reserved"),
+    ("--gpu-memory", "inf", "argument --gpu-memory: expected GiB per GPU above the 2 GiB reserved"),
+])
+def test_cli_refuses_a_bad_shape_with_the_option_named(capsys, option, value, message):
+    # --nodes 0 was a ZeroDivisionError, --max-length 0 a micro batch of 81269451553, --gpu-memory -8 a table
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "llama-3.1-8b", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"dft-plan: error: {message}" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def weights_only_dir(tmp_path_factory):
+    """What dft-convert writes, less the tokenizer: config.json and model.safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("weights-only")
+    model.save_pretrained(path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def test_cli_counts_a_small_weights_only_model(capsys, weights_only_dir):
+    path, n_params = weights_only_dir
+    assert not (path / "tokenizer.json").exists()
+    assert count_parameters(load_config(str(path))) == n_params
+    assert main(["--model", str(path), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "128"]) == 0
+    captured = capsys.readouterr()
+    first = captured.out.splitlines()[0]
+    assert first.startswith(f"{n_params / 1e3:.2f}K parameters; 1 GPU of 24 GiB"), first  # was "0.00B", "1 GPUs"
+    assert "warning" not in captured.err
+
+
+def test_cli_warns_of_rows_past_the_models_positions(capsys, weights_only_dir):
+    path, _ = weights_only_dir
+    assert main(["--model", str(path), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "512"]) == 0
+    captured = capsys.readouterr()
+    assert ("dft-plan: warning: --max-length 512 is longer than the model's max_position_embeddings (256)"
+            in captured.err)
+    assert "rows of 512 tokens" in captured.out
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_presets_take_their_published_context(capsys, name):
+    # the presets' own max_position_embeddings, not the transformers default (2048 for llama): no false warning
+    assert main(["--model", name, "--max-length", "4096"]) == 0
+    assert "warning" not in capsys.readouterr().err
