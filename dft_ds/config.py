@@ -238,6 +238,57 @@ SYNTHETIC_PROFILE: dict[str, dict[str, Any]] = {
     "loss": {"prob_floor": 0.1},
 }
 
+# The names HF Trainer, TRL, LLaMA-Factory and DeepSpeed users type, and what they mean here. An
+# unknown key is looked up here by its bare name first (in any section, or none), then by spelling.
+KNOWN_AS: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "bf16": "train.precision (train.precision=bf16)",
+    "fp16": "train.precision (train.precision=fp16)",
+    "tf32": "train.precision (auto uses bf16 where the hardware has it)",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "max_length": "data.max_length",
+    "model_max_length": "data.max_length",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.keep",
+    "resume_from_checkpoint": "checkpoint.resume",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "micro_batch_size": "train.micro_batch_size",
+    "train_batch_size": "train.global_batch_size",
+    "batch_size": "train.micro_batch_size (per rank) or train.global_batch_size (all ranks)",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "num_train_epochs": "train.epochs",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_ratio (warmup is a fraction of the steps)",
+    "lr_scheduler_type": "train.min_lr_ratio (the schedule is warmup then cosine to lr x min_lr_ratio)",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "seed": "train.seed",
+    "output_dir": "train.output_dir",
+    "logging_steps": "logging.every_steps",
+    "report_to": "logging.report_to",
+    "run_name": "logging.run_name",
+    "eval_steps": "eval.loss_every (held-out loss) or eval.every_steps (accuracy)",
+    "model_name_or_path": "model.name_or_path",
+    "tokenizer_name_or_path": "model.tokenizer",
+    "attn_implementation": "model.attn_implementation",
+    "flash_attn": "model.attn_implementation",
+    "dataset": "data.source",
+    "dataset_name": "data.source",
+    "dataset_text_field": "data.prompt_field and data.response_field",
+    "packing": "data.packing",
+    "template": "data.template",
+    "max_samples": "data.max_samples",
+    "deepspeed": "deepspeed.config",
+    "zero_stage": "deepspeed.config (zero2, zero3 or zero3_offload)",
+    "loss_type": "loss.type",
+}
+
 # logging.report_to names any of these, comma-separated, or "none".
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -346,8 +397,14 @@ def _merge_file(tree: dict, path: str, problems: list[str]) -> None:
     if not isinstance(data, dict):
         problems.append(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(data).__name__}")
         return
+    sections = _sections()
+    flat = [k for k, v in data.items() if k not in sections and not isinstance(v, dict)]
+    if flat:  # a flat file, as LLaMA-Factory's and HF Trainer's are: one message for all its keys
+        listed = "; ".join(f"{k} -> {_meaning(str(k))}" for k in flat)
+        problems.append(f"{path}: {len(flat)} key{'s' if len(flat) > 1 else ''} outside a section; dft_ds "
+                        f"configs group keys under {', '.join(f'{s}:' for s in sections)} ({listed})")
     for section, values in data.items():
-        if values is None:
+        if values is None or section in flat:
             continue
         if not isinstance(values, dict):
             problems.append(f"{path}: section '{section}' must be a mapping of key: value")
@@ -358,6 +415,9 @@ def _merge_file(tree: dict, path: str, problems: list[str]) -> None:
 def _merge_overrides(tree: dict, overrides: list[str], problems: list[str]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
+        if sep and "." not in key:
+            problems.append(f"override '{item}': expected section.key=value; '{key}' -> {_meaning(key)}")
+            continue
         if not sep or key.count(".") != 1:
             problems.append(f"override '{item}': expected section.key=value")
             continue
@@ -385,7 +445,7 @@ def _build(tree: dict, problems: list[str], origin: str) -> Config:
         for name, value in values.items():
             key = f"{section}.{name}"
             if name not in names:
-                problems.append(f"unknown key '{key}'{_suggest(name, names, prefix=section + '.')}")
+                problems.append(f"unknown key '{key}'{_suggest_key(section, name)}")
                 continue
             ok, coerced = _coerce(value, hints[name])
             if not ok:  # on failure `coerced` is the value as read, to show what was given
@@ -404,6 +464,41 @@ def _apply_preset(values: dict, problems: list[str]) -> None:
         return  # reported by the choices check
     for name, value in PRESETS[preset].items():
         values.setdefault(name, value)
+
+
+def _all_keys() -> list[str]:
+    return [key for key, *_ in describe_fields()]
+
+
+def _meaning(name: str) -> str:
+    """What a bare key name means here: from KNOWN_AS, else the closest key by spelling, else '?'."""
+    if name in KNOWN_AS:
+        return KNOWN_AS[name]
+    bare = {key.split(".")[1]: key for key in _all_keys()}
+    if name in bare:
+        return bare[name]
+    close = difflib.get_close_matches(name, list(bare), n=1, cutoff=0.6)
+    return bare[close[0]] if close else "no such setting (dft-train --help lists them)"
+
+
+def _suggest_key(section: str, name: str) -> str:
+    """' (did you mean ...?)' for an unknown section.name: what people mean by that name (any
+    section), else the same name in another section, else the closest spelling in this section,
+    then in any."""
+    if name in KNOWN_AS:
+        key, _, why = KNOWN_AS[name].partition(" ")
+        return f" (did you mean '{key}'{' ' + why if why else ''}?)"
+    keys = _all_keys()
+    elsewhere = [k for k in keys if k.split(".")[1] == name]
+    if elsewhere:
+        return f" (did you mean '{elsewhere[0]}'?)"
+    own = [k.split(".")[1] for k in keys if k.startswith(section + ".")]
+    close = difflib.get_close_matches(name, own, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{section}.{close[0]}'?)"
+    bare = {k.split(".")[1]: k for k in keys}
+    close = difflib.get_close_matches(name, list(bare), n=1, cutoff=0.6)
+    return f" (did you mean '{bare[close[0]]}'?)" if close else ""
 
 
 def _suggest(name: str, valid, prefix: str = "") -> str:
@@ -656,6 +751,12 @@ def reference_markdown() -> str:
         choices = CHOICES.get(key)
         extra = f" One of: {', '.join(choices)}." if choices else ""
         out.append(f"| `{key}` | {type_name} | `{default!r}` | {doc}{extra} |")
+    out += ["", "## Names from other tools", "",
+            "An unknown key is looked up by its bare name in this table first, in any section or in none, and the "
+            "error names what it means here; otherwise the closest spelling is suggested. A flat file (keys "
+            "without sections, as HF Trainer and LLaMA-Factory write them) gets one message that names the "
+            "setting of each key.", "", "| they type | here |", "|---|---|"]
+    out += [f"| `{name}` | {meaning} |" for name, meaning in KNOWN_AS.items()]
     return "\n".join(out) + "\n"
 
 

@@ -504,3 +504,44 @@ def test_text_fields_take_command_line_text_verbatim():
     assert cfg.model.name_or_path == "12:30"
     assert cfg.model.tokenizer == "2024-01-01"
     assert load_config(None, ["model.tokenizer=null"]).model.tokenizer is None
+
+
+# ---------------------------------------------------------------- names people type
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("train.learning_rate", "train.lr"),
+    ("train.bf16", "train.precision"),
+    ("data.cutoff_len", "data.max_length"),
+    ("train.save_steps", "checkpoint.every_steps"),
+    ("train.gradient_checkpointing", "model.gradient_checkpointing"),
+    ("train.per_device_train_batch_size", "train.micro_batch_size"),
+    ("train.num_train_epochs", "train.epochs"),
+    ("train.warmup_steps", "train.warmup_ratio"),
+    ("data.seed", "train.seed"),                       # the right name in the wrong section
+])
+def test_unknown_key_is_suggested_by_meaning_across_sections(typed, meant):
+    message = config_error(None, [f"{typed}=1"])
+    assert f"unknown key '{typed}' (did you mean '{meant}'" in message
+
+
+def test_save_steps_no_longer_suggests_max_steps():
+    message = config_error(None, ["train.save_steps=100"])
+    assert "max_steps" not in message and "checkpoint.every_steps" in message
+
+
+def test_override_without_section_says_what_the_name_means():
+    message = config_error(None, ["learning_rate=1e-5"])
+    assert "override 'learning_rate=1e-5': expected section.key=value; 'learning_rate' -> train.lr" in message
+
+
+def test_flat_yaml_gets_one_message_naming_the_section_of_each_key(tmp_path):
+    path = write_yaml(tmp_path, "learning_rate: 1.0e-5\ncutoff_len: 2048\nbf16: true\nnum_train_epochs: 3\n"
+                                "warmup_ratio: 0.1\nfrobnicate: 2\ntrain:\n  seed: 3\n")
+    message = config_error(path)
+    assert message.startswith("invalid configuration (1 problem):")
+    assert f"{path}: 6 keys outside a section; dft_ds configs group keys under model:, data:, loss:" in message
+    for part in ("learning_rate -> train.lr", "cutoff_len -> data.max_length", "bf16 -> train.precision",
+                 "num_train_epochs -> train.epochs", "warmup_ratio -> train.warmup_ratio",
+                 "frobnicate -> no such setting"):
+        assert part in message
