@@ -26,6 +26,7 @@ import torch
 
 from dft_ds.config import SYNTHETIC, BatchPlan, DataConfig
 from dft_ds.errors import DataError
+from dft_ds.hub import looks_like_hub_name
 from dft_ds.loss import IGNORE_INDEX
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -70,9 +71,9 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
         origin = source
     elif os.path.isdir(source):
         ds, origin = _load_saved(source, cfg.split), source
-    elif os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(tuple(FILE_BUILDERS)):
+    elif os.path.exists(source) or not looks_like_hub_name(source):
         raise DataError(f"data.source: '{source}' does not exist (expected a file, a saved dataset directory, "
-                        "a hub dataset name or 'synthetic')")
+                        "a hub dataset name such as owner/name, or 'synthetic')")
     else:
         ds = _load_quietly(lambda: datasets.load_dataset(source, split=cfg.split), f"hub dataset '{source}'")
         origin = f"{source}[{cfg.split}]"

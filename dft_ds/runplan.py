@@ -15,6 +15,7 @@ from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
 from dft_ds.config import BatchPlan, Config, resolve_batch, resume_changes, to_dict
 from dft_ds.errors import ConfigError, ModelError
+from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
 
 
@@ -151,6 +152,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
 
     out = cfg.train.output_dir
     rundir.check_output_dir(cfg)
+    check_hub_names(cfg)  # before any loading: one network probe, and one message for every missing name
     warnings: list[str] = []
     resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append)
     batch = resolve_batch(cfg.train, world_size, resume.state.get("global_batch_size") if resume else None)
