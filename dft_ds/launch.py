@@ -107,13 +107,19 @@ class Plan:
 # Options
 
 
+# dft-train's own options (dft_ds/train.py parse_args), passed to it wherever they stand; True: takes a
+# value. A unit test pins this against dft-train's parser, and keeps both sets of names apart.
+TRAIN_OPTIONS = {"--check": False, "--world-size": True, "--local_rank": True, "--local-rank": True}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dft-launch", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        usage="dft-launch [options] [CONFIG.yaml] [section.key=value ...]",
+        usage="dft-launch [options] [CONFIG.yaml] [section.key=value ...] [-- dft-train arguments]",
         description="Start `python -m dft_ds.train` on one node or many, through torchrun, the deepspeed "
-                    "launcher or srun. Options come first; everything from the first other argument on "
-                    "(or after `--`) goes to dft-train unchanged.")
+                    "launcher or srun. The options below may stand before or after the config and overrides; "
+                    "dft-train's own --check and --world-size N are passed on to it; any other option is "
+                    "refused (exit 2, named). Everything after `--` goes to dft-train unchanged.")
     parser.add_argument("--nproc-per-node", type=int, metavar="N", help="training ranks per node")
     parser.add_argument("--nnodes", type=int, metavar="N", help="number of nodes")
     parser.add_argument("--node-rank", type=int, metavar="R", help="this node's index, 0 .. nnodes-1")
@@ -129,15 +135,63 @@ def build_parser() -> argparse.ArgumentParser:
                              "node with --no_ssh when the node rank is known, else fans out over ssh from node 0")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command each node runs, and the environment added, then exit 0")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER, metavar="[CONFIG.yaml] [section.key=value ...]",
+    parser.add_argument("train_args", nargs="*", metavar="[CONFIG.yaml] [section.key=value ...]",
                         help="passed to dft-train as they are")
     return parser
 
 
+def split_argv(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """dft-launch's options apart from dft-train's arguments, each kept in order.
+
+    A launcher option after the config used to be passed to every rank, which refused it there
+    after start-up (or, for a misspelt one, each rank printed the same usage): now it is taken
+    wherever it stands, and an option neither command knows stops dft-launch before anything runs.
+    """
+    takes_value = {name: action.nargs != 0 for action in parser._actions for name in action.option_strings}
+    ours, theirs = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            theirs += argv[i + 1:]
+            break
+        if not arg.startswith("-") or arg == "-":  # the config or an override
+            theirs.append(arg)
+            i += 1
+            continue
+        name, has_value, _ = arg.partition("=")
+        if name in TRAIN_OPTIONS:
+            width = 2 if TRAIN_OPTIONS[name] and not has_value else 1
+            theirs += argv[i:i + width]
+            i += width
+            continue
+        # argparse takes unique prefixes (--nproc for --nproc-per-node); so does this.
+        matches = [n for n in takes_value if n == name] or [n for n in takes_value if n.startswith(name)]
+        if len(matches) != 1:
+            parser.error(unknown_option(name, matches, list(takes_value)))
+        width = 2 if takes_value[matches[0]] and not has_value else 1
+        ours += argv[i:i + width]
+        i += width
+    return ours, theirs
+
+
+def unknown_option(name: str, matches: list[str], known: list[str]) -> str:
+    import difflib
+
+    if matches:
+        return f"option {name} is ambiguous: it could be {', '.join(sorted(matches))}"
+    longs = [n for n in known if n.startswith("--") and n != "--help"]
+    near = difflib.get_close_matches(name, longs + [n for n in TRAIN_OPTIONS if n != "--local_rank"], n=1)
+    return (f"unknown option {name}" + (f" (did you mean {near[0]}?)" if near else "") +
+            f". dft-launch's options ({', '.join(longs)}) may stand before or after the config; dft-train's own "
+            "are --check and --world-size N; put any other argument meant for dft-train after `--`")
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    ns = build_parser().parse_args(argv)
-    if ns.train_args[:1] == ["--"]:
-        ns.train_args = ns.train_args[1:]
+    parser = build_parser()
+    ours, theirs = split_argv(parser, list(sys.argv[1:] if argv is None else argv))
+    ns = parser.parse_args(ours)
+    ns.train_args = theirs
     return ns
 
 
@@ -445,10 +499,14 @@ def srun_command(plan: Plan, python: str, module: str) -> list[str]:
             "--kill-on-bad-exit=1", python, "-m", module, *plan.train_args]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def describe(plan: Plan) -> str:
     """The dry-run text: a header, the environment added, then `node R: COMMAND` per node."""
     where = f"this is node {plan.node_rank}" if plan.node_rank is not None else "run once for all nodes"
-    lines = [f"# dft-launch via {plan.via}: {plan.nnodes} node(s) x {plan.nproc_per_node} rank(s), "
+    lines = [f"# dft-launch via {plan.via}: {_count(plan.nnodes, 'node')} x {_count(plan.nproc_per_node, 'rank')}, "
              f"master {plan.master_addr}:{plan.master_port}; {where}"]
     lines += [f"# {note}" for note in plan.notes]
     if plan.env:

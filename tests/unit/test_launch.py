@@ -8,6 +8,7 @@ Tests marked slow start the real torchrun or deepspeed launcher.
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -456,3 +457,98 @@ def test_sigusr1_to_dft_launch_checkpoints_real_training_through_deepspeed(tmp_p
     assert text.count("passed SIGUSR1 to rank") == 2 and "stopped at step" in text
     tag = (out / "checkpoints" / "latest").read_text().strip()
     assert len(list((out / "checkpoints" / tag).glob("*model_states.pt"))) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Options after the config: taken if dft-launch's or dft-train's own, refused by name otherwise
+
+
+def test_launcher_options_are_taken_after_the_config_too(fake_slurm):
+    env, out = fake_slurm
+    proc = cli(["configs/tiny.yaml", "--nproc-per-node", "1", "x=1", "--via=srun", "y=2"], env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.load(open(out + ".argv"))["argv"] == ["configs/tiny.yaml", "x=1", "y=2"]  # the options stayed here
+    plan = plan_for(["cfg.yaml", "--nproc", "3", "x=1", "--check", "--world-size", "8"], base_env())
+    assert plan.nproc_per_node == 3  # a unique prefix, as argparse takes one before the config
+    assert plan.train_args == ["cfg.yaml", "x=1", "--check", "--world-size", "8"]  # dft-train's own pass on
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nproc", "2", "configs/tiny.yaml", "--nodes", "2"], "unknown option --nodes (did you mean --nnodes?)"),
+    (["--nproc", "2", "configs/tiny.yaml", "--bogus"], "unknown option --bogus. "),
+    (["configs/tiny.yaml", "--n", "2"], "option --n is ambiguous: it could be --nnodes, --node-rank, --nproc-per-node"),
+])
+def test_an_unknown_option_anywhere_exits_2_named_before_anything_runs(fake_slurm, argv, message):
+    # It used to go to every rank, which each refused it after start-up with dft-train's usage.
+    env, out = fake_slurm
+    proc = cli(argv, env)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert f"dft-launch: error: {message}" in proc.stderr
+    if "unknown" in message:
+        assert "may stand before or after the config" in proc.stderr and "after `--`" in proc.stderr
+    assert not os.path.exists(out + ".argv") and "node all of" not in proc.stderr
+
+
+def test_an_option_after_the_double_dash_goes_to_dft_train_unchanged():
+    plan = plan_for(["cfg.yaml", "--", "--nodes", "2", "--nnodes", "4"], base_env())
+    assert plan.nnodes == 1 and plan.train_args == ["cfg.yaml", "--nodes", "2", "--nnodes", "4"]
+
+
+def test_dft_train_options_are_known_and_apart_from_the_launchers(capsys):
+    from dft_ds import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    usage = capsys.readouterr().out.split("\n\n", 1)[0]
+    shown = set(re.findall(r"--[a-z][\w-]*", usage))
+    assert shown and shown <= set(launch.TRAIN_OPTIONS)
+    for option, takes_value in launch.TRAIN_OPTIONS.items():  # each entry is one dft-train takes, as it takes it
+        ns = train.parse_args([option, "3"] if takes_value else [option])
+        assert ns.args == []
+    ours = {name for action in launch.build_parser()._actions for name in action.option_strings}
+    assert not ours & set(launch.TRAIN_OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# launcher/dft-launch run by a python3 without torch (the first on PATH outside the venv)
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory):
+    """A python3 first on PATH that cannot import torch: a venv of nothing."""
+    bare = tmp_path_factory.mktemp("bare")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    python = str(bare / "bin" / "python3")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    env = {k: v for k, v in base_env().items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = f"{bare / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    return python, env
+
+
+def test_wrapper_outside_the_venv_hands_over_to_the_checkouts_venv(bare_python):
+    venv_python = os.path.join(REPO, ".venv", "bin", "python")
+    if not os.path.exists(venv_python):
+        pytest.skip(f"no {venv_python} (tests run from another environment)")
+    _, env = bare_python
+    proc = subprocess.run([LAUNCHER, "--dry-run", "--nproc-per-node", "2", "x=1"], env=env, capture_output=True,
+                          text=True, timeout=60, cwd="/")  # the shebang's python3 is the bare one
+    assert proc.returncode == 0, proc.stderr
+    command = shlex.split(proc.stdout.splitlines()[-1].split(": ", 1)[1])
+    assert command[:3] == [venv_python, "-m", "torch.distributed.run"]  # was the bare python3: No module named 'torch'
+
+
+def test_wrapper_takes_virtual_env_and_else_says_what_to_activate(bare_python, tmp_path):
+    python, env = bare_python
+    copy = tmp_path / "checkout" / "launcher" / "dft-launch"  # a checkout without .venv
+    copy.parent.mkdir(parents=True)
+    copy.write_text(open(LAUNCHER).read())
+    proc = subprocess.run([python, str(copy), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_BAD_INPUT
+    venv = tmp_path / "checkout" / ".venv"
+    assert f"dft-launch: error: {python} cannot import torch, deepspeed" in proc.stderr
+    assert f"source {venv}/bin/activate, or create it first with `make venv`" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([python, str(copy), "--dry-run"], env=dict(env, VIRTUAL_ENV=sys.prefix),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert shlex.split(proc.stdout.splitlines()[-1].split(": ", 1)[1])[0] == os.path.join(sys.prefix, "bin", "python")
