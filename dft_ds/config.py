@@ -623,9 +623,12 @@ def _check_values(cfg: Config) -> list[str]:
     if t.micro_batch_size >= 1 and t.global_batch_size and t.gradient_accumulation_steps:
         per_rank = t.micro_batch_size * t.gradient_accumulation_steps
         if t.global_batch_size % per_rank:
+            below, above = t.global_batch_size // per_rank * per_rank, (t.global_batch_size // per_rank + 1) * per_rank
             problems.append(
                 f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size x "
-                f"gradient_accumulation_steps = {per_rank}")
+                f"gradient_accumulation_steps = {per_rank}; the nearest valid values are "
+                f"{' or '.join(str(v) for v in (below, above) if v)}, or set train.gradient_accumulation_steps=null "
+                "to derive it")
     return problems
 
 
@@ -663,12 +666,30 @@ def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[in
         return BatchPlan(micro, accum or 1, world_size)
     if total % per_step:
         raise _batch_error(f"train.global_batch_size: {total} is not divisible by micro_batch_size {micro} x "
-                           f"world size {world_size} = {per_step}")
+                           f"world size {world_size} = {per_step}; {_nearest_batches(total, micro, world_size)}")
     derived = total // per_step
     if accum is not None and accum != derived:
         raise _batch_error(f"train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x world size "
-                           f"{world_size} = {accum * per_step}, but train.global_batch_size is {total}")
+                           f"{world_size} = {accum * per_step}, but train.global_batch_size is {total}; set "
+                           f"train.gradient_accumulation_steps={derived} (or null, which derives it), or "
+                           f"train.global_batch_size={accum * per_step}")
     return BatchPlan(micro, derived, world_size)
+
+
+def _nearest_batches(total: int, micro: int, world_size: int) -> str:
+    """The valid settings nearest to a global batch that micro x world does not divide."""
+    per_step = micro * world_size
+    below, above = total // per_step * per_step, (total // per_step + 1) * per_step
+    near = f"train.global_batch_size={above}" if not below else \
+        f"train.global_batch_size={below} or {above}"
+    text = f"the nearest valid values are {near} (multiples of {per_step})"
+    if total % world_size == 0:
+        share = total // world_size
+        micros = [m for m in range(1, min(share, 2 * micro) + 1) if share % m == 0]
+        closest = sorted(micros, key=lambda m: (abs(m - micro), -m))[:3]
+        text += (f", or keep {total} with train.micro_batch_size={' or '.join(str(m) for m in sorted(closest))} "
+                 f"(a micro batch must divide each rank's share of {share} rows)")
+    return text
 
 
 def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> BatchPlan:

@@ -332,10 +332,10 @@ def _is_turn_list(row: dict, layout: Layout) -> bool:
 def _conversational_pair(prompt, response, layout: Layout, tokenizer, where: str) -> list[tuple[str, bool]]:
     """TRL's conversational prompt/completion: two lists of messages; only the completion's assistant
     turns are targets."""
-    for name, value in ((layout.prompt_field, prompt), (layout.response_field, response)):
-        if not isinstance(value, list):
-            raise DataError(f"{where}: field '{name}' must be a list of messages like the other field, got "
-                            f"{type(value).__name__}")
+    if not (isinstance(prompt, list) and isinstance(response, list)):
+        raise DataError(f"{where}: fields '{layout.prompt_field}' ({type(prompt).__name__}) and "
+                        f"'{layout.response_field}' ({type(response).__name__}) must both be text or both be lists "
+                        "of messages (TRL's conversational form)")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in response):
         raise DataError(f"{where}: field '{layout.response_field}' has no assistant turn to learn from")
     return _chat_segments(prompt + response, tokenizer, where, first_target=len(prompt))

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
 from dft_ds.config import BatchPlan, Config, resolve_batch, resume_changes, to_dict
-from dft_ds.errors import ConfigError, ModelError
+from dft_ds.errors import ConfigError, DataError, ModelError
 from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
 
@@ -169,6 +169,9 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
         changed = check_resume_settings(resume, cfg, precision, prints)
         warnings += [f"resume: {c}" for c in changed]
     rundir.check_run_fingerprints(out, prints)
+    if len(data.rows) < batch.global_batch_size:
+        raise DataError(short_data_message(cfg, len(data.rows), data.report.samples - data.report.dropped_overlong
+                                           - data.report.dropped_no_target, batch.global_batch_size))
     steps_per_epoch = StepSampler(len(data.rows), batch, 0, cfg.train.seed).steps_per_epoch
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     on_cpu = eng.device().type == "cpu"
@@ -184,6 +187,18 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
                    total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), attention, changed,
                    warnings)
+
+
+def short_data_message(cfg: Config, rows: int, samples: int, global_batch: int) -> str:
+    d = cfg.data
+    made = (f"packing (data.packing=true) made them from {samples} samples, several to a row of data.max_length="
+            f"{d.max_length} tokens" if d.packing and samples > rows else f"one sample per row, from {samples} samples")
+    fixes = [f"lower train.global_batch_size to at most {rows}"]
+    if d.packing and samples > rows:
+        fixes.append(f"set data.packing=false for up to {samples} rows")
+    fixes.append("give more data")
+    return (f"the data gives {rows} rows ({made}), fewer than one global batch of {global_batch} rows "
+            f"(train.global_batch_size); {', or '.join(fixes)}")
 
 
 def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str,

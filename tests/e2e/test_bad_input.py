@@ -161,3 +161,15 @@ def test_model_that_needs_remote_code_is_refused(tmp_path):
     proc = train(tmp_path, f"model.name_or_path={model_dir}", f"train.output_dir={out}")
     assert_bad_input(proc, "needs its own code to run", "model.trust_remote_code=true")
     assert not marker.exists() and not out.exists()
+
+
+def test_too_few_rows_says_packing_made_them_and_how_to_fit(tmp_path):
+    out = tmp_path / "run"
+    proc = train(tmp_path, f"train.output_dir={out}", "data.synthetic_size=200", "train.global_batch_size=64",
+                 "train.micro_batch_size=4")
+    assert_bad_input(proc, "fewer than one global batch of 64 rows (train.global_batch_size)",
+                     "packing (data.packing=true) made them from 200 samples",
+                     "set data.packing=false for up to 200 rows")
+    rows = int(proc.stderr.split("the data gives ")[1].split(" rows")[0])
+    assert rows < 64 and f"lower train.global_batch_size to at most {rows}" in proc.stderr
+    assert not out.exists()

@@ -545,3 +545,33 @@ def test_flat_yaml_gets_one_message_naming_the_section_of_each_key(tmp_path):
                  "num_train_epochs -> train.epochs", "warmup_ratio -> train.warmup_ratio",
                  "frobnicate -> no such setting"):
         assert part in message
+
+
+# ---------------------------------------------------------------- batch errors name the nearest valid values
+
+
+def test_indivisible_global_batch_suggests_the_nearest_multiples_and_micro_batches():
+    with pytest.raises(ConfigError) as info:
+        resolve_batch(load_config(None, ["train.global_batch_size=30", "train.micro_batch_size=4"]).train, 2)
+    msg = str(info.value)
+    assert "30 is not divisible by micro_batch_size 4 x world size 2 = 8" in msg
+    assert "train.global_batch_size=24 or 32 (multiples of 8)" in msg
+    assert "keep 30 with train.micro_batch_size=1 or 3 or 5" in msg
+    for global_batch in (24, 32):  # what it suggests is valid
+        resolve_batch(load_config(None, [f"train.global_batch_size={global_batch}", "train.micro_batch_size=4"]).train, 2)
+    for micro in (1, 3, 5):
+        resolve_batch(load_config(None, ["train.global_batch_size=30", f"train.micro_batch_size={micro}"]).train, 2)
+
+
+def test_accumulation_mismatch_names_both_ways_out():
+    cfg = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=4",
+                             "train.gradient_accumulation_steps=4"])
+    with pytest.raises(ConfigError, match=r"set train.gradient_accumulation_steps=8 \(or null, which derives it\), "
+                                          r"or train.global_batch_size=16"):
+        resolve_batch(cfg.train, 1)
+
+
+def test_global_batch_not_a_multiple_of_micro_times_accumulation_names_neighbours():
+    message = config_error(None, ["train.global_batch_size=30", "train.micro_batch_size=4",
+                                  "train.gradient_accumulation_steps=4"])
+    assert "the nearest valid values are 16 or 32, or set train.gradient_accumulation_steps=null" in message

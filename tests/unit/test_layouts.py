@@ -101,7 +101,7 @@ def test_trl_conversational_needs_a_chat_template(tmp_path, tok):
 
 def test_trl_mixed_forms_in_one_row_are_refused(tmp_path, tok):
     rows = [{"prompt": "One?", "completion": [{"role": "assistant", "content": "1"}]}]
-    with pytest.raises(DataError, match=r"field 'prompt' must be a list of messages like the other field, got str"):
+    with pytest.raises(DataError, match=r"fields 'prompt' \(str\) and 'completion' \(list\) must both be text or both be lists"):
         read(tmp_path, tok, rows)
 
 
