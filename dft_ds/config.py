@@ -70,7 +70,7 @@ class DataConfig:
     synthetic_size: int = 4000
     """Number of generated training problems when source is "synthetic"."""
     eval_source: Optional[str] = None
-    """Held-out rows for eval.loss_every, read like data.source (same layout and fields); "synthetic" is the synthetic test split. Null with eval_fraction 0: no held-out loss."""
+    """Held-out rows for eval.loss_every, read like data.source (same layout and fields); "synthetic" is the synthetic test split (data.synthetic_size / 10 problems, at least 32). Null with eval_fraction 0: no held-out loss."""
     eval_split: str = "test"
     """Split of a saved DatasetDict or hub dataset given as data.eval_source."""
     eval_fraction: float = 0.0

@@ -50,7 +50,7 @@ class RawData:
         return f"{self.origin}: row {index}"
 
 
-def load_raw(cfg: DataConfig, seed: int) -> RawData:
+def load_raw(cfg: DataConfig, seed: int, synthetic_split: str = "train") -> RawData:
     """The configured source as a `datasets.Dataset`, first `max_samples` rows only."""
     import datasets
 
@@ -59,7 +59,10 @@ def load_raw(cfg: DataConfig, seed: int) -> RawData:
     if source == SYNTHETIC:
         from dft_ds import synthetic
 
-        ds, origin = synthetic.load_split("train", cfg.synthetic_size, seed), "synthetic:train"
+        size = cfg.synthetic_size if synthetic_split == "train" else max(32, cfg.synthetic_size // 10)
+        # The answer column is for grading; training reads prompt and response only.
+        ds = synthetic.load_split(synthetic_split, size, seed).remove_columns(["answer"])
+        origin = f"synthetic:{synthetic_split}"
     elif os.path.isfile(source):
         ext = os.path.splitext(source)[1].lower()
         if ext not in FILE_BUILDERS:
@@ -190,8 +193,8 @@ class Layout:
         return set(self.fields) | set(self.optional)
 
     def line(self) -> str:
-        how = "detected from the fields" if self.detected else "data.format"
-        return f"layout {self.name} ({how}: {', '.join(sorted(self.uses()))})"
+        how = "detected from the fields" if self.detected else f"set by data.format={self.format}, fields"
+        return f"layout {self.name}, {how} {', '.join(sorted(self.uses()))}"
 
 
 def _pair(name: str, prompt: str, response: str, detected: bool) -> Layout:
@@ -212,14 +215,18 @@ ALPACA = Layout("Alpaca (instruction/input/output)", "alpaca", {"instruction": s
                 optional=("input", "system", "history"))
 
 
+def _pair_name(cfg: DataConfig) -> str:
+    fields = (cfg.prompt_field, cfg.response_field)
+    return "prompt/response" if fields == ("prompt", "response") else f"prompt/response as {'/'.join(fields)}"
+
+
 def resolve_layout(cfg: DataConfig, row: dict, where: str) -> Layout:
     """The layout data.format names, or with data.format=auto the first that the row's fields match:
     the configured prompt/response fields, TRL's prompt/completion, NuminaMath-CoT's problem/solution,
     the configured messages field, Alpaca's instruction/output, ShareGPT's conversations."""
     sharegpt_field = cfg.messages_field if cfg.messages_field != "messages" else "conversations"
     if cfg.format == "prompt_response":
-        return _pair(f"prompt/response ({cfg.prompt_field}/{cfg.response_field})", cfg.prompt_field,
-                     cfg.response_field, False)
+        return _pair(_pair_name(cfg), cfg.prompt_field, cfg.response_field, False)
     if cfg.format == "messages":
         return _messages(cfg.messages_field, False)
     if cfg.format == "alpaca":
@@ -228,8 +235,7 @@ def resolve_layout(cfg: DataConfig, row: dict, where: str) -> Layout:
         return _sharegpt(sharegpt_field, False)
     present = {k for k, v in row.items() if v is not None}
     candidates = [
-        (_pair(f"prompt/response ({cfg.prompt_field}/{cfg.response_field})", cfg.prompt_field, cfg.response_field,
-               True), {cfg.prompt_field, cfg.response_field}),
+        (_pair(_pair_name(cfg), cfg.prompt_field, cfg.response_field, True), {cfg.prompt_field, cfg.response_field}),
         (_pair("TRL prompt/completion", "prompt", "completion", True), {"prompt", "completion"}),
         (_pair("NuminaMath-CoT (problem/solution)", "problem", "solution", True), {"problem", "solution"}),
         (_messages(cfg.messages_field, True), {cfg.messages_field}),
@@ -468,11 +474,13 @@ class DataReport:
     target_tokens: int = 0
     tokens: int = 0
     layout: str = ""
+    heldout: int = 0        # samples set aside by data.eval_fraction
     warnings: list = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         layout = f"{self.layout}; " if self.layout else ""
-        return (f"{layout}{self.samples} samples -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
+        held = f" ({self.heldout} held out by data.eval_fraction)" if self.heldout else ""
+        return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
                 f"truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
                 f"{self.dropped_no_target} with no target left")
 
@@ -649,8 +657,40 @@ class TrainData:
 
 
 def build_train_data(cfg: DataConfig, tokenizer, seed: int) -> TrainData:
+    return build_datasets(cfg, tokenizer, seed)[0]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TrainData, Optional[TrainData]]:
+    """The training rows, and the held-out rows of data.eval_source or data.eval_fraction (or None).
+
+    A held-out fraction is taken from data.source's tokenised samples by a seeded draw, before
+    packing, so no held-out sample shares a row with a training one."""
     raw = load_raw(cfg, seed)
     ids, labels, report = tokenize_dataset(raw, cfg, tokenizer)
+    heldout = None
+    if cfg.eval_source is not None:
+        eval_cfg = dataclasses.replace(cfg, source=cfg.eval_source, split=cfg.eval_split, max_samples=None)
+        e_ids, e_labels, e_report = tokenize_dataset(load_raw(eval_cfg, seed, synthetic_split="test"), eval_cfg,
+                                                     tokenizer)
+        heldout = _as_rows(e_ids, e_labels, e_report, cfg, tokenizer)
+    elif cfg.eval_fraction:
+        count = max(1, round(cfg.eval_fraction * len(ids)))
+        if count >= len(ids):
+            raise DataError(f"data.eval_fraction={cfg.eval_fraction} of {len(ids)} samples leaves none to train on; "
+                            "lower it, or give held-out rows in data.eval_source")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+        held = set(torch.randperm(len(ids), generator=gen)[:count].tolist())
+        e_report = DataReport(samples=count)
+        heldout = _as_rows([ids[i] for i in sorted(held)], [labels[i] for i in sorted(held)], e_report, cfg,
+                           tokenizer)
+        keep = [i for i in range(len(ids)) if i not in held]
+        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
+        report.heldout = count
+    return _as_rows(ids, labels, report, cfg, tokenizer), heldout
+
+
+def _as_rows(ids: list[list[int]], labels: list[list[int]], report: DataReport, cfg: DataConfig,
+             tokenizer) -> TrainData:
     rows = build_rows(ids, labels, cfg.max_length, cfg.packing)
     report.rows = len(rows)
     report.tokens = sum(len(i) for i in ids)

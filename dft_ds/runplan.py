@@ -37,6 +37,7 @@ class RunPlan:
     fused: bool
     n_params: int
     attention: str = "sdpa"   # the attention kernel the model runs (model.choose_attention)
+    heldout: Any = None       # TrainData of data.eval_source / data.eval_fraction, or None
     changed: list[str] = field(default_factory=list)   # settings a resume changes ('key changed from a to b')
     warnings: list[str] = field(default_factory=list)
 
@@ -93,6 +94,12 @@ class RunPlan:
         how = PACKED_ISOLATION.get(self.attention, "position ids")
         return f"{self.attention} (packed documents kept apart by {how})"
 
+    def heldout_line(self) -> str:
+        d, r = self.cfg.data, self.heldout.report
+        where = f"{d.eval_source}" if d.eval_source is not None else f"data.eval_fraction={d.eval_fraction} of {d.source}"
+        every = f"every {self.cfg.eval.loss_every} steps" if self.cfg.eval.loss_every else "never evaluated (eval.loss_every=0)"
+        return f"{r.samples} samples from {where} -> {r.rows} rows, {r.target_tokens} targets; {every}"
+
     def loss_line(self) -> str:
         return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
                 f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if self.offload else ''}")
@@ -131,6 +138,7 @@ class RunPlan:
             "dft-train --check: OK",
             f"  {self.output_dir_line()}",
             f"  data: {self.data.report.summary()}",
+            *([f"  held-out: {self.heldout_line()}"] if self.heldout is not None else []),
             f"  {self.batch_line()}",
             f"  model: {cfg.model.name_or_path}, {self.n_params / 1e6:.1f}M parameters, vocabulary "
             f"{self.model_config.vocab_size}",
@@ -147,7 +155,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     """Everything a run decides before it starts; raises UserError on bad input, having written nothing."""
     from dft_ds import engine as eng
     from dft_ds import model as mdl
-    from dft_ds.data import StepSampler, build_train_data
+    from dft_ds.data import StepSampler, build_datasets
     from dft_ds.memory import count_parameters, meta_model
 
     out = cfg.train.output_dir
@@ -160,7 +168,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
         warnings.append(batch.note)
     tokenizer = mdl.load_tokenizer(cfg.model)
     model_config = mdl.load_model_config(cfg.model, tokenizer)
-    data = build_train_data(cfg.data, tokenizer, cfg.train.seed)
+    data, heldout = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     warnings += data.report.warnings
     prints = rundir.fingerprints(model_config, tokenizer, data.rows)
     precision = eng.resolve_precision(cfg.train.precision)
@@ -170,8 +178,9 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
         warnings += [f"resume: {c}" for c in changed]
     rundir.check_run_fingerprints(out, prints)
     if len(data.rows) < batch.global_batch_size:
-        raise DataError(short_data_message(cfg, len(data.rows), data.report.samples - data.report.dropped_overlong
-                                           - data.report.dropped_no_target, batch.global_batch_size))
+        r = data.report
+        raise DataError(short_data_message(cfg, len(data.rows), r.samples - r.heldout - r.dropped_overlong
+                                           - r.dropped_no_target, batch.global_batch_size))
     steps_per_epoch = StepSampler(len(data.rows), batch, 0, cfg.train.seed).steps_per_epoch
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
     on_cpu = eng.device().type == "cpu"
@@ -185,8 +194,8 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     fused = choose_fused_head(cfg, model, warnings.append)
     attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
     return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
-                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), attention, changed,
-                   warnings)
+                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), attention, heldout,
+                   changed, warnings)
 
 
 def short_data_message(cfg: Config, rows: int, samples: int, global_batch: int) -> str:

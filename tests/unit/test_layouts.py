@@ -162,7 +162,7 @@ def test_explicit_format_is_named_and_a_missing_field_is_reported_by_line(tmp_pa
     with pytest.raises(DataError, match=r"d.jsonl:2: missing field 'output'"):
         read(tmp_path, tok, rows, format="alpaca")
     _, _, report = read(tmp_path, tok, rows[:1], format="alpaca")
-    assert "(data.format:" in report.layout
+    assert "set by data.format=alpaca, fields history, input, instruction, output, system" in report.layout
 
 
 def test_unknown_layout_names_the_fields_and_the_settings(tmp_path, tok):
@@ -176,7 +176,7 @@ def test_unknown_layout_names_the_fields_and_the_settings(tmp_path, tok):
 def test_configured_fields_win_over_detection(tmp_path, tok):
     rows = [{"question": "2+2?", "answer": "4", "prompt": "ignored", "completion": "ignored"}]
     ids, labels, report = read(tmp_path, tok, rows, prompt_field="question", response_field="answer")
-    assert "prompt/response (question/answer)" in report.layout
+    assert "prompt/response as question/answer" in report.layout
     assert targets(tok, ids[0], labels[0]) == "4<|im_end|>"
 
 
