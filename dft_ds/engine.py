@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import json
+import logging
 import math
 import os
+import re
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -24,6 +28,98 @@ from dft_ds.net import free_port
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 TEMPLATES = ("zero2", "zero3", "zero3_offload")
+
+
+# --------------------------------------------------------------------------------------------
+# DeepSpeed's messages that a user cannot act on. Its warnings about anything else are kept.
+
+# Logged through DeepSpeed's logger ("DeepSpeed"): accelerator detection, on every import.
+DEEPSPEED_LOG_NOISE = (
+    re.compile(r"Setting accelerator to CPU\. If you have GPU or other accelerator, we were unable to detect it"),
+    re.compile(r"Setting ds_accelerator to \w+ \((auto detect|model specified)\)"),
+)
+# Printed with print(): the CPU comm op (loaded, or built once, on every start) and zero_to_fp32's
+# progress lines when export.hf converts the final checkpoint.
+DEEPSPEED_PRINT_NOISE = (
+    re.compile(r"DeepSpeed \S+ built successfully"),
+    re.compile(r"Processing zero checkpoint '"),
+    re.compile(r"Parsing checkpoint created by deepspeed=="),
+    re.compile(r"Detected checkpoint of type zero stage"),
+    re.compile(r"Reconstructed (Trainable|Frozen) fp32 state dict with"),
+)
+
+
+def _gpu_present() -> bool:
+    """A GPU device node exists: then "unable to detect it" is news the user can act on."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+
+
+class _DeepSpeedLogNoise(logging.Filter):
+    def __init__(self, patterns):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self.patterns)
+
+
+def quiet_deepspeed() -> None:
+    """Filter DEEPSPEED_LOG_NOISE out of DeepSpeed's logger. Call it before deepspeed is first imported
+    (transformers imports it too): the accelerator line is logged at import. Idempotent."""
+    logger = logging.getLogger("DeepSpeed")  # the name deepspeed.utils.logging gives its logger
+    if any(isinstance(f, _DeepSpeedLogNoise) for f in logger.filters):
+        return
+    patterns = DEEPSPEED_LOG_NOISE if not _gpu_present() else DEEPSPEED_LOG_NOISE[1:]
+    logger.addFilter(_DeepSpeedLogNoise(patterns))
+
+
+class _DropPrinted:
+    """A stream that passes everything on except whole print()ed lines matching DEEPSPEED_PRINT_NOISE.
+
+    print() writes the text and then "\n" in two calls; the "\n" after a dropped line is dropped too.
+    Everything else (a tqdm bar's "\r" updates included) goes through at once, unbuffered.
+    """
+
+    def __init__(self, target):
+        self._target, self._dropped = target, False
+
+    def write(self, text: str) -> int:
+        if self._dropped and text == "\n":
+            self._dropped = False
+            return len(text)
+        self._dropped = any(p.match(text.strip()) for p in DEEPSPEED_PRINT_NOISE)
+        return len(text) if self._dropped else self._target.write(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding: the real stream's
+        return getattr(self._target, name)
+
+
+@contextlib.contextmanager
+def deepspeed_prints_filtered(conversion: bool = False):
+    """Within the block, DeepSpeed's known print() noise is dropped from stdout and stderr. With
+    `conversion`, zero_to_fp32's own progress bars are off too (dft-convert shows one bar of its own)."""
+    bars = contextlib.nullcontext()
+    if conversion:
+        import functools
+
+        import deepspeed.utils.zero_to_fp32 as z2f
+
+        # zero_to_fp32 imports tqdm by name: a bar per shard file and per tensor list, noise here.
+        bars = _patched(z2f, "tqdm", functools.partial(z2f.tqdm, disable=True))
+    with bars, contextlib.redirect_stdout(_DropPrinted(sys.stdout)), \
+            contextlib.redirect_stderr(_DropPrinted(sys.stderr)):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,13 +161,15 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
     # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per bucket per step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated")
+    quiet_deepspeed()
     map_launcher_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
-                               verbose=False, timeout=timedelta(seconds=timeout_s))
+    with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
     return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
 
 
@@ -371,6 +469,10 @@ class Engine:
 
     def train(self) -> None:
         self.ds.train()
+
+    def eval(self) -> None:
+        """No dropout (held-out loss); train() turns it back on."""
+        self.ds.eval()
 
 
 # --------------------------------------------------------------------------------------------

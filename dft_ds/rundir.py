@@ -1,6 +1,7 @@
 """The run directory (`train.output_dir`): whether it is new or ours, what rank 0 writes into it at
 a start, and what it writes at the end. Its files and sub-folders are named here, except the
-logger's own (metrics.jsonl, eval.jsonl, tensorboard/), which metrics.py names.
+logger's own (metrics.jsonl, eval.jsonl, tensorboard/, trackers.json, wandb/, mlruns/,
+training_curves.png), which metrics.py names.
 
     config.yaml           the resolved config of the latest segment, headed by world size and precision
     config_history.jsonl  one line per start that trained: step, world size, batch, what changed
@@ -9,6 +10,9 @@ logger's own (metrics.jsonl, eval.jsonl, tensorboard/), which metrics.py names.
     metrics.jsonl         one line per logged step (trimmed back to the checkpoint on a resume)
     eval.jsonl            with eval.every_steps: one line per evaluation
     tensorboard/          the same figures as TensorBoard events
+    trackers.json         with logging.report_to: the W&B and MLflow run ids a resume continues
+    wandb/, mlruns/       with logging.report_to: W&B's offline run, MLflow's file store
+    training_curves.png   with logging.plot: loss, NLL and mean token probability against the step
     checkpoints/          see dft_ds/checkpoint.py
     hf/                   with export.hf: the final weights as a Hugging Face directory
     summary.json          the whole run's figures, written when it finishes
@@ -139,28 +143,39 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 
 def open_metrics(plan, is_rank0: bool):
-    """Rank 0's logger (metrics.jsonl, TensorBoard past the resumed step purged, progress bar); a null one elsewhere."""
+    """Rank 0's logger (metrics.jsonl; TensorBoard past the resumed step purged; W&B/MLflow resumed by the
+    ids in trackers.json; the bar or plain lines; the plot at the end); a null one elsewhere."""
+    from dft_ds.config import trackers
     from dft_ds.metrics import MetricsLogger, NullMetrics
 
     if not is_rank0:
         return NullMetrics()
-    lg = plan.cfg.logging
-    return MetricsLogger(plan.cfg.train.output_dir, lg.tensorboard, lg.progress_bar, plan.total_steps,
-                         purge_step=plan.start_step + 1)
+    cfg = plan.cfg
+    lg = cfg.logging
+    return MetricsLogger(cfg.train.output_dir, plan.total_steps, trackers=trackers(lg), progress_bar=lg.progress_bar,
+                         plot=lg.plot, start_step=plan.start_step, config=to_dict(cfg), project=lg.project,
+                         run_name=lg.run_name)
 
 
 def write_summary(summary, out: str, world_size: int) -> dict[str, Any]:
-    """summary.json over the whole run (all segments of a resumed run) and the closing line."""
+    """summary.json over the whole run (all segments of a resumed run) and the closing line.
+
+    `seconds` and `tokens_per_s` are this session's training only; evaluation and checkpoint saves
+    inside the loop are `eval_seconds` and `checkpoint_seconds`, and `wall_seconds` is the whole loop.
+    """
     with open(os.path.join(out, METRICS_FILE), encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     skipped = sum(r.get("skipped_steps", 0) for r in rows)
     rows = [r for r in rows if r.get("loss") is not None]  # windows of skipped steps only
     first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
     result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
-              "tokens_per_s": round(summary.tokens_per_s, 1), "first_loss": first, "last_loss": last,
+              "tokens_per_s": round(summary.tokens_per_s, 1), "eval_seconds": round(summary.eval_seconds, 3),
+              "checkpoint_seconds": round(summary.checkpoint_seconds, 3),
+              "wall_seconds": round(summary.wall_seconds, 3), "first_loss": first, "last_loss": last,
               "skipped_steps": skipped, "world_size": world_size, "output_dir": os.path.abspath(out)}
     write_atomic(os.path.join(out, SUMMARY_FILE), json.dumps(result, indent=2))
     losses = f"loss {first:.4f} -> {last:.4f}; " if rows else ""
-    print(f"done: {summary.steps} steps in {summary.seconds:.1f} s, {summary.tokens_per_s:.0f} tokens/s, "
+    evals = f" (+ {summary.eval_seconds:.1f} s evaluation)" if summary.eval_seconds >= 0.05 else ""
+    print(f"done: {summary.steps} steps in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
           f"{losses}results in {os.path.abspath(out)}", flush=True)
     return result

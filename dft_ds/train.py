@@ -117,14 +117,20 @@ def check(ns: argparse.Namespace) -> int:
 
 
 def run(cfg: Config) -> int:
+    from dft_ds.engine import quiet_deepspeed
+
+    quiet_deepspeed()  # before deepspeed is first imported (by transformers too): it logs at import
     from dft_ds import checkpoint as ckpt
     from dft_ds import rundir
+    from dft_ds.config import trackers
     from dft_ds.memory import is_out_of_memory, out_of_memory_advice
+    from dft_ds.metrics import require_trackers
     from dft_ds.model import save_hf_meta
     from dft_ds.runplan import build_plan
     from dft_ds.trainer import StopSignal, Trainer
 
     stop = StopSignal().install()  # early, so a signal during set-up is not fatal
+    require_trackers(trackers(cfg.logging))  # a missing W&B/MLflow exits 2 before anything is written
     plan = build_plan(cfg, world_size_from_env())  # every rank checks, before the rendezvous
     if plan.complete:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -159,11 +165,12 @@ def run(cfg: Config) -> int:
         if not is_out_of_memory(exc):
             raise
         advice = out_of_memory_advice(exc, sampler.step + 1, cfg, plan.zero_stage, plan.fused)
+        metrics.close("failed")
         print(f"dft-train: error: {advice}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
     if summary.preempted or cfg.checkpoint.save_final:
         saver.save(summary.steps)
-    metrics.close()
+    metrics.close("stopped" if summary.preempted else "finished")
     stop.uninstall()
     if summary.preempted:
         metrics.print(f"stopped at step {summary.steps} (signal or train.stop_at_step); checkpoint saved, "
@@ -200,7 +207,7 @@ def stop_nonfinite(exc: NonFiniteStop, step: int, saver, root: str, engine, metr
 
     if exc.save:
         saver.save(step)
-    metrics.close()
+    metrics.close("failed")
     stop.uninstall()
     engine.barrier()
     latest = find_resume("auto", root, lambda _m: None) if os.path.isdir(root) else None
@@ -227,10 +234,13 @@ def export_hf(plan, engine, root: str, tag: str) -> None:
     """`export.hf`: rank 0 converts the final checkpoint with the same code as dft-convert."""
     from dft_ds import rundir
     from dft_ds.convert import convert_checkpoint
+    from dft_ds.engine import deepspeed_prints_filtered
+    from dft_ds.metrics import stdout_is_terminal
 
     if engine.is_rank0:
-        convert_checkpoint(os.path.join(root, tag), os.path.join(plan.cfg.train.output_dir, rundir.HF_EXPORT),
-                           dtype=plan.cfg.export.dtype, overwrite=True)
+        with deepspeed_prints_filtered(conversion=True):  # zero_to_fp32's chatter; dft-convert's lines stay
+            convert_checkpoint(os.path.join(root, tag), os.path.join(plan.cfg.train.output_dir, rundir.HF_EXPORT),
+                               dtype=plan.cfg.export.dtype, overwrite=True, progress=stdout_is_terminal())
     engine.barrier()
 
 

@@ -22,6 +22,7 @@ from dft_ds.data import StepSampler, TrainData
 from dft_ds.errors import NonFiniteStop
 from dft_ds.faults import fault_here, inject_fault
 from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
+from dft_ds.metrics import peak_memory_gib
 
 
 @dataclass
@@ -36,13 +37,14 @@ class StepSums:
     low_prob: int = 0
     kl: float = 0.0
     skipped: int = 0
+    samples: int = 0  # training samples (documents; with data.packing several share a row)
     hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
 
     @classmethod
-    def from_parts(cls, parts: LossParts, tokens: int) -> "StepSums":
+    def from_parts(cls, parts: LossParts, tokens: int, samples: int = 0) -> "StepSums":
         return cls(loss=float(parts.loss_sum), nll=float(parts.nll_sum), prob=float(parts.prob_sum),
                    targets=parts.tokens, tokens=tokens, low_prob=parts.low_prob, kl=parts.kl_sum,
-                   hist=parts.hist.tolist())
+                   samples=samples, hist=parts.hist.tolist())
 
     def add(self, other: "StepSums") -> None:
         self.loss += other.loss
@@ -53,24 +55,63 @@ class StepSums:
         self.low_prob += other.low_prob
         self.kl += other.kl
         self.skipped += other.skipped
+        self.samples += other.samples
         self.hist = [a + b for a, b in zip(self.hist, other.hist)]
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.loss, self.nll, self.prob, self.targets, self.tokens, self.low_prob, self.kl,
-                             self.skipped, *self.hist], dtype=torch.float64)
+                             self.skipped, self.samples, *self.hist], dtype=torch.float64)
 
 
 @dataclass
 class Summary:
     steps: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # training only: the loop's wall time less evaluation and checkpoint saves
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+    wall_seconds: float = 0.0  # this session's loop, all of it
     preempted: bool = False
     history: list[dict] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class LoopClock:
+    """The loop's wall time, split: evaluation and checkpoint saves are paused out of the training time,
+    so tokens/s counts training only (an evaluation in a logging window once showed 1192 tokens/s
+    against about 4900)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.paused = {"eval": 0.0, "checkpoint": 0.0}
+
+    @contextlib.contextmanager
+    def pause(self, what: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused[what] += time.perf_counter() - began
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+    def training(self) -> float:
+        return self.wall() - sum(self.paused.values())
+
+
+def timed(evaluate: Callable[[int], dict]) -> Callable[[int], dict]:
+    """The evaluator, its result with the seconds it took (eval.jsonl and the eval line show them)."""
+
+    def run(step: int) -> dict:
+        began = time.perf_counter()
+        result = evaluate(step)
+        return {**result, "seconds": round(time.perf_counter() - began, 3)}
+
+    return run
 
 
 class StopSignal:
@@ -111,14 +152,14 @@ class Trainer:
         self._hist_due = hist_every  # the next step at or after which the histogram is written
         self.nonfinite, self.max_skipped, self.skipped = nonfinite, max_skipped, 0
         self.stop_at_step = stop_at_step
-        self.evaluate, self.eval_every = evaluate, eval_every
+        self.evaluate, self.eval_every = (timed(evaluate) if evaluate is not None else None), eval_every
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
         self.save, self.save_every, self.stop = save, save_every, stop or StopSignal()
 
     def train(self) -> Summary:
         self.engine.train()
-        summary, window = Summary(), StepSums()
-        start = window_start = time.perf_counter()
+        summary, window, clock = Summary(), StepSums(), LoopClock()
+        window_start = 0.0  # training seconds at the start of the logging window
         self.metrics.advance(self.sampler.step)
         while self.sampler.step < self.total_steps:
             step = self.sampler.step
@@ -137,15 +178,19 @@ class Trainer:
             self.sampler.step = step + 1
             self.metrics.advance()
             if self.sampler.step % self.log_every == 0 or self.sampler.step == self.total_steps:
-                now = time.perf_counter()
-                summary.history.append(self.maybe_log(self.sampler.step, window, now - window_start, lr))
+                now = clock.training()
+                summary.history.append(self.maybe_log(self.sampler.step, window, now - window_start, lr,
+                                                      elapsed=clock.wall()))
                 window, window_start = StepSums(), now
-            self.maybe_evaluate(self.sampler.step)
-            self.maybe_save(self.sampler.step)
+            with clock.pause("eval"):  # evaluations run here are not training time
+                self.maybe_evaluate(self.sampler.step)
+            with clock.pause("checkpoint"):
+                self.maybe_save(self.sampler.step)
             if self.sampler.step == self.stop_at_step and self.sampler.step < self.total_steps:
                 summary.preempted = True
                 break
-        summary.seconds = time.perf_counter() - start
+        summary.seconds, summary.wall_seconds = clock.training(), clock.wall()
+        summary.eval_seconds, summary.checkpoint_seconds = clock.paused["eval"], clock.paused["checkpoint"]
         summary.steps = self.sampler.step
         summary.tokens = sum(r["tokens"] for r in summary.history)
         return summary
@@ -182,9 +227,13 @@ class Trainer:
                 del loss, parts
                 return self.nonfinite_loss(len(batches) - i)
             self.engine.backward(loss)
-            sums.add(StepSums.from_parts(parts, tokens))
+            sums.add(StepSums.from_parts(parts, tokens, samples=self.samples_in(micro_indices[i])))
             self.engine.step()
         return sums
+
+    def samples_in(self, rows: list[int]) -> int:
+        """Training samples (documents) in these rows: with packing a row holds several."""
+        return sum(len(self.data.rows.docs[i]) for i in rows)
 
     def nonfinite_loss(self, remaining: int) -> Optional[StepSums]:
         """train.nonfinite: stop raises NonFiniteStop; skip runs the step's optimizer update at lr 0."""
@@ -246,9 +295,14 @@ class Trainer:
         loss = self.engine.forward(batch, head_loss=head_loss)
         return loss, captured["parts"]
 
-    def maybe_log(self, step: int, window: StepSums, seconds: float, lr: float) -> dict:
-        """Reduce the window's sums over ranks (all ranks take part) and hand them to rank 0's logger."""
-        loss, nll, prob, targets, tokens, low, kl, skipped, *hist = self.engine.all_reduce_sum(window.as_tensor()).tolist()
+    def maybe_log(self, step: int, window: StepSums, seconds: float, lr: float, elapsed: float = 0.0) -> dict:
+        """Reduce the window's sums over ranks (all ranks take part) and hand them to rank 0's logger.
+
+        `seconds`: the window's training time (no evaluation or checkpoint saves); `elapsed`: wall
+        seconds since this session's loop began, everything included.
+        """
+        loss, nll, prob, targets, tokens, low, kl, skipped, samples, *hist = \
+            self.engine.all_reduce_sum(window.as_tensor()).tolist()
         skipped /= self.engine.dist.world_size  # every rank counts the same skipped step
         # A window of skipped steps only has no targets: its per-token figures are null, not 0.
         per_token = (lambda x: x / targets) if targets else (lambda x: None)
@@ -262,6 +316,10 @@ class Trainer:
             "tokens": int(tokens),
             "target_tokens": int(targets),
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+            "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+            "epoch": round(step / self.sampler.steps_per_epoch, 4),
+            "elapsed_s": round(elapsed, 3),
+            "peak_memory_gib": round(peak_memory_gib(self.engine.device), 4),  # rank 0's
         }
         if self.reference is not None:
             record["kl_ref"] = per_token(kl)
