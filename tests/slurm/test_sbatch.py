@@ -38,10 +38,8 @@ def report(capsys, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """The submission directory: jobs run here, runs/ and logs/ are relative to it."""
-    path = tmp_path_factory.mktemp("slurm-work")
-    (path / "logs").mkdir()
-    return path
+    """The submission directory: jobs run here, runs/ and the logs are relative to it."""
+    return tmp_path_factory.mktemp("slurm-work")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def reference(workdir, job_env):
 
 
 def log_path(workdir, job_id: str, name: str = "dft-train"):
-    return workdir / "logs" / f"{name}-{job_id}.out"
+    return workdir / f"{name}-{job_id}.out"  # --output=%x-%j.out: the submission directory
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,7 @@ def test_single_node_job_finishes_with_metrics_and_checkpoint(local_slurm, finis
     assert info["StdOut"] == str(finished["log"])
     text = finished["log"].read_text()
     assert text.startswith("line written before the job started\n")  # appended, not replaced
-    assert f"job {finished['job']} (restart 0) on 1 node(s)" in text
+    assert f"job {finished['job']} (restart 0) on 1 node: " in text
     assert "--via torchrun --nproc-per-node 2" in text and "training exited with 0" in text
     assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
     assert open(out / "checkpoints" / "latest").read().strip() == f"step-{STEPS}"
@@ -100,6 +98,24 @@ def test_single_node_job_finishes_with_metrics_and_checkpoint(local_slurm, finis
     assert (out / "summary.json").is_file()
     assert losses(out) == losses(reference)  # the Slurm path changes nothing
     report(capsys, f"release of a held sbatch job -> first metrics line: {finished['to_first_step']:.1f} s")
+
+
+def test_bare_sbatch_from_a_directory_without_logs_writes_its_log(local_slurm, job_env, tmp_path):
+    # The template's default was --output=logs/%x-%j.out: Slurm does not create logs/, and the job
+    # failed with no log at all to say why.
+    submit_dir = tmp_path / "fresh"
+    submit_dir.mkdir()
+    job = local_slurm.sbatch(harness.TRAIN, *QUICK, "train.max_steps=2", "logging.tensorboard=false",
+                             "train.output_dir=runs/bare", env=job_env, cwd=submit_dir)
+    info = local_slurm.wait_job(job, JOB_TIMEOUT)
+    log = submit_dir / f"dft-train-{job}.out"
+    assert log.is_file(), local_slurm.diagnostics(info)
+    assert info["StdOut"] == str(log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert f"job {job} (restart 0) on 1 node: " in text and "training exited with 0" in text
+    assert not (submit_dir / "logs").exists()
+    assert (submit_dir / "runs" / "bare" / "summary.json").is_file()
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(local_slurm, workdir, job_env, reference, capsys):
