@@ -1,5 +1,8 @@
 """`dft-convert CHECKPOINT_DIR OUT_DIR`: ZeRO shards -> a Hugging Face model directory.
 
+CHECKPOINT_DIR is a run directory (its checkpoints/ is used), <run>/checkpoints (the tag in its
+`latest` file, or --tag) or one tag directory.
+
 Reads a checkpoint written by the trainer (any ZeRO stage and world size), streams its fp32 master
 weights one tensor at a time through DeepSpeed's `zero_to_fp32` (lazy mode), casts them to the
 output dtype and writes `model*.safetensors` shards (plus an index when there are several),
@@ -28,8 +31,9 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
-from dft_ds.checkpoint import STATE_FILE, CheckpointRef, open_checkpoint
+from dft_ds.checkpoint import LATEST, STATE_FILE, CheckpointRef, open_checkpoint
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
+from dft_ds.rundir import CHECKPOINTS
 
 EXIT_VERIFY_FAILED = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -477,6 +481,16 @@ def choose_dtype(requested: Optional[str], ref: CheckpointRef) -> torch.dtype:
     return DTYPES[precision]
 
 
+def checkpoints_of(path: str | os.PathLike) -> Optional[Path]:
+    """<run>/checkpoints when `path` is a run directory (it holds checkpoints/ and is no checkpoint
+    itself): the directory users have at hand after training, one level above the one that holds `latest`."""
+    given = Path(path)
+    inner = given / CHECKPOINTS
+    if inner.is_dir() and not (given / LATEST).exists() and not (given / STATE_FILE).exists():
+        return inner
+    return None
+
+
 def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tag: Optional[str] = None,
                        dtype: Optional[str] = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                        overwrite: bool = False, verify_logits: bool = False, progress: bool = True,
@@ -484,12 +498,16 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
     """ZeRO checkpoint -> Hugging Face directory. Raises UserError on bad input, VerificationFailed on a mismatch."""
     start = time.perf_counter()
     out = Path(out_dir)
-    ref = open_checkpoint(checkpoint_dir, tag)
+    inner = checkpoints_of(checkpoint_dir)
+    ref = open_checkpoint(inner or checkpoint_dir, tag)
+    if inner is not None:
+        chosen = f"--tag {tag}" if tag is not None else f"the latest, named in {inner / LATEST}"
+        log(f"dft-convert: {checkpoint_dir} is a run directory: converting {ref.path} ({chosen})")
     check_out_dir(out, ref, overwrite)
     out_dtype = choose_dtype(dtype, ref)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     log(f"dft-convert: {ref.path} (step {ref.state.get('global_step', '?')}, ZeRO-{ref.state['zero_stage']}, "
-        f"{ref.state['world_size']} rank(s), trained in {ref.state.get('precision', '?')}) -> {out} as "
+        f"{ref.state['world_size']} {'rank' if ref.state['world_size'] == 1 else 'ranks'}, trained in {ref.state.get('precision', '?')}) -> {out} as "
         f"{DTYPE_NAMES[out_dtype]}")
 
     keys = expected_keys(ref.hf_config)
@@ -515,7 +533,8 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
 
 EXAMPLES = """\
 examples:
-  dft-convert runs/r1/checkpoints runs/r1/hf                  # the checkpoint `latest` names
+  dft-convert runs/r1 runs/r1/hf                              # a run directory: its checkpoints/latest
+  dft-convert runs/r1/checkpoints runs/r1/hf                  # the same: the checkpoint `latest` names
   dft-convert runs/r1/checkpoints/step-200 hf/step-200 --dtype bf16 --verify
   dft-convert runs/r1/checkpoints out --tag step-100 --max-shard-size 500MB --overwrite
 
@@ -538,9 +557,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     "safetensors shards, config.json, generation_config.json and the tokenizer. "
                     "Needs no GPU and no process group.")
     parser.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR",
-                        help="<run>/checkpoints (converts the tag in its 'latest' file, or --tag) or a tag directory")
+                        help="a run directory (its checkpoints/ is used, and the checkpoint taken is printed), "
+                             "<run>/checkpoints (converts the tag in its 'latest' file, or --tag) or a tag directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to create")
-    parser.add_argument("--tag", default=None, help="checkpoint tag under CHECKPOINT_DIR, e.g. step-200")
+    parser.add_argument("--tag", default=None, help="checkpoint tag under CHECKPOINT_DIR (or <run>/checkpoints), "
+                                                    "e.g. step-200")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="weight dtype of the output (default: the precision the run trained in)")
     parser.add_argument("--max-shard-size", type=_size_arg, default=DEFAULT_MAX_SHARD_SIZE,

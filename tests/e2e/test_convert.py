@@ -157,3 +157,39 @@ def test_non_empty_out_dir_is_refused_untouched(runs, tmp_path):
     assert f"{out}: not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     assert [name for name in os.listdir(tmp_path) if name.startswith(".hf")] == []  # no staging left behind
+
+
+def test_a_run_directory_converts_its_latest_checkpoint_and_says_which(runs, tmp_path, capsys):
+    # `dft-convert RUN_DIR OUT` used to fail with "RUN_DIR: no 'latest' file": it lives in RUN_DIR/checkpoints.
+    checkpoints = runs["untied"]
+    run_dir = checkpoints.parent
+    tag = (checkpoints / "latest").read_text().strip()
+    out = tmp_path / "hf"
+    proc = run_cli(run_dir, out, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"dft-convert: {run_dir} is a run directory: converting {checkpoints / tag} (the latest, named in "
+            f"{checkpoints / 'latest'})") in proc.stdout
+    assert f"wrote {out}" in proc.stdout
+    ids = probe(out)
+    model = load(out)
+    torch.testing.assert_close(logits(model, ids), logits(reference_model(checkpoints), ids), rtol=0, atol=1e-5)
+
+    # --tag is looked up in RUN_DIR/checkpoints too
+    assert convert.main([str(run_dir), str(tmp_path / "tagged"), "--tag", tag, "--no-progress"]) == 0
+    assert f"converting {checkpoints / tag} (--tag {tag})" in capsys.readouterr().out
+
+    # dft-plan counts the parameters of what dft-convert wrote (once reported as 0.00B)
+    from dft_ds import plan
+
+    n_params = sum(p.numel() for p in model.parameters())
+    assert plan.main(["--model", str(out), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "128"]) == 0
+    assert capsys.readouterr().out.startswith(f"{plan.format_count(n_params)} parameters; 1 GPU of 24 GiB")
+
+
+def test_a_run_directory_without_a_checkpoint_names_where_it_looked(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    proc = run_cli(run_dir, tmp_path / "hf", tmp_path=tmp_path)
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert f"dft-convert: error: {run_dir / 'checkpoints'}: no 'latest' file" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "hf").exists()

@@ -205,6 +205,16 @@ def test_convert_builds_arguments_from_knobs(fake):
                                            "--no-progress", "--tag", "step-4", "--dtype", "bf16", "--verify"]
 
 
+def test_convert_of_a_run_directory_writes_beside_its_checkpoints(fake):
+    # dft-convert takes a run directory for its checkpoints/; the default OUT_DIR was <run>/../hf
+    tmp, env, logs = fake
+    (tmp / "runs" / "r" / "checkpoints").mkdir(parents=True)
+    env.update(CHECKPOINT_DIR="runs/r")
+    proc = run_template(harness.CONVERT, [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert lines(logs / "python.args") == ["-m", "dft_ds.convert", "runs/r", "runs/r/hf", "--no-progress"]
+
+
 def test_convert_arguments_win_and_exit_code_propagates(fake):
     tmp, env, logs = fake
     env.update(CHECKPOINT_DIR="ignored", FAKE_RC="2")
