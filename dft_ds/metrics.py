@@ -146,8 +146,10 @@ class WandbTracker:
                 f"{os.path.join(os.path.abspath(output_dir), WANDB_DIR)}; `wandb sync` uploads it later")
         self.state = {"id": saved.get("id") or new_wandb_id()}
         self._wandb = wandb
+        # Offline, W&B's closing summary repeats what the run printed; its start lines say where the run is.
+        settings = wandb.Settings(quiet=True) if mode == "offline" else None
         self.run = wandb.init(project=project, name=run_name, dir=output_dir, id=self.state["id"], resume="allow",
-                              mode=mode)
+                              mode=mode, settings=settings)
         self.run.config.update(config, allow_val_change=True)  # a resume may change some settings
         # A resumed online run drops steps below its last one (with a warning each): skip them ourselves.
         self._floor = self.run.step if self.run.resumed else 0
