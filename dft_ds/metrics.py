@@ -63,7 +63,9 @@ def peak_memory_gib(device) -> float:
     import torch
 
     if getattr(device, "type", "cpu") != "cpu":
-        return torch.accelerator.max_memory_allocated(device) / 2**30
+        if hasattr(getattr(torch, "accelerator", None), "max_memory_allocated"):  # torch >= 2.8
+            return torch.accelerator.max_memory_allocated(device) / 2**30
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**30  # torch.cuda, torch.xpu, ...
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

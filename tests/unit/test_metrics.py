@@ -172,3 +172,14 @@ def test_peak_memory_on_cpu_is_the_host_rss_peak():
 
     peak = peak_memory_gib(torch.device("cpu"))
     assert 0.01 < peak < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def test_peak_memory_on_an_accelerator_is_its_max_allocated(monkeypatch):
+    import types
+
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda d: seen.append(d) or 3 * 2**30)
+    device = types.SimpleNamespace(type="cuda", index=0)
+    assert peak_memory_gib(device) == 3.0 and seen == [device]
