@@ -75,14 +75,15 @@ def test_plain_lines_without_a_terminal_and_no_deepspeed_noise(segments):
 def test_tokens_per_s_counts_training_time_only_and_evaluation_is_reported_apart(segments):
     out, _, second = segments
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_seconds"] > 0
-    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"], rel=1e-3)
+    assert summary["eval_seconds"] > 0, summary
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"], rel=1e-3), summary
     parts = summary["seconds"] + summary["eval_seconds"] + summary["checkpoint_seconds"]
-    assert parts == pytest.approx(summary["wall_seconds"], abs=0.01)
-    assert summary["seconds"] < summary["wall_seconds"]
+    assert parts == pytest.approx(summary["wall_seconds"], abs=0.01), summary
+    assert summary["seconds"] < summary["wall_seconds"], summary
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [3, 4] and all(e["seconds"] > 0 for e in evals)
-    assert sum(e["seconds"] for e in evals) <= summary["eval_seconds"]
+    # Each evaluation's own time is inside eval_seconds (which also holds the logging); 3-decimal rounding.
+    assert sum(e["seconds"] for e in evals) <= summary["eval_seconds"] + 0.002, (evals, summary)
 
 
 @pytest.mark.slow
