@@ -9,6 +9,7 @@ training_curves.png), which metrics.py names.
     fingerprints.json     model, tokenizer and data hashes; a start with other ones is refused
     metrics.jsonl         one line per logged step (trimmed back to the checkpoint on a resume)
     eval.jsonl            with eval.every_steps: one line per evaluation
+    heldout.jsonl         with eval.loss_every: one line per held-out loss
     tensorboard/          the same figures as TensorBoard events
     trackers.json         with logging.report_to: the W&B and MLflow run ids a resume continues
     wandb/, mlruns/       with logging.report_to: W&B's offline run, MLflow's file store
@@ -31,7 +32,7 @@ from typing import Any
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
 from dft_ds.errors import UserError
-from dft_ds.metrics import METRICS_FILE  # metrics.py names the files its logger writes
+from dft_ds.metrics import EVAL_FILE, HELDOUT_FILE, METRICS_FILE  # metrics.py names the files its logger writes
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
@@ -131,7 +132,8 @@ def start(plan) -> None:
                "config": to_dict(cfg)}
     with open(os.path.join(out, HISTORY_FILE), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(segment) + "\n")
-    truncate_metrics(os.path.join(out, METRICS_FILE), plan.start_step)
+    for name in (METRICS_FILE, EVAL_FILE, HELDOUT_FILE):  # what a previous session logged past the checkpoint
+        truncate_metrics(os.path.join(out, name), plan.start_step)
 
 
 def truncate_metrics(path: str, last_step: int) -> None:

@@ -145,6 +145,8 @@ def run(cfg: Config) -> int:
     if plan.resume is not None:
         metrics.print(f"resumed from {plan.resume.tag_dir} at step {sampler.step}")
     metrics.print(f"data: {plan.data.report.summary()}")
+    if plan.heldout is not None:
+        metrics.print(f"held-out: {plan.heldout_line()}")
     metrics.print(f"{plan.batch_line()}; {plan.loss_line()}")
     engine.barrier()
 
@@ -156,7 +158,8 @@ def run(cfg: Config) -> int:
                       stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(plan, engine),
                       eval_every=cfg.eval.every_steps, fused=plan.fused, reference=reference,
                       hist_every=cfg.logging.hist_every, nonfinite=cfg.train.nonfinite,
-                      max_skipped=cfg.train.max_skipped_steps)
+                      max_skipped=cfg.train.max_skipped_steps, heldout=plan.heldout,
+                      heldout_every=cfg.eval.loss_every, heldout_micro=plan.batch.micro_batch_size)
     try:
         summary = trainer.train()
     except NonFiniteStop as exc:

@@ -146,12 +146,14 @@ class Trainer:
                  log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
                  stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None,
                  evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0, fused: bool = False,
-                 reference=None, hist_every: int = 0, nonfinite: str = "stop", max_skipped: int = 10):
+                 reference=None, hist_every: int = 0, nonfinite: str = "stop", max_skipped: int = 10,
+                 heldout: Optional[TrainData] = None, heldout_every: int = 0, heldout_micro: int = 1):
         self.engine, self.data, self.sampler = engine, data, sampler
         self.fused, self.reference, self.hist_every = fused, reference, hist_every
         self._hist_due = hist_every  # the next step at or after which the histogram is written
         self.nonfinite, self.max_skipped, self.skipped = nonfinite, max_skipped, 0
         self.stop_at_step = stop_at_step
+        self.heldout, self.heldout_every, self.heldout_micro = heldout, heldout_every, heldout_micro
         self.evaluate, self.eval_every = (timed(evaluate) if evaluate is not None else None), eval_every
         self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
         self.save, self.save_every, self.stop = save, save_every, stop or StopSignal()
@@ -199,6 +201,8 @@ class Trainer:
         """All ranks take part (the model is sharded); rank 0's logger records the result."""
         if self.evaluate is not None and self.eval_every and step % self.eval_every == 0:
             self.metrics.log_eval(step, self.evaluate(step))
+        if self.heldout is not None and self.heldout_every and step % self.heldout_every == 0:
+            self.metrics.log_heldout(step, self.heldout_loss(step))
 
     def maybe_save(self, step: int) -> None:
         if self.save is not None and self.save_every and step % self.save_every == 0:
@@ -330,3 +334,41 @@ class Trainer:
             self._hist_due = (step // self.hist_every + 1) * self.hist_every
         self.metrics.log(step, record)
         return record
+
+    def heldout_loss(self, step: int) -> dict:
+        """eval.loss_every: the loss (this step's weighting), NLL and mean token probability on the
+        held-out rows, without gradients. Rows are dealt to ranks in turn, and every rank runs the
+        same number of forwards (ZeRO-3 gathers parameters collectively): a rank out of rows runs
+        one more on row 0 and counts nothing from it."""
+        began = time.perf_counter()
+        rows, world, rank = len(self.heldout.rows), self.engine.dist.world_size, self.engine.dist.rank
+        mine = list(range(rank, rows, world))
+        per_rank = -(-rows // world)
+        forwards = -(-per_rank // self.heldout_micro)
+        weighting = self.weighting(step)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, nll, prob, targets
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                for k in range(forwards):
+                    chunk = mine[k * self.heldout_micro:(k + 1) * self.heldout_micro]
+                    batch = self.heldout.batch(chunk or [0])
+                    batch.pop("n_tokens")
+                    parts = self._heldout_parts(batch, weighting)
+                    if chunk:
+                        sums += torch.tensor([float(parts.loss_sum), float(parts.nll_sum), float(parts.prob_sum),
+                                              parts.tokens], dtype=torch.float64)
+        finally:
+            self.engine.train()
+        loss, nll, prob, targets = self.engine.all_reduce_sum(sums).tolist()
+        per_token = (lambda x: x / targets) if targets else (lambda x: None)
+        return {"loss": per_token(loss), "nll": per_token(nll), "mean_token_prob": per_token(prob),
+                "rows": rows, "target_tokens": int(targets), "seconds": round(time.perf_counter() - began, 3)}
+
+    def _heldout_parts(self, batch: dict, weighting: TokenWeight) -> LossParts:
+        one = torch.ones((), dtype=torch.float64)  # the sums are read, the normalised loss is not
+        if self.fused:
+            _, parts = self._fused_forward(batch, one, weighting, None, 0.0)
+            return parts
+        logits = self.engine.forward(batch).logits
+        return compute_loss(weighting, logits, batch["labels"].to(logits.device), num_tokens=one.to(logits.device))
