@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from dft_ds import train
 from dft_ds.metrics import PLOT_FILE, TRACKERS_FILE
@@ -107,7 +108,7 @@ def test_wandb_and_mlflow_hold_the_run_and_the_resume_continues_the_same_runs(se
     out, _, _ = segments
     rows = {r["step"]: r for r in read_metrics(out)}
     ids = json.loads((out / TRACKERS_FILE).read_text())
-    config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
+    config = yaml.safe_load((out / "config.yaml").read_text())
 
     first, second = wandb_runs(out)  # one offline directory per session, one run id
     assert wandb_run_info(first)["id"] == wandb_run_info(second)["id"] == ids["wandb"]["id"]
