@@ -20,6 +20,7 @@ from dft_ds.errors import ConfigError
 # The files a logger writes in the run directory.
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
+HELDOUT_FILE = "heldout.jsonl"
 TENSORBOARD = "tensorboard"
 TRACKERS_FILE = "trackers.json"  # the W&B and MLflow run ids, so that a resume continues the same runs
 WANDB_DIR = "wandb"  # W&B's offline runs and logs (W&B creates it under output_dir)
@@ -372,6 +373,16 @@ class MetricsLogger:
         self.print(f"eval at step {step}: {values['benchmark']} accuracy {values['accuracy']:.3f} "
                    f"({values['problems']} problems{took})")
 
+    def log_heldout(self, step: int, values: dict[str, Any]) -> None:
+        """Held-out loss (eval.loss_every) goes to heldout.jsonl and to the trackers as eval/*."""
+        with open(os.path.join(self._dir, HELDOUT_FILE), "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, **values}) + "\n")
+        self.log_scalars(step, {f"eval/{key}": values[key] for key in ("loss", "nll", "mean_token_prob")
+                                if values.get(key) is not None})
+        if values.get("loss") is not None:
+            self.print(f"held-out at step {step}: loss {values['loss']:.4f}, nll {values['nll']:.4f}, mean token "
+                       f"prob {values['mean_token_prob']:.4f} ({values['rows']} rows, {values['seconds']:.1f} s)")
+
     def advance(self, steps: int = 1) -> None:
         if self._want_bar and self._bar is None:
             from tqdm.auto import tqdm
@@ -408,6 +419,9 @@ class NullMetrics:
         pass
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def log_heldout(self, step: int, values: dict[str, Any]) -> None:
         pass
 
     def advance(self, steps: int = 1) -> None:
