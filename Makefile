@@ -46,7 +46,7 @@ $(VLLM_VENV)/.installed: setup.py
 	touch $@
 
 run: venv
-	$(BIN)/deepspeed --num_gpus $(NPROC) --module dft_ds.train train.output_dir=$(OUT)
+	$(BIN)/deepspeed --log_level warning --num_gpus $(NPROC) --module dft_ds.train train.output_dir=$(OUT)
 	@echo "results: $(OUT) (metrics.jsonl, tensorboard/, checkpoints/, config.yaml, summary.json)"
 
 test: venv venv-vllm

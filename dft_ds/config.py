@@ -191,7 +191,7 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     report_to: str = "none"
-    """More trackers, comma-separated: wandb, mlflow (tensorboard is logging.tensorboard). Rank 0 only; nothing is imported unless named. W&B honours WANDB_MODE=offline; MLflow writes to MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
+    """More trackers, comma-separated: wandb, mlflow (tensorboard is logging.tensorboard). Rank 0 only; nothing is imported unless named. W&B honours WANDB_MODE, and logs offline to output_dir/wandb when it is unset and no API key is configured; MLflow writes to MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
     project: str = "dft_ds"
     """W&B project and MLflow experiment name (logging.report_to)."""
     run_name: Optional[str] = None

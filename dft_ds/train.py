@@ -105,10 +105,17 @@ def world_size_from_env() -> int:
 
 def check(ns: argparse.Namespace) -> int:
     """`--check`: the plan the run would build, printed; nothing written, no process group."""
+    from dft_ds.config import trackers
+    from dft_ds.engine import quiet_deepspeed
+    from dft_ds.metrics import require_trackers
+
+    quiet_deepspeed()
     from dft_ds.runplan import build_plan
 
     try:
-        plan = build_plan(load_config(ns.config, ns.overrides), ns.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        cfg = load_config(ns.config, ns.overrides)
+        require_trackers(trackers(cfg.logging))
+        plan = build_plan(cfg, ns.world_size or int(os.environ.get("WORLD_SIZE", "1")))
     except UserError as exc:
         print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
