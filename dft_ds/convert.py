@@ -506,8 +506,9 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
     check_out_dir(out, ref, overwrite)
     out_dtype = choose_dtype(dtype, ref)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    world = ref.state["world_size"]
     log(f"dft-convert: {ref.path} (step {ref.state.get('global_step', '?')}, ZeRO-{ref.state['zero_stage']}, "
-        f"{ref.state['world_size']} {'rank' if ref.state['world_size'] == 1 else 'ranks'}, trained in {ref.state.get('precision', '?')}) -> {out} as "
+        f"{world} {'rank' if world == 1 else 'ranks'}, trained in {ref.state.get('precision', '?')}) -> {out} as "
         f"{DTYPE_NAMES[out_dtype]}")
 
     keys = expected_keys(ref.hf_config)

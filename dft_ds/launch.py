@@ -339,7 +339,7 @@ def make_plan(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Pl
     else:
         nnodes = int(env.get("SLURM_NNODES") or 1) if slurm else 1
     if hosts is not None and nnodes > len(hosts):
-        raise UserError(f"--nnodes {nnodes} but --hostfile {ns.hostfile} lists {len(hosts)} hosts")
+        raise UserError(f"--nnodes {nnodes} but --hostfile {ns.hostfile} lists {_count(len(hosts), 'host')}")
     node_rank = resolve_node_rank(ns, via, nnodes, env)
     allocation = SlurmHosts(env, nnodes)
     master_addr, master_port = resolve_master(ns, via, nnodes, hosts, allocation, env)
@@ -397,7 +397,7 @@ class SlurmHosts:
         if self._hosts is None:
             self._hosts = slurm_hosts(self.env)
             if self.nnodes > len(self._hosts):
-                raise UserError(f"--nnodes {self.nnodes} but the Slurm allocation has {len(self._hosts)} nodes")
+                raise UserError(f"--nnodes {self.nnodes} but the Slurm allocation has {_count(len(self._hosts), 'node')}")
         return self._hosts
 
 

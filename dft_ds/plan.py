@@ -99,7 +99,7 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
     lines = [f"{format_count(n_params)} parameters; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
              f"({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
-             "tokens. GiB per GPU at micro batch 1:", "",
+             f"{'token' if max_length == 1 else 'tokens'}. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
              "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

@@ -142,11 +142,11 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _merge(ns: argparse.Namespace) -> int:
-    from dft_ds.eval.report import merge_runs, results_markdown
+    from dft_ds.eval.report import counted, merge_runs, results_markdown
 
     results = merge_runs(ns.shards, ns.out)
     print(results_markdown(results), flush=True)
-    print(f"dft-eval merge: wrote {ns.out}/ from {len(ns.shards)} shards", flush=True)
+    print(f"dft-eval merge: wrote {ns.out}/ from {counted(len(ns.shards), 'shard')}", flush=True)
     return 0
 
 

@@ -111,10 +111,15 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 sample', '3 samples': K may be 1, and a merge may have one shard."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def describe_settings(settings: dict) -> str:
     prompt = settings["prompt"] + (f" (instruction as {settings['prompt_role']} message)"
                                    if settings.get("prompt_role") else "")
-    return (f"model `{settings['model']}`; prompt {prompt}; K={settings['samples']} samples at temperature "
+    return (f"model `{settings['model']}`; prompt {prompt}; K={counted(settings['samples'], 'sample')} at temperature "
             f"{settings['temperature']}, top-p {settings['top_p']}, at most {settings['max_new_tokens']} new tokens; "
             f"seed {settings['seed']}; backend {settings['backend']}")
 
@@ -132,8 +137,8 @@ def results_markdown(results: dict) -> str:
                      f"{m['no_answer']} | {m['truncated']} |")
     mean = results["mean"]
     lines.append(f"| **mean** | {mean['problems']} | {_pct(mean['avg_at_k'])} | {_pct(mean['pass_at_k'])} | | |")
-    lines += ["", f"Accuracy in %. Avg@{k}: mean accuracy of the {k} samples per problem; pass@{k}: share of "
-              "problems with at least one correct sample; mean: unweighted over benchmarks. 'no answer' and "
+    lines += ["", f"Accuracy in %. Avg@{k}: mean accuracy of the {counted(k, 'sample')} per problem; pass@{k}: "
+              "share of problems with at least one correct sample; mean: unweighted over benchmarks. 'no answer' and "
               "'cut at max tokens' count samples.", ""]
     return "\n".join(lines)
 
@@ -143,8 +148,18 @@ def plot_results(results: dict, path: Path) -> None:
     rows = [*results["benchmarks"].values(), results["mean"]]
     k = results["settings"]["samples"]
     series = {f"Avg@{k}": [m["avg_at_k"] for m in rows], f"pass@{k}": [m["pass_at_k"] for m in rows]}
-    model = Path(results["settings"]["model"])
-    _bar_chart(path, names, series, title=f"dft-eval: {model.parent.name}/{model.name}")
+    _bar_chart(path, names, series, title=f"dft-eval: {short_path(results['settings']['model'])}")
+
+
+def short_path(path: str, limit: int = 48) -> str:
+    """The model path as given when it fits a chart title, else its last two parts after '…/'.
+
+    (The title was parent.name/name: '/models/tiny' lost its leading '/', and 'tiny' became '/tiny'.)
+    """
+    parts = Path(path).parts
+    if len(path) <= limit or len(parts) <= 2:
+        return path
+    return "…/" + "/".join(parts[-2:])
 
 
 def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float | None]], title: str) -> None:
@@ -168,7 +183,7 @@ def _bar_chart(path: Path, groups: list[str], series: dict[str, list[float | Non
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Title": title})  # the PNG says what it shows, also unopened
     plt.close(fig)
 
 
@@ -236,7 +251,8 @@ def merge_runs(paths: list[str], out: str) -> dict:
         seen[shard["index"]] = run.path
     missing = sorted(set(range(count)) - set(seen))
     if missing:
-        raise UserError(f"merge: shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing")
+        shards = ", ".join(f"{i}/{count}" for i in missing)
+        raise UserError(f"merge: {'shard' if len(missing) == 1 else 'shards'} {shards} missing")
     settings = first.results["settings"]
     records = [record for run in runs for record in run.records]
     _check_coverage(settings, records)
@@ -256,15 +272,22 @@ def _check_coverage(settings: dict, records: list[dict]) -> None:
         indices = sorted(r["index"] for r in records if r["benchmark"] == bench["name"])
         duplicates = sorted({i for i, j in zip(indices, indices[1:]) if i == j})
         if duplicates:
-            raise UserError(f"merge: {bench['name']} problem(s) {duplicates[:10]} appear in more than one shard")
+            raise UserError(f"merge: {bench['name']} {_problems(duplicates)} "
+                            f"{'appears' if len(duplicates) == 1 else 'appear'} in more than one shard")
         missing = sorted(set(range(bench["problems"])) - set(indices))
         if missing:
-            raise UserError(f"merge: {bench['name']} problem(s) {missing[:10]} are in no shard "
+            raise UserError(f"merge: {bench['name']} {_problems(missing)} {'is' if len(missing) == 1 else 'are'} "
+                            "in no shard "
                             f"({len(missing)} of {bench['problems']} missing)")
     known = {bench["name"] for bench in settings["benchmarks"]}
     strays = sorted({r["benchmark"] for r in records} - known)
     if strays:
-        raise UserError(f"merge: samples of benchmark(s) {', '.join(strays)} that the settings do not list")
+        raise UserError(f"merge: samples of {'benchmark' if len(strays) == 1 else 'benchmarks'} {', '.join(strays)} "
+                        "that the settings do not list")
+
+
+def _problems(indices: list[int]) -> str:
+    return f"problem {indices[0]}" if len(indices) == 1 else f"problems {indices[:10]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,6 +346,17 @@ def _compare_rows(runs: list[Run]) -> tuple[list[str], list[list[dict | None]]]:
     return names + [label], rows + [means]
 
 
+_NOT_RECORDED = "not recorded"  # a results.json written before the setting existed
+# What None means for a setting, in words (a note said `mine=None`).
+_NONE_TEXT = {"prompt_role": "none (no chat template, or not --prompt boxed)"}
+
+
+def _setting_text(key: str, value) -> str:
+    if value is None:
+        return _NONE_TEXT.get(key, "none")
+    return str(value)
+
+
 def compare_table(runs: list[Run], labels: list[str]) -> str:
     names, rows = _compare_rows(runs)
     lines = ["# dft-eval compare", ""]
@@ -330,9 +364,10 @@ def compare_table(runs: list[Run], labels: list[str]) -> str:
         lines.append(f"- **{label}**: `{run.path}` — {describe_settings(run.results['settings'])}")
     notes = []
     for key in COMPARED_SETTINGS:
-        values = [run.results["settings"].get(key) for run in runs]
+        values = [run.results["settings"].get(key, _NOT_RECORDED) for run in runs]
         if len(set(map(json.dumps, values))) > 1:
-            notes.append(f"- note: the runs differ in {key}: " + ", ".join(f"{l}={v}" for l, v in zip(labels, values)))
+            notes.append(f"- note: the runs differ in {key}: "
+                         + ", ".join(f"{l}={_setting_text(key, v)}" for l, v in zip(labels, values)))
     lines += notes + [""]
     for metric, title in (("avg_at_k", "Avg@K"), ("pass_at_k", "pass@K")):
         ks = [run.results["settings"]["samples"] for run in runs]

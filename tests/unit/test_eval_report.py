@@ -145,7 +145,7 @@ def test_merge_refuses_missing_duplicate_or_foreign_shards(tmp_path):
     settings = make_settings()
     records = make_records(settings)
     shards = write_shards(tmp_path, settings, records, 3)
-    with pytest.raises(UserError, match=r"shard\(s\) 1/3 missing"):
+    with pytest.raises(UserError, match="merge: shard 1/3 missing"):
         merge_runs([shards[0], shards[2]], str(tmp_path / "m1"))
     with pytest.raises(UserError, match="are both shard 0/3"):
         merge_runs([shards[0], shards[0], shards[1], shards[2]], str(tmp_path / "m2"))
@@ -178,9 +178,9 @@ def test_merge_checks_every_problem_is_covered_once(tmp_path):
         return merge_runs(dirs, str(tmp_path / "never"))
 
     alpha, beta = lambda *ix: {("alpha", i) for i in ix}, lambda *ix: {("beta", i) for i in ix}  # noqa: E731
-    with pytest.raises(UserError, match=r"alpha problem\(s\) \[0\] appear in more than one shard"):
+    with pytest.raises(UserError, match="alpha problem 0 appears in more than one shard"):
         merge([alpha(0, 2, 4) | beta(0, 2), alpha(0, 1, 3) | beta(1)])
-    with pytest.raises(UserError, match=r"beta problem\(s\) \[2\] are in no shard \(1 of 3 missing\)"):
+    with pytest.raises(UserError, match=r"beta problem 2 is in no shard \(1 of 3 missing\)"):
         merge([alpha(0, 2, 4) | beta(0), alpha(1, 3) | beta(1)])
 
 
@@ -188,7 +188,7 @@ def test_merge_cli_exit_codes(tmp_path, capsys):
     settings = make_settings()
     shards = write_shards(tmp_path, settings, make_records(settings), 2)
     assert cli.main(["merge", shards[0], "--out", str(tmp_path / "m")]) == 2
-    assert "shard(s) 1/2 missing" in capsys.readouterr().err
+    assert "dft-eval: error: merge: shard 1/2 missing" in capsys.readouterr().err
     assert cli.main(["merge", *shards, "--out", str(tmp_path / "m")]) == 0
     assert "| **mean** | 8 |" in capsys.readouterr().out
     assert cli.main(["merge", *shards, "--out", str(tmp_path / "m")]) == 2  # now non-empty
@@ -231,3 +231,50 @@ def test_compare_notes_differences_and_uses_common_benchmarks_for_the_mean(tmp_p
     shard = write_shards(tmp_path / "s", a, make_records(a), 2)
     with pytest.raises(UserError, match="shard 0/2 only; merge the shards first"):
         compare_runs([shard[0]])
+
+
+# ---------------------------------------------------------------- words: None, plurals, the model path in a title
+
+
+def test_compare_notes_say_what_an_unset_setting_means(tmp_path):
+    # a plain prompt has no instruction role: the note said `mine=None`
+    mine, theirs = make_settings(prompt="plain", prompt_role=None), make_settings()
+    write_run(tmp_path / "mine", mine, make_records(mine), None, {})
+    write_run(tmp_path / "theirs", theirs, make_records(theirs), None, {})
+    table = compare_runs([str(tmp_path / "mine"), str(tmp_path / "theirs")])
+    assert ("- note: the runs differ in prompt_role: mine=none (no chat template, or not --prompt boxed), "
+            "theirs=system") in table
+    assert "None" not in table
+    old = load_run(tmp_path / "theirs").results
+    del old["settings"]["prompt_role"]  # a results.json from before a setting existed
+    (tmp_path / "theirs" / RESULTS_FILE).write_text(json.dumps(old))
+    table = compare_runs([str(tmp_path / "mine"), str(tmp_path / "theirs")])
+    assert ("- note: the runs differ in prompt_role: mine=none (no chat template, or not --prompt boxed), "
+            "theirs=not recorded") in table
+
+
+def test_one_sample_and_one_shard_are_singular(tmp_path, capsys):
+    settings = make_settings(samples=1)
+    records = make_records(settings)
+    shard = write_shards(tmp_path, settings, records, 1)
+    assert cli.main(["merge", *shard, "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "K=1 sample at temperature" in out and "mean accuracy of the 1 sample per problem" in out
+    assert f"dft-eval merge: wrote {tmp_path / 'm'}/ from 1 shard\n" in out  # was "1 samples", "1 shards"
+    write_run(tmp_path / "three", make_settings(), make_records(make_settings()), None, {})
+    assert "K=3 samples at temperature" in (tmp_path / "three" / TABLE_FILE).read_text()
+
+
+@pytest.mark.parametrize("model, title", [
+    ("/models/tiny", "dft-eval: /models/tiny"),  # was "models/tiny"
+    ("tiny", "dft-eval: tiny"),                  # was "/tiny"
+    ("runs/dft/hf", "dft-eval: runs/dft/hf"),
+    ("/scratch/group/someone/experiments/2026-12/qwen2.5-math-1.5b/hf", "dft-eval: …/qwen2.5-math-1.5b/hf"),
+])
+def test_the_chart_title_keeps_the_model_path_as_given(tmp_path, model, title):
+    from PIL import Image
+
+    settings = make_settings(model=model)
+    write_run(tmp_path / "run", settings, make_records(settings), None, {})
+    with Image.open(tmp_path / "run" / PLOT_FILE) as png:
+        assert png.text["Title"] == title  # the title drawn, also written into the PNG

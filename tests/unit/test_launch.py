@@ -552,3 +552,16 @@ def test_wrapper_takes_virtual_env_and_else_says_what_to_activate(bare_python, t
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert shlex.split(proc.stdout.splitlines()[-1].split(": ", 1)[1])[0] == os.path.join(sys.prefix, "bin", "python")
+
+
+def test_counts_of_one_are_singular(tmp_path, fakebin):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n001 slots=2\n")
+    with pytest.raises(UserError, match=f"--nnodes 2 but --hostfile {hostfile} lists 1 host$"):  # was "1 hosts"
+        plan_for(["--hostfile", str(hostfile), "--nnodes", "2", "--node-rank", "0"], base_env())
+    one_node = slurm_env(fakebin, SLURM_JOB_NODELIST="n001", SLURM_NNODES="1")
+    (fakebin / "scontrol").write_text("#!/bin/sh\necho n001\n")
+    with pytest.raises(UserError, match="--nnodes 2 but the Slurm allocation has 1 node$"):
+        plan_for(["--nnodes", "2"], one_node)
+    assert launch.describe(plan_for(["--nproc-per-node", "1"], base_env())).startswith(
+        "# dft-launch via torchrun: 1 node x 1 rank, master 127.0.0.1:")

@@ -110,3 +110,10 @@ def test_presets_take_their_published_context(capsys, name):
     # the presets' own max_position_embeddings, not the transformers default (2048 for llama): no false warning
     assert main(["--model", name, "--max-length", "4096"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_one_gpu_and_rows_of_one_token_are_singular(capsys, weights_only_dir):
+    path, _ = weights_only_dir
+    assert main(["--model", str(path), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "; 1 GPU of 24 GiB" in first and "rows of 1 token. " in first  # was "1 GPUs", "1 tokens"
