@@ -68,3 +68,8 @@ def report_exit_code(code: int, message: str) -> None:
             json.dump(data, fh)
     except OSError:
         pass
+
+
+def counted(n: int, word: str, plural: str | None = None) -> str:
+    """'1 step', '3 steps': a count with its noun in agreement, for messages."""
+    return f"{n} {word if n == 1 else (plural or word + 's')}"

@@ -90,9 +90,13 @@ def is_cached(name: str, kind: str) -> bool:
 
 
 def check_hub_names(cfg: Config, probe=hub_unreachable) -> None:
-    """Every name that must come from the Hub can: refuse, in one UserError, paths that do not exist
-    and are not owner/name, and, offline, the hub names the cache lacks."""
-    names = hub_names(cfg)
+    """Every name of a run that must come from the Hub can (see check_names)."""
+    check_names(hub_names(cfg), probe, tokenizer_too=cfg.model.tokenizer is None)
+
+
+def check_names(names: list[tuple[str, str, str]], probe=hub_unreachable, tokenizer_too: bool = False) -> None:
+    """(key, name, kind) of names not on this machine: refuse, in one UserError, those that are not
+    owner/name, and, offline (asked once), the hub names the cache lacks."""
     problems = [f"{key}: '{name}' does not exist here, and it is not a hub name (those look like owner/name)"
                 for key, name, _ in names if not looks_like_hub_name(name)]
     remote = [(k, n, kind) for k, n, kind in names if looks_like_hub_name(n)]
@@ -101,7 +105,6 @@ def check_hub_names(cfg: Config, probe=hub_unreachable) -> None:
         why = "offline mode is on: HF_HUB_OFFLINE=1" if offline_requested() else probe()
     if why is not None:
         go_offline()
-        tokenizer_too = cfg.model.tokenizer is None
         problems += [f"{key}: '{name}' is not in the local cache ({kind}"
                      f"{', and the tokenizer, as model.tokenizer is null' if key == 'model.name_or_path' and tokenizer_too else ''})"
                      for key, name, kind in remote if not is_cached(name, kind)]

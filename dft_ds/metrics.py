@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from dft_ds.errors import ConfigError
+from dft_ds.errors import ConfigError, counted
 
 # The files a logger writes in the run directory.
 METRICS_FILE = "metrics.jsonl"
@@ -371,7 +371,7 @@ class MetricsLogger:
         self.log_scalars(step, {f"eval/{values['benchmark']}/accuracy": values["accuracy"]})
         took = f", {values['seconds']:.1f} s" if values.get("seconds") is not None else ""
         self.print(f"eval at step {step}: {values['benchmark']} accuracy {values['accuracy']:.3f} "
-                   f"({values['problems']} problems{took})")
+                   f"({counted(values['problems'], 'problem')}{took})")
 
     def log_heldout(self, step: int, values: dict[str, Any]) -> None:
         """Held-out loss (eval.loss_every) goes to heldout.jsonl and to the trackers as eval/*."""

@@ -19,10 +19,13 @@ tokens, GPUs no larger than the reserve) exits 2 with the option named.
 from __future__ import annotations
 
 import argparse
+import os
 import math
 import sys
 from dataclasses import dataclass
 
+from dft_ds.errors import UserError
+from dft_ds.hub import check_names
 from dft_ds.memory import GIB, count_parameters, estimate_memory
 
 # Architecture numbers from the models' published config.json files.
@@ -163,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per row (data.max_length; >= 1, default 2048); a warning if longer than the "
                              "model's max_position_embeddings")
     args = parser.parse_args(argv)
+    try:
+        if args.model.lower() not in PRESETS and not os.path.exists(args.model):
+            check_names([("--model", args.model, "model")])  # one probe; offline, only a cached name goes on
+    except UserError as exc:
+        print(f"dft-plan: error: --model: not a preset ({', '.join(PRESETS)}), and {exc}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.model)
     except (OSError, ValueError) as exc:

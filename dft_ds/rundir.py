@@ -31,7 +31,7 @@ from typing import Any
 
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
-from dft_ds.errors import UserError
+from dft_ds.errors import UserError, counted
 from dft_ds.metrics import EVAL_FILE, HELDOUT_FILE, METRICS_FILE  # metrics.py names the files its logger writes
 
 CHECKPOINTS = "checkpoints"
@@ -178,6 +178,6 @@ def write_summary(summary, out: str, world_size: int) -> dict[str, Any]:
     write_atomic(os.path.join(out, SUMMARY_FILE), json.dumps(result, indent=2))
     losses = f"loss {first:.4f} -> {last:.4f}; " if rows else ""
     evals = f" (+ {summary.eval_seconds:.1f} s evaluation)" if summary.eval_seconds >= 0.05 else ""
-    print(f"done: {summary.steps} steps in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
+    print(f"done: {counted(summary.steps, 'step')} in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
           f"{losses}results in {os.path.abspath(out)}", flush=True)
     return result

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
 from dft_ds.config import BatchPlan, Config, resolve_batch, resume_changes, to_dict
-from dft_ds.errors import ConfigError, DataError, ModelError
+from dft_ds.errors import ConfigError, DataError, ModelError, counted
 from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
 
@@ -83,8 +83,8 @@ class RunPlan:
         b = self.batch
         start = f" from step {self.start_step}" if self.resume is not None else ""
         return (f"batch: micro {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x world "
-                f"{b.world_size} = global {b.global_batch_size} rows; {self.steps_per_epoch} steps per epoch; "
-                f"{self.total_steps} steps{start}; attention {self.attention_line()}")
+                f"{b.world_size} = global {counted(b.global_batch_size, 'row')}; {counted(self.steps_per_epoch, 'step')} per "
+                f"epoch; {counted(self.total_steps, 'step')}{start}; attention {self.attention_line()}")
 
     def attention_line(self) -> str:
         from dft_ds.model import PACKED_ISOLATION

@@ -252,7 +252,7 @@ class Trainer:
                     self.engine.zero_lr_for_this_step()
                 self.engine.step()
             return StepSums(skipped=1)
-        why = (f"more than train.max_skipped_steps={self.max_skipped} steps skipped" if self.nonfinite == "skip"
+        why = (f"more than train.max_skipped_steps={self.max_skipped} skipped" if self.nonfinite == "skip"
                else "train.nonfinite=stop")
         raise NonFiniteStop(f"non-finite loss at step {step} ({why}); nothing of step {step} was applied")
 

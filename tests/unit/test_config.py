@@ -575,3 +575,10 @@ def test_global_batch_not_a_multiple_of_micro_times_accumulation_names_neighbour
     message = config_error(None, ["train.global_batch_size=30", "train.micro_batch_size=4",
                                   "train.gradient_accumulation_steps=4"])
     assert "the nearest valid values are 16 or 32, or set train.gradient_accumulation_steps=null" in message
+
+
+def test_counts_in_messages_agree_in_number():
+    from dft_ds.errors import counted
+
+    assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert counted(1, "rank") == "1 rank" and counted(3, "entry", "entries") == "3 entries"

@@ -117,3 +117,16 @@ def test_one_gpu_and_rows_of_one_token_are_singular(capsys, weights_only_dir):
     assert main(["--model", str(path), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "1"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert "; 1 GPU of 24 GiB" in first and "rows of 1 token. " in first  # was "1 GPUs", "1 tokens"
+
+
+def test_cli_names_an_uncached_hub_model_offline_and_never_sends_a_bare_name(capsys, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["--model", "org/absent"]) == 2
+    err = capsys.readouterr().err
+    assert "out of reach (offline mode is on: HF_HUB_OFFLINE=1)" in err
+    assert "--model: 'org/absent' is not in the local cache" in err and "hf download org/absent" in err
+    assert main(["--model", "mymodel"]) == 2
+    assert "'mymodel' does not exist here, and it is not a hub name" in capsys.readouterr().err
