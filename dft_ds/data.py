@@ -147,12 +147,20 @@ def _load_saved(path: str, split: str):
 
 
 def _load_quietly(load, what: str):
+    import datasets
+
+    # Its progress bars write carriage returns into Slurm logs, for files that load in a second.
+    was_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
     try:
         return load()
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs the message, not the stack
         raise DataError(f"{what}: could not be loaded ({type(exc).__name__}: {exc})") from None
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,9 +200,11 @@ class Layout:
     def uses(self) -> set[str]:
         return set(self.fields) | set(self.optional)
 
-    def line(self) -> str:
+    def line(self, row: dict) -> str:
+        """What the user is told, naming the fields of `row` (the first) that the layout reads."""
         how = "detected from the fields" if self.detected else f"set by data.format={self.format}, fields"
-        return f"layout {self.name}, {how} {', '.join(sorted(self.uses()))}"
+        read = sorted(k for k in self.uses() if row.get(k) is not None)
+        return f"layout {self.name}, {how} {', '.join(read)}"
 
 
 def _pair(name: str, prompt: str, response: str, detected: bool) -> Layout:
@@ -494,7 +504,7 @@ def tokenize_dataset(raw: RawData, cfg: DataConfig, tokenizer) -> tuple[list[lis
         raise DataError(f"{raw.origin}: the source holds no samples")
     first = raw.dataset[0]
     layout = resolve_layout(cfg, first, raw.where(0))
-    report.layout = layout.line()
+    report.layout = layout.line(first)
     unused = unused_fields(layout, first)
     if unused:
         report.warnings.append(f"data: field{'s' if len(unused) > 1 else ''} {', '.join(unused)} of {raw.origin} "

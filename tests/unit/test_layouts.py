@@ -57,6 +57,7 @@ def test_numina_cot_is_detected_as_problem_solution_and_its_other_fields_are_nam
     ids, labels, report = read(tmp_path, tok, [NUMINA])
     assert "NuminaMath-CoT (problem/solution)" in report.layout and "detected" in report.layout
     assert report.layout in report.summary()
+    assert report.layout.endswith("detected from the fields problem, solution")
     assert targets(tok, ids[0], labels[0]) == "2+3 = 5. The answer is 5.<|im_end|>"
     assert "What is 2+3?" in inputs(tok, ids[0])
     assert report.warnings == ["data: fields messages, source of " + str(tmp_path / "d.jsonl")
@@ -162,7 +163,7 @@ def test_explicit_format_is_named_and_a_missing_field_is_reported_by_line(tmp_pa
     with pytest.raises(DataError, match=r"d.jsonl:2: missing field 'output'"):
         read(tmp_path, tok, rows, format="alpaca")
     _, _, report = read(tmp_path, tok, rows[:1], format="alpaca")
-    assert "set by data.format=alpaca, fields history, input, instruction, output, system" in report.layout
+    assert report.layout.endswith("set by data.format=alpaca, fields instruction, output")
 
 
 def test_unknown_layout_names_the_fields_and_the_settings(tmp_path, tok):
