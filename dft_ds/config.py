@@ -466,19 +466,27 @@ def _apply_preset(values: dict, problems: list[str]) -> None:
         values.setdefault(name, value)
 
 
-def _all_keys() -> list[str]:
-    return [key for key, *_ in describe_fields()]
+def _keys_by_name() -> dict[str, str]:
+    """Bare key name -> its dotted key (the first section that has it)."""
+    keys: dict[str, str] = {}
+    for key, *_ in describe_fields():
+        keys.setdefault(key.split(".")[1], key)
+    return keys
+
+
+def _closest_key(name: str, names: list[str]) -> Optional[str]:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _meaning(name: str) -> str:
-    """What a bare key name means here: from KNOWN_AS, else the closest key by spelling, else '?'."""
+    """What a bare key name means here: from KNOWN_AS, else the key of that name or the closest by
+    spelling, else that there is none."""
     if name in KNOWN_AS:
         return KNOWN_AS[name]
-    bare = {key.split(".")[1]: key for key in _all_keys()}
-    if name in bare:
-        return bare[name]
-    close = difflib.get_close_matches(name, list(bare), n=1, cutoff=0.6)
-    return bare[close[0]] if close else "no such setting (dft-train --help lists them)"
+    keys = _keys_by_name()
+    close = name if name in keys else _closest_key(name, list(keys))
+    return keys[close] if close else "no such setting (dft-train --help lists them)"
 
 
 def _suggest_key(section: str, name: str) -> str:
@@ -488,17 +496,14 @@ def _suggest_key(section: str, name: str) -> str:
     if name in KNOWN_AS:
         key, _, why = KNOWN_AS[name].partition(" ")
         return f" (did you mean '{key}'{' ' + why if why else ''}?)"
-    keys = _all_keys()
-    elsewhere = [k for k in keys if k.split(".")[1] == name]
-    if elsewhere:
-        return f" (did you mean '{elsewhere[0]}'?)"
-    own = [k.split(".")[1] for k in keys if k.startswith(section + ".")]
-    close = difflib.get_close_matches(name, own, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean '{section}.{close[0]}'?)"
-    bare = {k.split(".")[1]: k for k in keys}
-    close = difflib.get_close_matches(name, list(bare), n=1, cutoff=0.6)
-    return f" (did you mean '{bare[close[0]]}'?)" if close else ""
+    keys = _keys_by_name()
+    if name in keys:
+        return f" (did you mean '{keys[name]}'?)"
+    own = _closest_key(name, [key.split(".")[1] for key, *_ in describe_fields() if key.startswith(section + ".")])
+    if own:
+        return f" (did you mean '{section}.{own}'?)"
+    close = _closest_key(name, list(keys))
+    return f" (did you mean '{keys[close]}'?)" if close else ""
 
 
 def _suggest(name: str, valid, prefix: str = "") -> str:

@@ -103,20 +103,21 @@ def check_names(names: list[tuple[str, str, str]], probe=hub_unreachable, tokeni
     why = None
     if remote:
         why = "offline mode is on: HF_HUB_OFFLINE=1" if offline_requested() else probe()
+    missing = []
     if why is not None:
         go_offline()
+        missing = [(k, n, kind) for k, n, kind in remote if not is_cached(n, kind)]
         problems += [f"{key}: '{name}' is not in the local cache ({kind}"
                      f"{', and the tokenizer, as model.tokenizer is null' if key == 'model.name_or_path' and tokenizer_too else ''})"
-                     for key, name, kind in remote if not is_cached(name, kind)]
+                     for key, name, kind in missing]
     if not problems:
         return
-    missing = [(n, kind) for k, n, kind in remote if why is not None and not is_cached(n, kind)]
     head = (f"the Hugging Face Hub is out of reach ({why}), and these settings name nothing this machine can load:"
             if missing else "these settings name nothing that can be loaded:")
     fix = "set each to an existing local path (a model directory, a data file or a saved dataset)"
     if missing:
         downloads = "; ".join(f"hf download {n}{' --repo-type dataset' if kind == 'dataset' else ''}"
-                              for n, kind in missing)
+                              for _, n, kind in missing)
         fix += (f", or fill the cache on a machine with network ({downloads}) and run here with HF_HUB_OFFLINE=1 "
                 "and HF_HOME pointing at that cache")
     raise UserError("\n  - ".join([head] + problems) + "\n" + fix)
