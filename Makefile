@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.py
 	fi
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,trackers]'
+	$(BIN)/pip install -q -e '.[test,trackers,lora]'
 	touch $@
 
 # vLLM in an environment of its own (it pins torch and transformers): the CUDA build where nvidia-smi

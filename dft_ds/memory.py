@@ -33,7 +33,8 @@ ZERO3_MAX_LIVE = 1e9
 
 def estimate_memory(n_params: int, config, stage: int, world: int, precision: str, tokens_per_micro: int,
                     checkpointing: bool, fused: bool, chunk_mb: int, offload: bool,
-                    torch_adam: bool = False) -> MemoryEstimate:
+                    torch_adam: bool = False, n_trainable: int | None = None,
+                    head_trains: bool = True) -> MemoryEstimate:
     """Per-rank bytes on the accelerator (on CPU: host memory) of one training step.
 
     Weights and gradients in the training precision; AdamW keeps two fp32 moments, plus an fp32
@@ -45,12 +46,17 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     fp32 copies of the rank's partition. Activations: about 34 x hidden bytes per token per layer
     in 16 bits with a fused attention kernel (Korthikanti et al., 2022), twice that in fp32; with
     checkpointing only each layer's input is kept, plus one layer's full activations.
+
+    `n_trainable` (model.lora: adapters, plus embeddings when they train): only these have gradients,
+    optimizer states and optimizer temporaries; `n_params` counts them too. `head_trains=False`: the
+    fused head computes no head gradient.
     """
     b = 2 if precision in ("bf16", "fp16") else 4
-    opt_bytes = (12 if b == 2 else 8) * n_params
+    trainable = n_params if n_trainable is None else n_trainable
+    opt_bytes = (12 if b == 2 else 8) * trainable
     shard = {3: (world, world, world), 2: (1, world, world), 1: (1, 1, world)}.get(stage, (1, 1, 1))
     params = b * n_params / shard[0]
-    grads = b * n_params / shard[1]
+    grads = b * trainable / shard[1]
     optimizer = 0.0 if offload else opt_bytes / shard[2]
     if offload and stage == 3:
         params = b * n_params / world / 4  # only the layers in flight are on the device; a rough share
@@ -59,12 +65,13 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     activations = (2 * hidden * b * tokens_per_micro * layers + per_layer) if checkpointing else per_layer * layers
     vocab = config.vocab_size
     if fused:
-        loss_head = (chunk_mb << 20) + 4 * vocab * hidden  # one chunk of fp32 logits + the fp32 head gradient
+        # one chunk of fp32 logits + the fp32 head gradient (none for a frozen head)
+        loss_head = (chunk_mb << 20) + (4 * vocab * hidden if head_trains else 0)
     else:
         loss_head = 3 * 4 * tokens_per_micro * vocab     # logits, log-softmax and its gradient, fp32
     working = b * min(n_params, ZERO3_MAX_LIVE) if stage == 3 else 0.0
     if torch_adam and not offload:
-        working += 2 * 4 * n_params / shard[2]
+        working += 2 * 4 * trainable / shard[2]
     return MemoryEstimate(params, grads, optimizer, activations, loss_head, working)
 
 

@@ -6,6 +6,7 @@ inside `deepspeed.zero.Init`: each rank only ever holds its own shard, never the
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -221,3 +222,138 @@ def attach_head_loss(model) -> None:
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         register_external_parameter(model, head.weight)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA (model.lora): peft's adapters injected into the model in place, so the engine, the fused
+# head and the checkpoint code see the same Hugging Face model class with a few more parameters.
+
+ALL_LINEAR = "all-linear"
+BASE_DIR = "base"  # output_dir/base/: the random-init base of a synthetic LoRA run, written once
+
+
+def _linear_layers(model) -> list[str]:
+    """Names of every linear layer except the LM head: the decoder's (and nothing a head projects)."""
+    head = model.get_output_embeddings()
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def lora_targets(model, targets: str) -> list[str]:
+    """model.lora_targets resolved against the model (meta-built is enough): the short names peft is
+    given (q_proj, ...), each matching at least one linear layer. An unknown name is a ModelError
+    that lists the names the model has."""
+    from dft_ds.config import lora_target_names
+
+    layers = _linear_layers(model)
+    names = lora_target_names(targets)
+    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    if names == [ALL_LINEAR]:
+        chosen = layers
+    else:
+        missing = [t for t in names if not any(_matches(n, t) for n in layers)]
+        if missing:
+            head = model.get_output_embeddings()
+            note = ("; the LM head is never adapted (model.lora_train_embeddings=true trains it fully)"
+                    if any(_matches(n, t) for t in missing for n, m in model.named_modules() if m is head) else "")
+            raise ModelError(f"model.lora_targets: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                             f"a linear layer of {type(model).__name__}; its linear layers are named "
+                             f"{', '.join(short)} (or set all-linear){note}")
+        chosen = [n for n in layers if any(_matches(n, t) for t in names)]
+    # Short names where they select exactly the chosen layers (they read well in adapter_config.json).
+    wanted = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    if sorted(n for n in layers if any(_matches(n, t) for t in wanted)) == sorted(chosen):
+        return wanted
+    return sorted(chosen)
+
+
+def lora_parameter_count(model, targets: list[str], rank: int) -> int:
+    """Adapter parameters: r x (in + out) for every adapted linear layer."""
+    head = model.get_output_embeddings()
+    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and any(_matches(n, t) for t in targets))
+
+
+def embedding_parameters(model) -> list[torch.nn.Parameter]:
+    """The input embeddings and the LM head weight (one parameter when tied)."""
+    out = []
+    for p in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        if all(p is not q for q in out):
+            out.append(p)
+    return out
+
+
+def peft_lora_config(cfg: ModelConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def apply_lora(model, cfg: ModelConfig, seed: int) -> list[str]:
+    """Freeze the model and inject adapters in place (returns the resolved targets). The adapters'
+    init is seeded alike on every rank; B starts at zero, so the model's outputs are unchanged."""
+    try:
+        from peft import inject_adapter_in_model
+    except ImportError:
+        raise ModelError("model.lora=true needs peft: pip install 'dft_ds[lora]' (peft>=0.17)") from None
+    targets = lora_targets(model, cfg.lora_targets)
+    model.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    inject_adapter_in_model(peft_lora_config(cfg, targets), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    if cfg.lora_train_embeddings:
+        for p in embedding_parameters(model):
+            p.requires_grad_(True)
+    return targets
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Within the block the model computes as its base: every LoRA layer skips its adapter. (peft's
+    own switch also flips requires_grad on the adapters, which the optimizer must not see change.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
+
+
+def save_base(model, tokenizer, directory: str, is_rank0: bool) -> None:
+    """Write the (frozen) base weights as a Hugging Face directory, atomically, before adapters go in.
+    Under ZeRO-3 every rank must call it: the shards are gathered for the write."""
+    import os
+    import shutil
+
+    params = list(model.parameters())
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        if is_rank0:
+            staging = directory + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()  # "Writing model shards" for one small file is noise
+            try:
+                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+            finally:
+                if bars:
+                    hf_logging.enable_progress_bar()
+            save_hf_meta(model, tokenizer, staging)
+            os.replace(staging, directory)

@@ -71,8 +71,22 @@ class Row:
     max_micro_batch: int      # 0: not even one row fits
 
 
-def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "bf16") -> list[Row]:
-    n_params = count_parameters(config)
+def lora_counts(config, rank: int, targets: str) -> tuple[int, int]:
+    """(all parameters, trainable parameters) of the model with LoRA adapters of this rank."""
+    from dft_ds.memory import meta_model
+    from dft_ds.model import lora_parameter_count, lora_targets
+
+    model = meta_model(config)
+    adapters = lora_parameter_count(model, lora_targets(model, targets), rank)
+    return count_parameters(model) + adapters, adapters
+
+
+def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "bf16", lora_rank: int = 0,
+         lora_targets: str = "all-linear") -> list[Row]:
+    """`lora_rank` > 0: model.lora with adapters of that rank on `lora_targets`, embeddings frozen."""
+    n_params, n_trainable = count_parameters(config), None
+    if lora_rank:
+        n_params, n_trainable = lora_counts(config, lora_rank, lora_targets)
     budget = gpu_gib - RESERVE_GIB
     rows = []
     for name, stage, offload in STRATEGIES:
@@ -80,7 +94,7 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
             for fused in (True, False):
                 def at(micro: int):
                     return estimate_memory(n_params, config, stage, world, precision, micro * max_length, ckpt, fused,
-                                           128, offload)
+                                           128, offload, n_trainable=n_trainable, head_trains=not lora_rank)
                 one = at(1)
                 per_row = at(2).total - one.total  # activations and unfused logits grow with the micro batch
                 fits = 0 if one.total / GIB > budget else 1 + int((budget * GIB - one.total) // max(per_row, 1))
@@ -98,8 +112,10 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int) -> str:
-    lines = [f"{format_count(n_params)} parameters; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
+def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int,
+           n_trainable: int | None = None) -> str:
+    lora = f" ({format_count(n_trainable)} in LoRA adapters, the only ones that train)" if n_trainable else ""
+    lines = [f"{format_count(n_params)} parameters{lora}; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
              f"({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
              f"{'token' if max_length == 1 else 'tokens'}. GiB per GPU at micro batch 1:", "",
@@ -165,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=_at_least(1), default=2048, metavar="T",
                         help="tokens per row (data.max_length; >= 1, default 2048); a warning if longer than the "
                              "model's max_position_embeddings")
+    parser.add_argument("--lora-rank", type=_at_least(0), default=0, metavar="R",
+                        help="plan model.lora with adapters of rank R (model.lora_rank): only they have gradients "
+                             "and optimizer states; 0 (default) is full fine-tuning")
+    parser.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
+                        help="with --lora-rank: the adapted modules (model.lora_targets; default all-linear)")
     args = parser.parse_args(argv)
     try:
         if args.model.lower() not in PRESETS and not os.path.exists(args.model):
@@ -182,8 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     world = args.nodes * args.gpus_per_node
-    rows = plan(config, world, args.gpu_memory, args.max_length)
-    print(render(rows, count_parameters(config), world, args.gpu_memory, args.max_length))
+    try:
+        rows = plan(config, world, args.gpu_memory, args.max_length, lora_rank=args.lora_rank,
+                    lora_targets=args.lora_targets)
+        n_params, n_trainable = (lora_counts(config, args.lora_rank, args.lora_targets) if args.lora_rank
+                                 else (count_parameters(config), None))
+    except UserError as exc:
+        print(f"dft-plan: error: --lora-targets: {exc}", file=sys.stderr)
+        return 2
+    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable))
     return 0
 
 

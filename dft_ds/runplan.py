@@ -8,15 +8,26 @@ does. Nothing here starts a process or writes a file.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
-from dft_ds.config import BatchPlan, Config, resolve_batch, resume_changes, to_dict
+from dft_ds.config import SYNTHETIC, BatchPlan, Config, resolve_batch, resume_changes, to_dict
 from dft_ds.errors import ConfigError, DataError, ModelError, counted
 from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
+from dft_ds.model import BASE_DIR
+
+
+@dataclass(frozen=True)
+class LoraBase:
+    """Where a LoRA run's frozen base weights live: the pretrained model.name_or_path, or for the
+    embedded default the random-init model that the run writes once to output_dir/base/."""
+
+    path: str
+    written_here: bool
 
 
 @dataclass
@@ -40,6 +51,8 @@ class RunPlan:
     heldout: Any = None       # TrainData of data.eval_source / data.eval_fraction, or None
     changed: list[str] = field(default_factory=list)   # settings a resume changes ('key changed from a to b')
     warnings: list[str] = field(default_factory=list)
+    lora_targets: list[str] = field(default_factory=list)  # model.lora: the resolved target modules
+    n_trainable: Optional[int] = None  # model.lora: adapter (+ embedding) parameters; None: all train
 
     @property
     def start_step(self) -> int:
@@ -71,11 +84,32 @@ class RunPlan:
 
         return StepSampler(len(self.data.rows), self.batch, rank, self.cfg.train.seed)
 
+    @property
+    def lora_base(self) -> Optional[LoraBase]:
+        m = self.cfg.model
+        if not m.lora:
+            return None
+        if m.name_or_path == SYNTHETIC:
+            return LoraBase(os.path.abspath(os.path.join(self.cfg.train.output_dir, BASE_DIR)), True)
+        return LoraBase(m.name_or_path, False)
+
+    def lora_identity(self) -> Optional[dict[str, Any]]:
+        """model.lora as a checkpoint records it: what dft-convert needs to merge or write the adapter."""
+        m = self.cfg.model
+        if not m.lora:
+            return None
+        return {"rank": m.lora_rank, "alpha": m.lora_alpha, "dropout": m.lora_dropout, "targets": self.lora_targets,
+                "train_embeddings": m.lora_train_embeddings, "base": self.lora_base.path,
+                "trainable_parameters": self.n_trainable}
+
     def identity(self) -> dict[str, Any]:
         """What every checkpoint of this run records beside its step and sampler position."""
-        return {"world_size": self.world_size, "global_batch_size": self.batch.global_batch_size,
-                "zero_stage": self.zero_stage, "precision": self.precision, "fingerprints": self.fingerprints,
-                "config": to_dict(self.cfg)}
+        out = {"world_size": self.world_size, "global_batch_size": self.batch.global_batch_size,
+               "zero_stage": self.zero_stage, "precision": self.precision, "fingerprints": self.fingerprints,
+               "config": to_dict(self.cfg)}
+        if self.cfg.model.lora:
+            out["lora"] = self.lora_identity()
+        return out
 
     # ---- what is printed, the same by --check and by the run
 
@@ -102,7 +136,16 @@ class RunPlan:
 
     def loss_line(self) -> str:
         return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
-                f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if self.offload else ''}")
+                f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if self.offload else ''}"
+                f"{self.lora_line()}")
+
+    def lora_line(self) -> str:
+        m = self.cfg.model
+        if not m.lora:
+            return ""
+        embeddings = " + embeddings and head" if m.lora_train_embeddings else ""
+        return (f"; LoRA r={m.lora_rank} alpha={m.lora_alpha:g} on {','.join(self.lora_targets)}{embeddings}: "
+                f"{self.n_trainable / 1e6:.2f}M of {self.n_params / 1e6:.1f}M parameters train")
 
     def output_dir_line(self) -> str:
         path = self.cfg.train.output_dir
@@ -128,9 +171,13 @@ class RunPlan:
         cfg = self.cfg
         mem = estimate_memory(self.n_params, self.model_config, self.zero_stage, self.world_size, self.precision,
                               self.batch.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing,
-                              self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu)
+                              self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu,
+                              n_trainable=self.n_trainable,
+                              head_trains=not cfg.model.lora or cfg.model.lora_train_embeddings)
         ref = ""
-        if cfg.loss.uses_reference:
+        if cfg.loss.uses_reference and cfg.model.lora:
+            ref = "; asft reference = the base with adapters off (no second copy)"
+        elif cfg.loss.uses_reference:
             b = 2 if self.precision in ("bf16", "fp16") else 4
             ref_bytes = b * self.n_params / (self.world_size if self.zero_stage == 3 else 1)
             ref = f"; asft reference model {ref_bytes / GIB:.2f} GiB more"
@@ -193,9 +240,41 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     model = meta_model(model_config, cfg.model.trust_remote_code)
     fused = choose_fused_head(cfg, model, warnings.append)
     attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
+    n_params = count_parameters(model)
+    targets, trainable = [], None
+    if cfg.model.lora:
+        targets, trainable = plan_lora(cfg, model, resume, world_size)
+        n_params += trainable - (embedding_count(model) if cfg.model.lora_train_embeddings else 0)
     return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
-                   total_steps, precision, on_cpu, ds_config, fused, count_parameters(model), attention, heldout,
-                   changed, warnings)
+                   total_steps, precision, on_cpu, ds_config, fused, n_params, attention, heldout,
+                   changed, warnings, targets, trainable)
+
+
+def embedding_count(model) -> int:
+    from dft_ds.model import embedding_parameters
+
+    return sum(p.numel() for p in embedding_parameters(model))
+
+
+def plan_lora(cfg: Config, model, resume: Optional[ckpt.CheckpointRef], world_size: int) -> tuple[list[str], int]:
+    """model.lora on the meta-built model: (resolved targets, trainable parameters); bad input is exit 2."""
+    import importlib.util
+
+    from dft_ds.model import lora_parameter_count, lora_targets
+
+    if importlib.util.find_spec("peft") is None:
+        raise ModelError("model.lora=true needs peft, which is not installed: pip install 'dft_ds[lora]' "
+                         "(peft>=0.17)")
+    targets = lora_targets(model, cfg.model.lora_targets)
+    trainable = lora_parameter_count(model, targets, cfg.model.lora_rank)
+    if cfg.model.lora_train_embeddings:
+        trainable += embedding_count(model)
+    if resume is not None and resume.world_size != world_size:
+        raise ConfigError(f"cannot resume the LoRA run {cfg.train.output_dir} from {resume.tag_dir} on {world_size} "
+                          f"ranks: its checkpoints hold only the trainable parameters, which DeepSpeed's universal "
+                          f"format (the path to another world size) does not take; resume on {resume.world_size} "
+                          "ranks, or convert it (dft-convert) and start a new run from the merged model")
+    return targets, trainable
 
 
 def short_data_message(cfg: Config, rows: int, samples: int, global_batch: int) -> str:

@@ -287,7 +287,12 @@ class Trainer:
 
         def head_loss(hidden, weight, softcap):
             labels = batch["labels"].to(hidden.device)
-            ref_head = self.reference.gathered_head() if ref_hidden is not None else contextlib.nullcontext()
+            if ref_hidden is None:
+                ref_head = contextlib.nullcontext()
+            elif getattr(self.reference, "shares_head", False):  # LoRA: the base's head is the policy's, frozen
+                ref_head = contextlib.nullcontext(weight)
+            else:
+                ref_head = self.reference.gathered_head()
             with ref_head as ref_weight:
                 captured["parts"] = fused_linear_loss(hidden, weight, labels, weighting,
                                                       num_tokens=num_tokens.to(hidden.device), chunk_budget=budget,
