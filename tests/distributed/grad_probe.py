@@ -33,6 +33,8 @@ def probe_step(overrides: list[str]):
     def step_and_capture():
         if engine.ds.is_gradient_accumulation_boundary():
             for name, param in engine.module.named_parameters():
+                if not param.requires_grad:  # frozen (model.lora): no gradient, on every rank alike
+                    continue
                 grad = safe_get_full_grad(param)  # a collective under ZeRO-3: every rank calls it
                 captured[name] = grad.detach().double().cpu().clone()
         real_step()
