@@ -9,6 +9,10 @@ output dtype and writes `model*.safetensors` shards (plus an index when there ar
 config.json, generation_config.json and the tokenizer files: a directory that
 `AutoModelForCausalLM.from_pretrained` and vLLM load as is.
 
+A LoRA checkpoint (model.lora) holds only the trainable tensors: by default they are merged into
+the base its dft_state.json names (or --base) and the same Hugging Face directory is written;
+--adapter-only writes a peft adapter directory instead (dft_ds/adapter.py does both).
+
 It needs no GPU and no process group, so it runs on a login node. The output is built in a hidden
 sibling directory and renamed into place at the end: a failed (or, with --verify, a mismatching)
 conversion never leaves a half-written OUT_DIR. Only convert checkpoints you trust: DeepSpeed's
@@ -55,6 +59,9 @@ VERIFY_ATOL = 1e-5
 # 16 u (bf16 6.25%, fp16 0.78%) leaves a wide margin for deeper models and still fails a cast that
 # really changes the model. (NaN or inf from an fp16 overflow fail the exact check above as well.)
 CAST_RTOL = {torch.bfloat16: 16 * 2.0**-8, torch.float16: 16 * 2.0**-11}
+# LoRA: W + (B @ A) * s in one weight vs W x + s * B (A x) in two, both in fp32; only the order of
+# the fp32 sums differs. Relative to the largest logit, as CAST_RTOL.
+MERGE_RTOL = 1e-4
 PROBE_SHAPE = (2, 64)
 PROBE_SEED = 1234
 
@@ -381,10 +388,13 @@ class VerifyReport:
     cast_abs_diff: float  # converted vs the checkpoint's fp32 weights (0 for fp32 output)
     max_abs_logit: float
     cast_tolerance: float
+    merge_abs_diff: Optional[float] = None  # LoRA: the checkpoint's weights vs base + adapter unmerged (fp32)
+    merge_tolerance: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= VERIFY_ATOL and self.cast_abs_diff <= self.cast_tolerance
+        merge_ok = self.merge_abs_diff is None or self.merge_abs_diff <= self.merge_tolerance
+        return self.max_abs_diff <= VERIFY_ATOL and self.cast_abs_diff <= self.cast_tolerance and merge_ok
 
     def describe(self) -> str:
         text = f"verify: max |logit diff| {self.max_abs_diff:.3g} (tolerance {VERIFY_ATOL:g})"
@@ -392,6 +402,9 @@ class VerifyReport:
             text += (f"; vs the fp32 weights {self.cast_abs_diff:.3g} from rounding "
                      f"(tolerance {self.cast_tolerance:.3g} = {self.cast_tolerance / max(self.max_abs_logit, 1.0):.3g}"
                      f" x max |logit| {self.max_abs_logit:.3g})")
+        if self.merge_abs_diff is not None:
+            text += (f"; LoRA merged vs base + adapter {self.merge_abs_diff:.3g} (tolerance {self.merge_tolerance:.3g} = "
+                     f"{MERGE_RTOL:g} x max |logit|)")
         return text
 
 
@@ -406,10 +419,13 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def verify(out_dir: Path, tensors: Mapping[str, Any], hf_config: Path, dtype: torch.dtype) -> VerifyReport:
+def verify(out_dir: Path, tensors: Mapping[str, Any], hf_config: Path, dtype: torch.dtype,
+           lora_reference=None) -> VerifyReport:
     """Logits of OUT_DIR loaded by from_pretrained vs a model holding the checkpoint's weights directly.
 
-    Holds two fp32 models at once (about twice the fp32 model size in memory).
+    Holds two fp32 models at once (about twice the fp32 model size in memory). For a LoRA
+    checkpoint, `tensors` are the merged weights, and `lora_reference()` builds the unmerged model
+    (base + adapter, as training computed it) that the merged weights must match.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -433,7 +449,30 @@ def verify(out_dir: Path, tensors: Mapping[str, Any], hf_config: Path, dtype: to
         expected = _logits(reference, ids)
     else:
         expected = fp32_logits
-    return VerifyReport(float((got - expected).abs().max()), cast_diff, float(fp32_logits.abs().max()), tolerance)
+    report = VerifyReport(float((got - expected).abs().max()), cast_diff, float(fp32_logits.abs().max()), tolerance)
+    if lora_reference is not None:
+        del reference
+        unmerged = _logits(lora_reference(), ids)
+        report.merge_abs_diff = float((fp32_logits - unmerged).abs().max())
+        report.merge_tolerance = MERGE_RTOL * max(float(unmerged.abs().max()), 1.0)
+    return report
+
+
+def verify_adapter(out_dir: Path, base: str, tensors: Mapping[str, Any], spec, dtype: torch.dtype) -> VerifyReport:
+    """--adapter-only: base + OUT_DIR through PeftModel.from_pretrained vs base + the checkpoint's
+    adapter injected directly (rounded to the output dtype as written)."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dft_ds.adapter import unmerged_model
+
+    ids = probe_batch(AutoConfig.from_pretrained(base).vocab_size)
+    with plain_model_init():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    got = _logits(PeftModel.from_pretrained(model, str(out_dir)).eval(), ids)
+    del model
+    expected = _logits(unmerged_model(base, tensors, spec, round_to=dtype), ids)
+    return VerifyReport(float((got - expected).abs().max()), 0.0, float(expected.abs().max()), 0.0)
 
 
 def load_into(model, tensors: Mapping[str, Any]) -> None:
@@ -494,8 +533,12 @@ def checkpoints_of(path: str | os.PathLike) -> Optional[Path]:
 def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tag: Optional[str] = None,
                        dtype: Optional[str] = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                        overwrite: bool = False, verify_logits: bool = False, progress: bool = True,
-                       log=print) -> Result:
-    """ZeRO checkpoint -> Hugging Face directory. Raises UserError on bad input, VerificationFailed on a mismatch."""
+                       adapter_only: bool = False, base: Optional[str] = None, log=print) -> Result:
+    """ZeRO checkpoint -> Hugging Face directory. Raises UserError on bad input, VerificationFailed on a mismatch.
+
+    A LoRA checkpoint (model.lora) is merged into its base, or with `adapter_only` written as a peft
+    adapter directory; `base` replaces the base directory the checkpoint records.
+    """
     start = time.perf_counter()
     out = Path(out_dir)
     inner = checkpoints_of(checkpoint_dir)
@@ -503,16 +546,33 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
     if inner is not None:
         chosen = f"--tag {tag}" if tag is not None else f"the latest, named in {inner / LATEST}"
         log(f"dft-convert: {checkpoint_dir} is a run directory: converting {ref.path} ({chosen})")
+    lora = lora_spec(ref, adapter_only, base)
     check_out_dir(out, ref, overwrite)
     out_dtype = choose_dtype(dtype, ref)
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     world = ref.state["world_size"]
+    base_dir = None
+    if lora is not None:
+        from dft_ds.adapter import resolve_base
+
+        base_dir = resolve_base(lora.base, base, ref.path / STATE_FILE)
+    what = ("" if lora is None else
+            f", LoRA r={lora.rank} on base {base_dir}{' (the adapter only)' if adapter_only else ' (merged)'}")
     log(f"dft-convert: {ref.path} (step {ref.state.get('global_step', '?')}, ZeRO-{ref.state['zero_stage']}, "
-        f"{world} {'rank' if world == 1 else 'ranks'}, trained in {ref.state.get('precision', '?')}) -> {out} as "
+        f"{world} {'rank' if world == 1 else 'ranks'}, trained in {ref.state.get('precision', '?')}{what}) -> {out} as "
         f"{DTYPE_NAMES[out_dtype]}")
+    if adapter_only:
+        return _write_adapter_only(ref, out, lora, base_dir, out_dtype, overwrite, verify_logits, log, start)
 
     keys = expected_keys(ref.hf_config)
     tensors = load_lazy_state_dict(ref)
+    reference = None
+    if lora is not None:
+        from dft_ds.adapter import base_tensors, merged_tensors, unmerged_model
+
+        trained = tensors
+        tensors = merged_tensors(base_tensors(base_dir), trained, lora, ref.path)
+        reference = lambda: unmerged_model(base_dir, trained, lora)  # noqa: E731
     plan = plan_conversion(tensors, out_dtype, max_bytes, keep=keys.shapes if keys else ())
     if keys is not None:
         check_keys(ref, plan, keys)
@@ -521,12 +581,46 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
         write_hf_files(ref.hf_config, staging, out_dtype, keys.architectures if keys else None)
         report = None
         if verify_logits:
-            report = verify(staging, tensors, ref.hf_config, out_dtype)
+            report = verify(staging, tensors, ref.hf_config, out_dtype, lora_reference=reference)
             log(report.describe())
             if not report.ok:
                 raise VerificationFailed(f"{report.describe()}; {out} was not written")
         publish(staging, out, overwrite)
     return Result(out, ref, out_dtype, plan, time.perf_counter() - start, report)
+
+
+def lora_spec(ref: CheckpointRef, adapter_only: bool, base: Optional[str]):
+    """The checkpoint's LoRA entry (None for a full checkpoint, where --adapter-only and --base are refused)."""
+    entry = ref.state.get("lora")
+    if entry is None:
+        for flag, given in (("--adapter-only", adapter_only), ("--base", base is not None)):
+            if given:
+                raise UserError(f"{flag}: {ref.path} is not a LoRA checkpoint (its {STATE_FILE} has no 'lora' entry: "
+                                f"the run trained every weight); convert it without {flag}")
+        return None
+    from dft_ds.adapter import LoraSpec
+
+    return LoraSpec.from_state(entry, ref.path / STATE_FILE)
+
+
+def _write_adapter_only(ref: CheckpointRef, out: Path, lora, base_dir: str, dtype: torch.dtype, overwrite: bool,
+                        verify_logits: bool, log, start: float) -> Result:
+    from dft_ds.adapter import ADAPTER_WEIGHTS, adapter_state, write_adapter
+
+    tensors = load_lazy_state_dict(ref)
+    config, state = adapter_state(tensors, lora, ref.hf_config, base_dir, ref.path)
+    specs = {n: TensorSpec(tuple(t.shape), output_dtype(t.dtype, dtype)) for n, t in state.items()}
+    plan = Plan(specs, {ADAPTER_WEIGHTS: list(specs)})
+    with staging_dir(out) as staging:
+        write_adapter(staging, config, state, ref.hf_config, dtype)
+        report = None
+        if verify_logits:
+            report = verify_adapter(staging, base_dir, tensors, lora, dtype)
+            log(report.describe())
+            if not report.ok:
+                raise VerificationFailed(f"{report.describe()}; {out} was not written")
+        publish(staging, out, overwrite)
+    return Result(out, ref, dtype, plan, time.perf_counter() - start, report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,9 +632,15 @@ examples:
   dft-convert runs/r1/checkpoints runs/r1/hf                  # the same: the checkpoint `latest` names
   dft-convert runs/r1/checkpoints/step-200 hf/step-200 --dtype bf16 --verify
   dft-convert runs/r1/checkpoints out --tag step-100 --max-shard-size 500MB --overwrite
+  dft-convert runs/lora runs/lora/hf                          # model.lora: the merged model (base + adapter)
+  dft-convert runs/lora runs/lora/adapter --adapter-only      # model.lora: a peft adapter directory
+  dft-convert runs/lora out --base /models/Qwen2.5-0.5B       # model.lora: the base moved
 
-exit codes: 0 written; 2 bad input (missing or incomplete checkpoint, non-empty OUT_DIR);
-1 --verify found a mismatch (OUT_DIR is then left untouched).
+A LoRA checkpoint (model.lora=true) holds only the trainable tensors; the base they adapt is the
+directory its dft_state.json records ("lora": "base"), or --base.
+
+exit codes: 0 written; 2 bad input (missing or incomplete checkpoint, non-empty OUT_DIR, a missing
+LoRA base, --adapter-only on a full checkpoint); 1 --verify found a mismatch (OUT_DIR is then left untouched).
 """
 
 
@@ -571,6 +671,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true",
                         help="load OUT_DIR with transformers and compare its logits on a probe batch with the "
                              "checkpoint's weights (needs about twice the fp32 model size in memory)")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="LoRA checkpoints: write the adapter alone as a peft directory (adapter_config.json "
+                             "naming the base, adapter_model.safetensors, the tokenizer) instead of the merged model; "
+                             "trained embeddings and head (model.lora_train_embeddings) go in as modules_to_save")
+    parser.add_argument("--base", default=None, metavar="DIR",
+                        help="LoRA checkpoints: the base model directory (default: the one the checkpoint records)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser.parse_args(argv)
@@ -581,7 +687,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         result = convert_checkpoint(ns.checkpoint_dir, ns.out_dir, tag=ns.tag, dtype=ns.dtype,
                                     max_shard_size=ns.max_shard_size, overwrite=ns.overwrite,
-                                    verify_logits=ns.verify, progress=ns.progress)
+                                    verify_logits=ns.verify, progress=ns.progress,
+                                    adapter_only=ns.adapter_only, base=ns.base)
     except UserError as exc:
         print(f"dft-convert: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
