@@ -18,6 +18,8 @@ examples:
            --samples 16 --temperature 1.0 --max-new-tokens 4096 --out evals/dft
   dft-eval --model M --benchmark mine=data/mine.parquet --field problem=question --field answer=label --out O
   dft-eval --model M --benchmark math500=F --shard 0/4 --out evals/x/shard-0   # then: dft-eval merge ...
+  dft-eval --model runs/lora/adapter --benchmark synthetic --out evals/lora   # base from adapter_config.json
+  dft-eval --model runs/lora/adapter --base /models/base --benchmark synthetic --out evals/lora2
   dft-eval merge evals/x/shard-* --out evals/x/all
   dft-eval compare evals/base evals/sft evals/dft --labels base,sft,dft --out evals/compare
 
@@ -50,7 +52,11 @@ def eval_parser() -> argparse.ArgumentParser:
                     "samples.jsonl, results.json, results.md and results.png. Subcommands: "
                     "'dft-eval merge SHARD_DIR ... --out DIR', 'dft-eval compare RUN ... [--labels a,b] [--out DIR]'.")
     p.add_argument("--model", required=True, metavar="HF_DIR",
-                   help="a Hugging Face model directory (dft-convert output)")
+                   help="a Hugging Face model directory (dft-convert output), or a peft LoRA adapter directory "
+                        "(dft-convert --adapter-only) evaluated on its base")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="with an adapter --model: the base model directory (default: base_model_name_or_path "
+                        "in its adapter_config.json)")
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME[=PATH]", required=True,
                    help="a benchmark to run; repeat for several")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; must not exist or be empty")
@@ -134,7 +140,7 @@ def _eval(ns: argparse.Namespace) -> int:
         batch_size=ns.batch_size, seed=ns.seed, prompt=ns.prompt, backend=ns.backend, dtype=ns.dtype,
         shard=parse_shard(ns.shard) if ns.shard is not None else None, fields=parse_field_args(ns.field),
         limit=ns.limit, grade_timeout_s=ns.grade_timeout, progress=ns.progress,
-        gpu_memory_utilization=ns.gpu_memory_utilization)
+        gpu_memory_utilization=ns.gpu_memory_utilization, base=ns.base)
     results = evaluate(opts)
     print(results_markdown(results), flush=True)
     print(f"dft-eval: wrote {ns.out}/ ({RESULTS_FILE}, samples.jsonl, results.md, results.png)", flush=True)

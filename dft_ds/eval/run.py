@@ -38,6 +38,7 @@ class EvalOptions:
     grade_timeout_s: float = 5.0
     progress: bool = True
     gpu_memory_utilization: float | None = None  # vllm: share of GPU (on CPU: host) memory; None = 0.9 / 0.3
+    base: str | None = None  # an adapter --model: its base model (None: adapter_config.json's base_model_name_or_path)
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -64,9 +65,15 @@ def check_options(opts: EvalOptions) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         problems.append(f"--benchmark: {', '.join(duplicates)} given more than once")
-    if not os.path.isfile(os.path.join(opts.model, "config.json")):
-        problems.append(f"--model {opts.model}: not a Hugging Face model directory (no config.json); "
-                        "dft-convert makes one from a checkpoint")
+    from dft_ds.adapter import is_adapter_dir
+
+    adapter = is_adapter_dir(opts.model)
+    if not adapter and not os.path.isfile(os.path.join(opts.model, "config.json")):
+        problems.append(f"--model {opts.model}: not a Hugging Face model directory (no config.json) nor a peft "
+                        "adapter directory (no adapter_config.json); dft-convert makes one from a checkpoint")
+    if opts.base is not None and not adapter:
+        problems.append(f"--base {opts.base}: only for an adapter --model (a directory with adapter_config.json); "
+                        f"{opts.model} is a whole model")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -77,13 +84,16 @@ def evaluate(opts: EvalOptions) -> dict:
     check_out_dir(opts.out)
     check_options(opts)
     benchmarks = [load_benchmark(spec, opts.fields, opts.limit, opts.shard) for spec in opts.benchmarks]
-    tokenizer = load_tokenizer(opts.model)
+    from dft_ds.adapter import adapter_base, is_adapter_dir
+
+    base = adapter_base(opts.model, opts.base) if is_adapter_dir(opts.model) else None  # a LoRA adapter's base
+    tokenizer = load_tokenizer(opts.model if has_tokenizer(opts.model) else base)
     prompter = build_prompter(tokenizer, opts.prompt)
     if opts.temperature == 0 and opts.samples > 1:
         print(f"dft-eval: note: temperature 0 is greedy decoding; the {opts.samples} samples will be identical",
               file=sys.stderr)
     backend = build_backend(opts.backend, opts.model, tokenizer, dtype=opts.dtype, batch_size=opts.batch_size,
-                            progress=opts.progress, memory_utilization=opts.gpu_memory_utilization)
+                            progress=opts.progress, memory_utilization=opts.gpu_memory_utilization, base=base)
     prompts, requests = {}, []
     for bench in benchmarks:
         for p in bench.problems:
@@ -109,6 +119,7 @@ def evaluate(opts: EvalOptions) -> dict:
     }
     settings = {
         "model": os.path.abspath(opts.model),
+        **({"base": os.path.abspath(base)} if base is not None else {}),
         "benchmarks": [b.describe() for b in benchmarks],
         "samples": opts.samples, "temperature": opts.temperature, "top_p": opts.top_p,
         "max_new_tokens": opts.max_new_tokens, "seed": opts.seed,
@@ -117,6 +128,10 @@ def evaluate(opts: EvalOptions) -> dict:
     }
     runtime["seconds"] = round(time.perf_counter() - started, 3)
     return write_run(opts.out, settings, records, opts.shard, runtime)
+
+
+def has_tokenizer(model_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(model_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def load_tokenizer(model_dir: str):
