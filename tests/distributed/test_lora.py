@@ -3,7 +3,8 @@
 - ZeRO-3 on the fused head: after training, every frozen weight is bit-identical to the base the run
   wrote to output_dir/base/, only the adapters train, and they moved (B leaves its zero init).
 - The same (resumed) step on the fused head and on full logits: the same loss and adapter gradients,
-  and no gradient anywhere else, the head included.
+  and no gradient anywhere else, the head included; on a pretrained directory with tied
+  embeddings and gradient checkpointing, and with the embeddings trained fully.
 - Exact resume: 3 + 3 steps log the same losses, bit for bit, as 6 steps, and end on the same
   adapter weights; a resume with another rank or other targets exits 2 and changes nothing.
 - ZeRO-2 with asft: the reference is the base (adapters off), so the KL term starts at exactly 0.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.helpers import clean_env, free_port, read_metrics, run
+from tests.distributed.test_fused_training import tied_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -75,18 +77,34 @@ def test_zero3_fused_frozen_weights_bit_identical_adapters_move(tmp_path):
     assert len(moved) == len(layers)  # B starts at zero: every adapter trained
 
 
-def test_fused_step_equals_full_logits_step_on_adapters(tmp_path):
+FUSED_CASES = {
+    # a pretrained directory with tied embeddings, gradient checkpointing on
+    "tied-pretrained-ckpt": lambda tmp: [f"model.name_or_path={tied_model_dir(tmp)}",
+                                         "model.gradient_checkpointing=true"],
+    # embeddings and head trained fully beside the adapters (one tied matrix here too)
+    "train-embeddings": lambda tmp: [f"model.name_or_path={tied_model_dir(tmp)}", "model.lora_train_embeddings=true"],
+}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_step_equals_full_logits_step_on_adapters(tmp_path, case):
+    overrides = FUSED_CASES[case](tmp_path)
     run_dir = tmp_path / "moved"
-    train(tmp_path, run_dir, "train.max_steps=2")  # A and B both nonzero, so both have gradients
-    later = ["train.max_steps=4"]
+    train(tmp_path, run_dir, *overrides, "train.max_steps=2")  # A and B both nonzero, so both have gradients
+    later = [*overrides, "train.max_steps=4"]
     fused = probe(tmp_path, "grad_probe.py", "fused", run_dir, *later, "loss.fused=true")
     full = probe(tmp_path, "grad_probe.py", "full", run_dir, *later, "loss.fused=false")
     assert fused["fused"] is True and full["fused"] is False
     assert fused["targets"] == full["targets"] > 0
     assert fused["loss"] == pytest.approx(full["loss"], rel=1e-6)
     names = set(full["grads"])
-    assert names == set(fused["grads"]) and all(".lora_" in n for n in names)  # nothing frozen, head neither
+    assert names == set(fused["grads"])
     assert any(".lora_A." in n for n in names) and any(".lora_B." in n for n in names)
+    others = {n for n in names if ".lora_" not in n}
+    if case == "train-embeddings":
+        assert others == {"model.embed_tokens.weight"}  # tied: the head is the same parameter
+    else:
+        assert not others  # nothing frozen has a gradient, the head neither
     for name, grad in full["grads"].items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-8, msg=name)
