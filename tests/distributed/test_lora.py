@@ -139,6 +139,9 @@ def test_exact_resume_and_refused_changes(tmp_path):
                                                                    "model.lora_targets")):
         proc = train(tmp_path, split, *common, "train.max_steps=9", change, rc=2)
         assert "cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
+    check = run([sys.executable, "-m", "dft_ds.train", "--check", "--world-size", "1", f"train.output_dir={split}",
+                 *BASE, *common], clean_env(tmp_path))
+    assert check.returncode == 2 and "resume on 2 ranks" in check.stderr, check.stderr[-2000:]
     assert snapshot(split) == before
 
 
