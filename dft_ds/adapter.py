@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +182,7 @@ def embedding_modules(model) -> tuple[list[str], bool]:
 def meta_model(hf_config: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dft_ds.convert import plain_model_init
+    from dft_ds.model import plain_model_init
 
     with torch.device("meta"), plain_model_init():
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_config))
@@ -227,22 +226,6 @@ def adapter_state(tensors: Mapping[str, Any], spec: LoraSpec, hf_config: Path, b
     return config, get_peft_model_state_dict(peft_model, state_dict=state)
 
 
-def write_adapter(out_dir: Path, config, state: Mapping[str, Any], hf_config: Path, dtype: torch.dtype) -> int:
-    """adapter_config.json, adapter_model.safetensors and the tokenizer files; returns bytes written."""
-    from safetensors.torch import save_file
-
-    from dft_ds.convert import materialize
-
-    weights = {name: materialize(t, dtype).clone() for name, t in state.items()}  # clone: a tied pair is 2 tensors
-    save_file(weights, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config.save_pretrained(str(out_dir))
-    for item in sorted(hf_config.iterdir()):
-        if item.name in MODEL_ONLY_FILES:
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
-    return sum(t.numel() * t.element_size() for t in weights.values())
-
-
 # --------------------------------------------------------------------------------------------
 # References for --verify, and loading for dft-eval
 
@@ -253,7 +236,7 @@ def unmerged_model(base: str, tensors: Mapping[str, Any], spec: LoraSpec, round_
     from peft import inject_adapter_in_model
     from transformers import AutoModelForCausalLM
 
-    from dft_ds.convert import plain_model_init
+    from dft_ds.model import plain_model_init
 
     with plain_model_init():
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -37,6 +37,7 @@ import torch
 
 from dft_ds.checkpoint import LATEST, STATE_FILE, CheckpointRef, open_checkpoint
 from dft_ds.errors import EXIT_BAD_INPUT, UserError
+from dft_ds.model import plain_model_init
 from dft_ds.rundir import CHECKPOINTS
 
 EXIT_VERIFY_FAILED = 1
@@ -268,23 +269,6 @@ def _fsync(path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # What the model class expects
-
-
-@contextlib.contextmanager
-def plain_model_init():
-    """Build models whole, even in a training process (export.hf) whose HfDeepSpeedConfig is alive.
-
-    transformers would otherwise build them under ZeRO-3 init, partitioned with collectives that
-    only this rank joins: a hang.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 @dataclass
@@ -605,7 +589,7 @@ def lora_spec(ref: CheckpointRef, adapter_only: bool, base: Optional[str]):
 
 def _write_adapter_only(ref: CheckpointRef, out: Path, lora, base_dir: str, dtype: torch.dtype, overwrite: bool,
                         verify_logits: bool, log, start: float) -> Result:
-    from dft_ds.adapter import ADAPTER_WEIGHTS, adapter_state, write_adapter
+    from dft_ds.adapter import ADAPTER_WEIGHTS, adapter_state
 
     tensors = load_lazy_state_dict(ref)
     config, state = adapter_state(tensors, lora, ref.hf_config, base_dir, ref.path)
@@ -642,6 +626,22 @@ directory its dft_state.json records ("lora": "base"), or --base.
 exit codes: 0 written; 2 bad input (missing or incomplete checkpoint, non-empty OUT_DIR, a missing
 LoRA base, --adapter-only on a full checkpoint); 1 --verify found a mismatch (OUT_DIR is then left untouched).
 """
+
+
+def write_adapter(out_dir: Path, config, state: Mapping[str, Any], hf_config: Path, dtype: torch.dtype) -> int:
+    """adapter_config.json, adapter_model.safetensors and the tokenizer files; returns bytes written."""
+    from safetensors.torch import save_file
+
+    from dft_ds.adapter import ADAPTER_WEIGHTS, MODEL_ONLY_FILES
+
+    weights = {name: materialize(t, dtype).clone() for name, t in state.items()}  # clone: a tied pair is 2 tensors
+    save_file(weights, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(str(out_dir))
+    for item in sorted(hf_config.iterdir()):
+        if item.name in MODEL_ONLY_FILES:
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def _size_arg(text: str) -> int:

@@ -357,3 +357,20 @@ def save_base(model, tokenizer, directory: str, is_rank0: bool) -> None:
                     hf_logging.enable_progress_bar()
             save_hf_meta(model, tokenizer, staging)
             os.replace(staging, directory)
+
+
+@contextlib.contextmanager
+def plain_model_init():
+    """Build models whole, even in a training process (export.hf) whose HfDeepSpeedConfig is alive.
+
+    transformers would otherwise build them under ZeRO-3 init, partitioned with collectives that
+    only this rank joins: a hang.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
