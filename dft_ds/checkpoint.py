@@ -7,13 +7,19 @@ Layout under `<output_dir>/checkpoints/`:
     latest                   the tag to resume from; written last, atomically, after every rank's shards
     step-<N>/                DeepSpeed's shards (model, optimizer, scheduler) for optimizer step N
     step-<N>/rng/rank<R>.pt  each rank's RNG states (python, numpy, torch, accelerator)
-    step-<N>/dft_state.json  step, sampler position, world size, fingerprints, resolved config;
+    step-<N>/dft_state.json  step, sampler position, world size, fingerprints, resolved config, the size
+                             and xxh3-128 content hash of every other file, and a hash of itself;
                              written after all shards, so its presence marks a complete checkpoint
     step-<N>/hf_config/      config.json, generation_config.json and tokenizer files, for dft-convert
     step-<N>_universal/      DeepSpeed's universal format, made once when the world size changes
 
 The run directory is expected on a file system every rank sees (as on clusters).
 This module does not parse config files.
+
+Integrity (checkpoint.verify): each rank hashes the shards it wrote right after writing them, while
+they are still in the page cache; rank 0 hashes the rest and records every file's size and hash in
+the state file, which carries a hash of its own content too. A resume or dft-convert checks sizes
+(`size`), or sizes and then every byte (`hash`, the default), before anything is unpickled.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import xxhash
 
 from dft_ds.errors import SaveFailed, UserError
 from dft_ds.faults import inject_fault
@@ -42,6 +49,11 @@ LATEST = "latest"
 STATE_FILE = "dft_state.json"
 HF_META = "hf_config"
 TAG_RE = re.compile(r"^step-(\d+)$")
+HASH = "xxh3_128"
+HASH_DIR = "hashes"  # each rank's hashes of its own shards, merged into the state file and removed
+VERIFY = ("hash", "size", "off")
+# The files one rank writes: its ZeRO shards (model under ZeRO-3, optimizer) and its RNG states.
+RANK_FILE_RE = re.compile(r"(?:^|/)(?:\w*zero_pp_rank_(\d+)_\w*\.pt|rng/rank(\d+)\.pt)$")
 
 
 class CheckpointError(UserError):
@@ -95,6 +107,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Saving
 
 
+def file_hash(path: str | os.PathLike) -> str:
+    """xxh3-128 of a file's bytes, read in 16 MiB blocks (14 GB/s from memory on one core here)."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def rank_of(rel: str) -> Optional[int]:
+    """The rank that writes a checkpoint file (its ZeRO shards and RNG states), or None for rank 0's others."""
+    m = RANK_FILE_RE.search(rel)
+    return None if m is None else int(m.group(1) or m.group(2))
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """The hash a state file records of itself: of its content without that field, keys sorted."""
+    body = {k: v for k, v in state.items() if k != "state_hash"}
+    return xxhash.xxh3_128(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_state(tag_dir: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write dft_state.json atomically, sealed with the hash of its own content (see state_digest)."""
+    state = {**{k: v for k, v in state.items() if k != "state_hash"}, "state_hash": state_digest(state)}
+    write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=2))
+
+
+def hash_own_shards(tag_dir: str, rank: int) -> dict[str, str]:
+    """Every rank, right after its save: the hashes of the files it wrote, kept in hashes/rank<R>.json."""
+    mine = {rel: file_hash(os.path.join(tag_dir, rel)) for rel in file_manifest(tag_dir) if rank_of(rel) == rank}
+    os.makedirs(os.path.join(tag_dir, HASH_DIR), exist_ok=True)
+    write_atomic(os.path.join(tag_dir, HASH_DIR, f"rank{rank}.json"), json.dumps(mine))
+    return mine
+
+
+def merge_hashes(tag_dir: str) -> dict[str, str]:
+    """Rank 0, after every rank's save: all ranks' hashes, plus its own of the files no rank claims
+    (the ZeRO-1/2 model file, hf_config/); hashes/ is removed so the manifest does not list it."""
+    hashes: dict[str, str] = {}
+    hash_dir = os.path.join(tag_dir, HASH_DIR)
+    for name in sorted(os.listdir(hash_dir)) if os.path.isdir(hash_dir) else []:
+        with open(os.path.join(hash_dir, name), encoding="utf-8") as fh:
+            hashes.update(json.load(fh))
+    shutil.rmtree(hash_dir, ignore_errors=True)
+    for rel in file_manifest(tag_dir):
+        if rel not in hashes:
+            hashes[rel] = file_hash(os.path.join(tag_dir, rel))
+    return dict(sorted(hashes.items()))
+
+
 def file_manifest(tag_dir: str) -> dict[str, int]:
     """Size of every file of a checkpoint (relative paths), recorded in its state file when it is complete."""
     sizes = {}
@@ -119,15 +183,23 @@ def expected_shard_files(zero_stage: int, world_size: int) -> list[str]:
     return model + optim
 
 
-def find_damage(tag_dir: str | os.PathLike, state: dict[str, Any]) -> Optional[str]:
-    """What is wrong with a complete checkpoint's files, or None: a file is missing, truncated or
-    grown against the size manifest, a shard DeepSpeed writes for the recorded world size and stage
-    is missing, or there are optimizer shards of another world size.
+def find_damage(tag_dir: str | os.PathLike, state: dict[str, Any], verify: str = "hash") -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, or None, as far as `verify` looks.
 
-    Sizes only: a torn or truncated write is caught without reading gigabytes of shards. Checkpoints
-    written before the manifest existed have none and are taken as they are.
+    `size` and `hash`: the state file's content differs from the hash it was sealed with (an edit or
+    a flipped bit), a file is missing, truncated or grown against the size manifest, a shard DeepSpeed
+    writes for the recorded world size and stage is missing, or there are optimizer shards of another
+    world size. `hash` then reads every file and compares its content hash. `off` trusts the files.
+    Checkpoints written before the manifest or the hashes existed are checked as far as they record.
     """
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, got {verify!r}")
+    if verify == "off":
+        return None
     tag_dir = str(tag_dir)
+    if "state_hash" in state and state_digest(state) != state["state_hash"]:
+        return (f"{os.path.join(tag_dir, STATE_FILE)} was changed after it was written (its content no longer "
+                "matches the hash it was sealed with)")
     for rel, size in state.get("files", {}).items():
         path = os.path.join(tag_dir, rel)
         if not os.path.isfile(path):
@@ -145,6 +217,12 @@ def find_damage(tag_dir: str | os.PathLike, state: dict[str, Any]) -> Optional[s
         optim = glob.glob(os.path.join(tag_dir, "*_optim_states.pt"))
         if len(optim) != world:
             return f"holds {len(optim)} optimizer shards but {STATE_FILE} says world_size={world}"
+    if verify == "hash":
+        for rel, recorded in state.get("hashes", {}).items():
+            path = os.path.join(tag_dir, rel)
+            if file_hash(path) != recorded:
+                return (f"{path} has other content than was written (its {HASH} hash differs from the one in "
+                        f"{STATE_FILE}; the size is the same)")
     return None
 
 
@@ -177,18 +255,31 @@ class Checkpointer:
     """
 
     def __init__(self, root: str, keep: int, engine, identity: dict[str, Any], sampler,
-                 write_hf_meta: Callable[[str], None]):
+                 write_hf_meta: Callable[[str], None], start_step: int = 0,
+                 warn: Callable[[str], None] = log.warning):
         self.root, self.keep, self.engine = root, keep, engine
         self.identity, self.sampler, self.write_hf_meta = identity, sampler, write_hf_meta
+        self.start_step, self.warn, self.saved = start_step, warn, set()
 
     def save(self, step: int) -> str:
-        """Save optimizer step `step`, unless a complete checkpoint of it is already there."""
+        """Save optimizer step `step`, unless this session saved it or resumed from it.
+
+        A complete `step-N` past the resume point is one the resume did not take (damaged, or newer
+        than `latest`): rank 0 moves it aside to `step-N.superseded[-K]`, which rotation never deletes,
+        and the step is saved anew.
+        """
         tag = tag_for(step)
         tag_dir = os.path.join(self.root, tag)
-        if is_complete(tag_dir):
+        if step in self.saved or (step <= self.start_step and is_complete(tag_dir)):
             return tag_dir
         state = {"global_step": step, "sampler": self.sampler.state_dict(), **self.identity}
-        if self.engine.is_rank0 and os.path.isdir(tag_dir):
+        if self.engine.is_rank0 and is_complete(tag_dir):
+            aside = next(f"{tag_dir}.superseded{f'-{k}' if k else ''}" for k in range(1000)
+                         if not os.path.exists(f"{tag_dir}.superseded{f'-{k}' if k else ''}"))
+            os.rename(tag_dir, aside)
+            self.warn(f"{tag_dir} is from an earlier attempt and was not resumed from; moved to {aside} "
+                      "(kept for inspection, never deleted by rotation) and saved anew")
+        elif self.engine.is_rank0 and os.path.isdir(tag_dir):
             # A leftover of a save that died half way (it has no state file, or `latest` would name it).
             shutil.rmtree(tag_dir)
         self.engine.barrier()
@@ -196,6 +287,7 @@ class Checkpointer:
             self.engine.save_checkpoint(self.root, tag)
             os.makedirs(os.path.join(tag_dir, "rng"), exist_ok=True)
             torch.save(rng_state(), os.path.join(tag_dir, "rng", f"rank{self.engine.dist.rank}.pt"))
+            hash_own_shards(tag_dir, self.engine.dist.rank)
         except (OSError, RuntimeError) as exc:
             # ENOSPC, EDQUOT, EACCES... (torch wraps some of them in RuntimeError). This rank stops here;
             # its peers fail at their next collective. `latest` is untouched, so it still names the last
@@ -208,14 +300,16 @@ class Checkpointer:
         if self.engine.is_rank0:
             try:
                 self.write_hf_meta(os.path.join(tag_dir, HF_META))
-                state = {**state, "files": file_manifest(tag_dir)}
-                write_atomic(os.path.join(tag_dir, STATE_FILE), json.dumps(state, indent=2))
+                hashes = merge_hashes(tag_dir)
+                state = {**state, "files": file_manifest(tag_dir), "hash": HASH, "hashes": hashes}
+                write_state(tag_dir, state)
             except OSError as exc:
                 raise SaveFailed(f"writing checkpoint {tag_dir} failed: {_os_reason(exc)}{_space_note(self.root)}; "
                                  f"{self._latest_text()}") from None
             write_atomic(os.path.join(self.root, LATEST), tag + "\n")
             self.rotate(tag)
         self.engine.barrier()
+        self.saved.add(step)
         return tag_dir
 
     def _latest_text(self) -> str:
@@ -337,9 +431,10 @@ def _looks_like_tag_dir(path: Path) -> bool:
     return (path / STATE_FILE).exists() or (path / HF_META).is_dir() or any(path.glob("*_model_states.pt"))
 
 
-def open_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> CheckpointRef:
+def open_checkpoint(path: str | os.PathLike, tag: Optional[str] = None, verify: str = "hash") -> CheckpointRef:
     """A checkpoint to read whole (dft-convert): `path` is `<run>/checkpoints` (the tag from `tag` or
-    the `latest` file) or a tag directory. Refuses an incomplete or damaged one, naming the file."""
+    the `latest` file) or a tag directory. Refuses an incomplete or damaged one (as far as `verify`
+    looks, see find_damage), naming the file."""
     given = Path(path)
     if not given.is_dir():
         raise CheckpointError(f"{given}: no such checkpoint directory")
@@ -354,7 +449,7 @@ def open_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> Check
         if not (root / tag).is_dir():
             raise CheckpointError(f"{root / tag}: no checkpoint with tag '{tag}' ({_complete_tags_text(root)})")
     ref = CheckpointRef(root, tag, read_state(root / tag))
-    damage = find_damage(ref.path, ref.state)
+    damage = find_damage(ref.path, ref.state, verify)
     if damage:
         raise CheckpointError(f"{ref.path}: {damage}" if damage.startswith(("incomplete", "holds")) else
                               f"{ref.path}: damaged checkpoint: {damage}")
@@ -364,19 +459,23 @@ def open_checkpoint(path: str | os.PathLike, tag: Optional[str] = None) -> Check
     return ref
 
 
-def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning) -> Optional[CheckpointRef]:
+def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] = log.warning,
+                verify: str = "hash") -> Optional[CheckpointRef]:
     """The checkpoint to resume from: `auto` looks in this run, a path names one; None starts fresh.
 
     `auto` (or a checkpoints/ directory) skips a `latest` that is incomplete or damaged for the newest
     intact checkpoint before it, and says so through `warn`; a named checkpoint that is damaged is refused.
+    `verify` is checkpoint.verify (find_damage). Every rank checks the same files and so picks the same
+    checkpoint without a collective; the ranks of one node share the page cache, so each node reads
+    the checkpoint once more than the load itself does.
     """
     if setting == "none":
         return None
     if setting == "auto":
-        return _latest_intact(run_checkpoints, warn)
+        return _latest_intact(run_checkpoints, warn, verify)
     path = os.path.abspath(setting)
     if os.path.isfile(os.path.join(path, LATEST)):
-        point = _latest_intact(path, warn)
+        point = _latest_intact(path, warn, verify)
         if point is None:
             raise CheckpointError(f"checkpoint.resume: '{setting}' holds no complete checkpoint")
         return point
@@ -384,25 +483,25 @@ def find_resume(setting: str, run_checkpoints: str, warn: Callable[[str], None] 
         raise CheckpointError(f"checkpoint.resume: '{setting}' is not a complete checkpoint "
                               f"(expected a directory with {STATE_FILE}, or a checkpoints/ directory with '{LATEST}')")
     root, tag = os.path.dirname(path), os.path.basename(path)
-    state, damage = _state_and_damage(path)
+    state, damage = _state_and_damage(path, verify)
     if damage:
         older = [name for name in complete_tags(root) if name != tag and not _state_and_damage(
-            os.path.join(root, name))[1]]
+            os.path.join(root, name), verify)[1]]
         hint = f"; the newest intact one beside it is {os.path.join(root, older[-1])}" if older else ""
         raise CheckpointError(f"checkpoint.resume: {path} is damaged: {damage}{hint}")
     return CheckpointRef(root, tag, state)
 
 
-def _state_and_damage(tag_dir: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def _state_and_damage(tag_dir: str, verify: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
     """(state, None) for an intact checkpoint, (state or None, what is wrong) otherwise."""
     try:
         state = read_state(tag_dir)
     except CheckpointError as exc:
         return None, str(exc)
-    return state, find_damage(tag_dir, state)
+    return state, find_damage(tag_dir, state, verify)
 
 
-def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[CheckpointRef]:
+def _latest_intact(root: str, warn: Callable[[str], None], verify: str) -> Optional[CheckpointRef]:
     latest_file = os.path.join(root, LATEST)
     if not os.path.isfile(latest_file):
         return None
@@ -416,7 +515,7 @@ def _latest_intact(root: str, warn: Callable[[str], None]) -> Optional[Checkpoin
         warn(f"{os.path.join(root, latest)} is incomplete (no {STATE_FILE}); looking for an older checkpoint")
     for name in reversed(candidates):
         tag_dir = os.path.join(root, name)
-        state, damage = _state_and_damage(tag_dir)
+        state, damage = _state_and_damage(tag_dir, verify)
         if damage is None:
             if name != latest:
                 warn(f"resuming from {tag_dir} instead of '{LATEST}' ({latest})")

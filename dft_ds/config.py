@@ -156,6 +156,8 @@ class TrainConfig:
     """nonfinite=skip: stop as with nonfinite=stop once this many steps were skipped in one session."""
     comm_timeout_s: int = 1800
     """Seconds a collective may wait for a silent peer before the rank fails (a dead peer whose connection closes fails it at once)."""
+    lock_stale_s: int = 600
+    """A run directory's lock (run.lock) whose heartbeat is older than this is taken over from its dead holder; rank 0 renews it every lock_stale_s/10 seconds."""
 
 
 @dataclass
@@ -168,6 +170,8 @@ class CheckpointConfig:
     """auto (the latest complete checkpoint in output_dir, or a fresh start), none, or a checkpoint directory path."""
     save_final: bool = True
     """Save a checkpoint when training ends."""
+    verify: str = "hash"
+    """What a resume (and dft-convert) checks of a checkpoint first: hash (every file's content against the xxh3 hashes recorded at save time), size (file sizes and shard count only) or off."""
 
 
 @dataclass
@@ -329,6 +333,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.fused": ("auto", "true", "false"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
+    "checkpoint.verify": ("hash", "size", "off"),
     "export.dtype": ("bf16", "fp16", "fp32"),
     "eval.prompt": ("chat", "boxed", "plain"),
 }
@@ -621,6 +626,7 @@ def _check_values(cfg: Config) -> list[str]:
     need(0 <= t.adam_beta2 < 1, "train.adam_beta2", "a number in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "a number > 0")
     need(t.comm_timeout_s >= 10, "train.comm_timeout_s", "an integer >= 10 (seconds)")
+    need(t.lock_stale_s >= 10, "train.lock_stale_s", "an integer >= 10 (seconds)")
     need(t.max_skipped_steps >= 1, "train.max_skipped_steps", "an integer >= 1")
     need(t.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0 (0 disables clipping)")
     m = cfg.model

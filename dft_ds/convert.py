@@ -517,7 +517,8 @@ def checkpoints_of(path: str | os.PathLike) -> Optional[Path]:
 def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tag: Optional[str] = None,
                        dtype: Optional[str] = None, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
                        overwrite: bool = False, verify_logits: bool = False, progress: bool = True,
-                       adapter_only: bool = False, base: Optional[str] = None, log=print) -> Result:
+                       adapter_only: bool = False, base: Optional[str] = None, checkpoint_verify: str = "hash",
+                       log=print) -> Result:
     """ZeRO checkpoint -> Hugging Face directory. Raises UserError on bad input, VerificationFailed on a mismatch.
 
     A LoRA checkpoint (model.lora) is merged into its base, or with `adapter_only` written as a peft
@@ -526,7 +527,7 @@ def convert_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: str | os.Path
     start = time.perf_counter()
     out = Path(out_dir)
     inner = checkpoints_of(checkpoint_dir)
-    ref = open_checkpoint(inner or checkpoint_dir, tag)
+    ref = open_checkpoint(inner or checkpoint_dir, tag, checkpoint_verify)
     if inner is not None:
         chosen = f"--tag {tag}" if tag is not None else f"the latest, named in {inner / LATEST}"
         log(f"dft-convert: {checkpoint_dir} is a run directory: converting {ref.path} ({chosen})")
@@ -671,6 +672,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--verify", action="store_true",
                         help="load OUT_DIR with transformers and compare its logits on a probe batch with the "
                              "checkpoint's weights (needs about twice the fp32 model size in memory)")
+    parser.add_argument("--checkpoint-verify", choices=("hash", "size", "off"), default="hash",
+                        help="what is checked of the checkpoint before any shard is read, as checkpoint.verify: hash "
+                             "(every file against the content hash recorded at save time; default), size or off")
     parser.add_argument("--adapter-only", action="store_true",
                         help="LoRA checkpoints: write the adapter alone as a peft directory (adapter_config.json "
                              "naming the base, adapter_model.safetensors, the tokenizer) instead of the merged model; "
@@ -688,7 +692,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = convert_checkpoint(ns.checkpoint_dir, ns.out_dir, tag=ns.tag, dtype=ns.dtype,
                                     max_shard_size=ns.max_shard_size, overwrite=ns.overwrite,
                                     verify_logits=ns.verify, progress=ns.progress,
-                                    adapter_only=ns.adapter_only, base=ns.base)
+                                    adapter_only=ns.adapter_only, base=ns.base,
+                                    checkpoint_verify=ns.checkpoint_verify)
     except UserError as exc:
         print(f"dft-convert: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -188,6 +188,17 @@ def barrier(world_size: int) -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, world_size: int) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce); every rank learns the same answer."""
+    if world_size == 1:
+        return flag
+    import deepspeed.comm as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 def device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

@@ -3,6 +3,7 @@ a start, and what it writes at the end. Its files and sub-folders are named here
 logger's own (metrics.jsonl, eval.jsonl, tensorboard/, trackers.json, wandb/, mlruns/,
 training_curves.png), which metrics.py names.
 
+    run.lock              while a run trains: its holder (host, pid, Slurm job, start, heartbeat)
     config.yaml           the resolved config of the latest segment, headed by world size and precision
     config_history.jsonl  one line per start that trained: step, world size, batch, what changed
     ds_config.json        the rendered DeepSpeed config
@@ -26,8 +27,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
-from typing import Any
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Optional
 
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
@@ -41,6 +47,9 @@ DS_CONFIG_FILE = "ds_config.json"
 FINGERPRINTS_FILE = "fingerprints.json"
 SUMMARY_FILE = "summary.json"
 HF_EXPORT = "hf"
+LOCK_FILE = "run.lock"
+
+log = logging.getLogger(__name__)
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -63,7 +72,178 @@ def check_output_dir(cfg: Config) -> None:
 
 
 def is_started(path: str) -> bool:
-    return os.path.isdir(path) and bool(os.listdir(path))
+    """Whether the directory holds anything but a run lock (a start that died before writing leaves one)."""
+    return os.path.isdir(path) and any(not name.startswith(LOCK_FILE) for name in os.listdir(path))
+
+
+# --------------------------------------------------------------------------------------------
+# One run per directory: run.lock
+#
+# The lock is a file created with O_CREAT|O_EXCL, which is atomic on local disks and on the network
+# file systems clusters use (NFSv3 and later, Lustre, GPFS, BeeGFS), where flock/fcntl locks are
+# often not shared between nodes or not supported. It holds JSON: host, pid, Slurm job id, start
+# time, a token, and a heartbeat that rank 0 renews every lock_stale_s/10 seconds (by writing a new
+# file and renaming it over the lock, so a reader never sees half of one). A lock is stale when its
+# holder is on this host and its pid is gone, or when its heartbeat is older than lock_stale_s (a
+# holder on another node that died); a stale lock is renamed away (only one taker's rename can
+# succeed) and taken over with a warning.
+
+
+class RunLocked(UserError):
+    """The run directory is held by another live run (exit code 2)."""
+
+
+def _lock_text(info: dict[str, Any]) -> str:
+    started = datetime.datetime.fromtimestamp(info.get("started", 0)).astimezone().isoformat(timespec="seconds")
+    job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+    return f"host {info.get('host')} pid {info.get('pid')}{job}, started {started}"
+
+
+def read_lock(path: str) -> Optional[dict[str, Any]]:
+    """The holder recorded in a run directory's lock, or None when there is none (or it cannot be read:
+    a heartbeat rename in progress, or a file that is not a lock, which then counts as stale)."""
+    try:
+        with open(os.path.join(path, LOCK_FILE), encoding="utf-8") as fh:
+            info = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def stale_reason(info: dict[str, Any], stale_s: float, now: Optional[float] = None) -> Optional[str]:
+    """Why a lock's holder is taken to be dead, or None while it may be alive."""
+    now = time.time() if now is None else now
+    if not info or not isinstance(info.get("heartbeat"), (int, float)):
+        return "the lock file cannot be read as a lock"
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
+        return f"no process {info['pid']} runs on this host"
+    age = now - info["heartbeat"]
+    if age > stale_s:
+        return f"its heartbeat is {age:.0f} s old (train.lock_stale_s={stale_s:g})"
+    return None
+
+
+class RunLock:
+    """Rank 0's hold on a run directory while it trains; `release()` (or process exit) gives it up."""
+
+    def __init__(self, path: str, info: dict[str, Any], interval_s: float):
+        self.path, self.info, self.file = path, info, os.path.join(path, LOCK_FILE)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(interval_s,), name="dft-run-lock", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def acquire(cls, path: str, stale_s: float, warn: Callable[[str], None] = log.warning,
+                wait_s: float = 0.0, poll_s: float = 1.0) -> "RunLock":
+        """Take the lock of run directory `path` (created if needed), or raise RunLocked naming the holder.
+
+        A holder of the same Slurm job (a requeued attempt whose predecessor is still saving) is waited
+        for, up to `wait_s` seconds, before the start gives up; any other live holder is refused at once.
+        """
+        os.makedirs(path, exist_ok=True)
+        job = os.environ.get("SLURM_JOB_ID")
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job, "started": time.time(),
+                "token": uuid.uuid4().hex}
+        deadline, waited = time.monotonic() + wait_s, False
+        while True:
+            info["heartbeat"] = time.time()
+            if _create_exclusive(os.path.join(path, LOCK_FILE), json.dumps(info)):
+                return cls(path, info, max(1.0, stale_s / 10))
+            holder = read_lock(path)
+            if holder is None:
+                continue  # released between our attempt and the read
+            reason = stale_reason(holder, stale_s)
+            if reason is not None:
+                if _take_away(path, holder):
+                    warn(f"{os.path.join(path, LOCK_FILE)}: taking over a stale lock ({_lock_text(holder)}): {reason}")
+                continue
+            same_job = job is not None and holder.get("slurm_job_id") == job
+            if same_job and time.monotonic() < deadline:
+                if not waited:
+                    warn(f"{path} is still held by an earlier attempt of Slurm job {job} ({_lock_text(holder)}); "
+                         f"waiting up to {wait_s:.0f} s for it to finish")
+                    waited = True
+                time.sleep(poll_s)
+                continue
+            why = (f"an earlier attempt of this Slurm job still holds it after {wait_s:.0f} s" if same_job else
+                   "another run is training in it")
+            raise RunLocked(f"train.output_dir: '{path}' is locked by a live run ({_lock_text(holder)}): {why}. "
+                            f"Wait for it to finish, stop it, or choose another train.output_dir; a lock left by a "
+                            f"dead run is taken over once its heartbeat is older than train.lock_stale_s={stale_s:g} "
+                            f"(delete {os.path.join(path, LOCK_FILE)} by hand only when you are sure no run holds it)")
+
+    def _beat(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            current = read_lock(self.path)
+            if not current or current.get("token") != self.info["token"]:
+                log.warning("%s was taken away from this run (by hand or by another start)", self.file)
+                return
+            self.info["heartbeat"] = time.time()
+            try:
+                write_atomic(self.file, json.dumps(self.info))
+            except OSError:
+                pass  # a full disk: the next beat tries again; the lock goes stale only after lock_stale_s
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still this run's."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        current = read_lock(self.path)
+        if current and current.get("token") == self.info["token"]:
+            try:
+                os.remove(self.file)
+            except FileNotFoundError:
+                pass
+
+
+def _create_exclusive(path: str, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _take_away(path: str, holder: dict[str, Any]) -> bool:
+    """Rename a stale lock out of the way; False when another start took or renewed it first."""
+    lock = os.path.join(path, LOCK_FILE)
+    aside = f"{lock}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return False
+    try:
+        with open(aside, encoding="utf-8") as fh:
+            moved = json.load(fh)
+    except (OSError, ValueError):
+        moved = {}
+    if holder and (moved.get("token"), moved.get("heartbeat")) != (holder.get("token"), holder.get("heartbeat")):
+        # Between our read and the rename the holder renewed it (a live run after all) or another start
+        # took it: put it back if nothing was created meanwhile.
+        try:
+            os.link(aside, lock)
+        except FileExistsError:
+            pass
+        os.remove(aside)
+        return False
+    os.remove(aside)
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -209,7 +209,8 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     rundir.check_output_dir(cfg)
     check_hub_names(cfg)  # before any loading: one network probe, and one message for every missing name
     warnings: list[str] = []
-    resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append)
+    resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append,
+                             cfg.checkpoint.verify)
     batch = resolve_batch(cfg.train, world_size, resume.state.get("global_batch_size") if resume else None)
     if batch.note:
         warnings.append(batch.note)

@@ -127,14 +127,11 @@ def run(cfg: Config) -> int:
     from dft_ds.engine import quiet_deepspeed
 
     quiet_deepspeed()  # before deepspeed is first imported (by transformers too): it logs at import
-    from dft_ds import checkpoint as ckpt
-    from dft_ds import rundir
+    from dft_ds import engine as eng
     from dft_ds.config import trackers
-    from dft_ds.memory import is_out_of_memory, out_of_memory_advice
     from dft_ds.metrics import require_trackers
-    from dft_ds.model import save_hf_meta
     from dft_ds.runplan import build_plan
-    from dft_ds.trainer import StopSignal, Trainer
+    from dft_ds.trainer import StopSignal
 
     stop = StopSignal().install()  # early, so a signal during set-up is not fatal
     require_trackers(trackers(cfg.logging))  # a missing W&B/MLflow exits 2 before anything is written
@@ -143,8 +140,50 @@ def run(cfg: Config) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dft-train: {plan.complete_message()}", flush=True)
         return 0
-    dist, engine, reference, sampler = build_session(plan)
-    if dist.is_rank0:  # only now, with every input checked, does the run directory change
+    dist = eng.init_distributed(cfg.train.comm_timeout_s)
+    lock = take_run_lock(plan, dist)
+    try:
+        return train_locked(plan, dist, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def take_run_lock(plan, dist):
+    """Rank 0 takes the run directory's lock before anything in it changes; when a live run holds it,
+    every rank exits 2 (rundir.RunLock). A requeued attempt of the same Slurm job waits a while for
+    its predecessor to finish saving, but never longer than the peers' collective can wait."""
+    from dft_ds import engine as eng
+    from dft_ds import rundir
+
+    t = plan.cfg.train
+    lock, refused = None, None
+    if dist.is_rank0:
+        wait_s = min(1.2 * t.lock_stale_s, 0.8 * t.comm_timeout_s)
+        try:
+            lock = rundir.RunLock.acquire(t.output_dir, t.lock_stale_s, lambda m: print(f"warning: {m}", flush=True),
+                                          wait_s=wait_s)
+        except rundir.RunLocked as exc:
+            refused = str(exc)
+    if eng.any_rank(refused is not None, dist.world_size):
+        if lock is not None:
+            lock.release()
+        raise rundir.RunLocked(refused or f"train.output_dir: '{t.output_dir}' is locked by a live run "
+                                          "(rank 0's message names the holder)")
+    return lock
+
+
+def train_locked(plan, dist, stop) -> int:
+    """The run, with the run directory's lock held (see run)."""
+    from dft_ds import checkpoint as ckpt
+    from dft_ds import rundir
+    from dft_ds.memory import is_out_of_memory, out_of_memory_advice
+    from dft_ds.model import save_hf_meta
+    from dft_ds.trainer import Trainer
+
+    cfg = plan.cfg
+    dist, engine, reference, sampler = build_session(plan, dist)
+    if dist.is_rank0:  # only now, with every input checked and the lock held, does the run directory change
         rundir.start(plan)
     metrics = rundir.open_metrics(plan, dist.is_rank0)
     for message in plan.warnings:
@@ -159,7 +198,8 @@ def run(cfg: Config) -> int:
 
     root = rundir.checkpoints_dir(cfg.train.output_dir)
     saver = ckpt.Checkpointer(root, cfg.checkpoint.keep, engine, plan.identity(), sampler,
-                              lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
+                              lambda d: save_hf_meta(engine.module, plan.tokenizer, d), plan.start_step,
+                              lambda m: metrics.print(f"warning: {m}"))
     trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, cfg.logging.every_steps, metrics,
                       save=saver.save, save_every=cfg.checkpoint.every_steps, stop=stop,
                       stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(plan, engine),
@@ -195,13 +235,15 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def build_session(plan):
-    """(dist, engine, reference, sampler) of a plan: the process group, the engines, and the resumed
-    state restored (weights, optimizer, schedule, sampler position, RNG)."""
+def build_session(plan, dist=None):
+    """(dist, engine, reference, sampler) of a plan: the process group (joined here unless `dist` is
+    given), the engines, and the resumed state restored (weights, optimizer, schedule, sampler
+    position, RNG)."""
     from dft_ds import checkpoint as ckpt
     from dft_ds import engine as eng
 
-    dist = eng.init_distributed(plan.cfg.train.comm_timeout_s)
+    if dist is None:
+        dist = eng.init_distributed(plan.cfg.train.comm_timeout_s)
     if dist.world_size != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} ranks, but the process group has {dist.world_size}")
     engine, reference = eng.build_engines(plan, dist)
@@ -220,7 +262,7 @@ def stop_nonfinite(exc: NonFiniteStop, step: int, saver, root: str, engine, metr
     metrics.close("failed")
     stop.uninstall()
     engine.barrier()
-    latest = find_resume("auto", root, lambda _m: None) if os.path.isdir(root) else None
+    latest = find_resume("auto", root, lambda _m: None, "size") if os.path.isdir(root) else None
     where = f"the last good state is {latest.tag_dir} (step {latest.step})" if latest else \
         "no checkpoint holds a good state"
     if engine.is_rank0:

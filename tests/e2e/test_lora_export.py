@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dft_ds import convert, synthetic
+from dft_ds.checkpoint import write_state
 from dft_ds.errors import EXIT_BAD_INPUT
 from tests.e2e.test_convert import load, logits, probe, run_cli, train
 from tests.e2e.test_eval import dft_eval
@@ -131,7 +132,7 @@ def test_adapter_only_on_a_full_checkpoint_exits_2(runs, tmp_path):
     shutil.copytree(runs["plain"] / "checkpoints" / tag, full)
     content = json.loads((full / "dft_state.json").read_text())
     del content["lora"]  # what a run without model.lora records
-    (full / "dft_state.json").write_text(json.dumps(content))
+    write_state(full, content)  # sealed again: an edit is otherwise damage
     proc = run_cli(full, tmp_path / "out", "--adapter-only", tmp_path=tmp_path)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
     assert "--adapter-only" in proc.stderr and "not a LoRA checkpoint" in proc.stderr
@@ -145,7 +146,7 @@ def test_a_missing_base_exits_2_naming_it_and_the_fix(runs, tmp_path):
     content = json.loads((moved / tag / "dft_state.json").read_text())
     gone = str(tmp_path / "gone" / "base")
     content["lora"]["base"] = gone
-    (moved / tag / "dft_state.json").write_text(json.dumps(content))
+    write_state(moved / tag, content)
     for extra in ([], ["--adapter-only"]):
         proc = run_cli(moved, tmp_path / "out", *extra, tmp_path=tmp_path)
         assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
