@@ -25,6 +25,7 @@ setup(
         "matplotlib>=3.7,<4",
         "pyarrow>=14,<30",
         "psutil>=5.9,<8",
+        "xxhash>=3,<5",  # checkpoint content hashes (checkpoint.verify); datasets needs it too
     ],
     # vLLM pins its own torch and transformers: install it in an environment of its own (make venv-vllm),
     # the CUDA build on GPU machines, the community CPU build elsewhere.
