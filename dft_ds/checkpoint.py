@@ -197,7 +197,8 @@ def find_damage(tag_dir: str | os.PathLike, state: dict[str, Any], verify: str =
     if verify == "off":
         return None
     tag_dir = str(tag_dir)
-    if "state_hash" in state and state_digest(state) != state["state_hash"]:
+    sealed = "state_hash" in state or "hash" in state  # both are written since the hashes exist
+    if sealed and state_digest(state) != state.get("state_hash"):
         return (f"{os.path.join(tag_dir, STATE_FILE)} was changed after it was written (its content no longer "
                 "matches the hash it was sealed with)")
     for rel, size in state.get("files", {}).items():
