@@ -138,8 +138,9 @@ def stale_reason(info: dict[str, Any], stale_s: float, now: Optional[float] = No
 class RunLock:
     """Rank 0's hold on a run directory while it trains; `release()` (or process exit) gives it up."""
 
-    def __init__(self, path: str, info: dict[str, Any], interval_s: float):
-        self.path, self.info, self.file = path, info, os.path.join(path, LOCK_FILE)
+    def __init__(self, path: str, info: dict[str, Any], interval_s: float, waited: bool = False):
+        # waited: the directory may have changed since the start looked at it (a predecessor held the lock)
+        self.path, self.info, self.file, self.waited = path, info, os.path.join(path, LOCK_FILE), waited
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, args=(interval_s,), name="dft-run-lock", daemon=True)
         self._thread.start()
@@ -160,13 +161,14 @@ class RunLock:
         while True:
             info["heartbeat"] = time.time()
             if _create_exclusive(os.path.join(path, LOCK_FILE), json.dumps(info)):
-                return cls(path, info, max(1.0, stale_s / 10))
+                return cls(path, info, max(1.0, stale_s / 10), waited)
             holder = read_lock(path)
             if holder is None:
                 continue  # released between our attempt and the read
             reason = stale_reason(holder, stale_s)
             if reason is not None:
                 if _take_away(path, holder):
+                    waited = True
                     warn(f"{os.path.join(path, LOCK_FILE)}: taking over a stale lock ({_lock_text(holder)}): {reason}")
                 continue
             same_job = job is not None and holder.get("slurm_job_id") == job

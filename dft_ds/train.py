@@ -143,6 +143,14 @@ def run(cfg: Config) -> int:
     dist = eng.init_distributed(cfg.train.comm_timeout_s)
     lock = take_run_lock(plan, dist)
     try:
+        if eng.any_rank(lock is not None and lock.waited, dist.world_size):
+            # A predecessor held the directory while this start planned (a requeued attempt still saving):
+            # plan again, so the resume takes the checkpoint it finished.
+            plan = build_plan(cfg, dist.world_size)
+            if plan.complete:
+                if dist.is_rank0:
+                    print(f"dft-train: {plan.complete_message()}", flush=True)
+                return 0
         return train_locked(plan, dist, stop)
     finally:
         if lock is not None:
