@@ -6,6 +6,7 @@ Figures: see docs/checkpoints.md. Run on 2 ranks (ZeRO-3 on gloo here, NCCL on G
 For each model: dft_ds's sharded save (model + optimizer + scheduler + RNG + metadata, atomic
 `latest`) and its load, against a baseline in the same process: rank 0 writing a plain
 torch.save of a state dict holding the same number of fp32 parameters (model weights only).
+Then checkpoint.verify's cost: hashing MB/s against save MB/s, and resume time with each setting.
 """
 
 import os
@@ -82,6 +83,7 @@ def bench(name: str, overrides: dict, root: str) -> None:
     engine.load_checkpoint(checkpoints_dir(out), tag_for(1))
     engine.barrier()
     load_s = time.perf_counter() - t0
+    VERIFY_ROWS.append(verify_figures(name, engine, out, tag_dir, size, save_s))
     if rank == 0:
         plain = {f"w{i}": torch.randn(n) for i, n in enumerate(_chunks(params))}
         path = os.path.join(root, "plain.pt")
@@ -96,6 +98,35 @@ def bench(name: str, overrides: dict, root: str) -> None:
               f"{base_size / 2**20:.1f} MiB | {base_s:.2f} s | {base_load:.2f} s | "
               f"{size / base_size:.2f}x | {save_s / base_s:.2f}x |", flush=True)
     engine.barrier()
+
+
+VERIFY_ROWS: list[str] = []
+
+
+def verify_figures(name: str, engine, out: str, tag_dir: str, size: int, save_s: float) -> str:
+    """checkpoint.verify: xxh3 hashing speed against the save's, and a resume's check + load with each
+    setting (every rank checks, as in a real resume). Alternated, 3 rounds, medians; warm page cache."""
+    import statistics
+
+    from dft_ds.checkpoint import file_hash, file_manifest, find_resume
+
+    t0 = time.perf_counter()
+    for rel in file_manifest(tag_dir):
+        file_hash(os.path.join(tag_dir, rel))
+    hash_s = time.perf_counter() - t0
+    times = {v: [] for v in ("off", "size", "hash")}
+    for _ in range(3):
+        for verify in times:
+            engine.barrier()
+            t0 = time.perf_counter()
+            point = find_resume("auto", checkpoints_dir(out), lambda _m: None, verify)
+            engine.load_checkpoint(checkpoints_dir(out), point.tag)
+            engine.barrier()
+            times[verify].append(time.perf_counter() - t0)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    mib = size / 2**20
+    return (f"| {name} | {mib:.1f} MiB | {mib / save_s:.0f} MiB/s | {mib / hash_s:.0f} MiB/s | "
+            f"{med['off']:.2f} s | {med['size']:.2f} s | {med['hash']:.2f} s | {med['hash'] / med['off']:.2f}x |")
 
 
 def _chunks(n: int, size: int = 1 << 22):
@@ -124,6 +155,12 @@ def main() -> None:
             dist.barrier()
         if os.environ.get("RANK", "0") == "0":
             shutil.rmtree(root, ignore_errors=True)
+    if os.environ.get("RANK", "0") == "0":
+        print("\ncheckpoint.verify: save (with each rank hashing its shards) against hashing the whole checkpoint on "
+              "one core, and a resume (check + load on every rank) with verify=off, size and hash")
+        print("| model | checkpoint | save | xxh3 hash | resume, off | size | hash | hash/off |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(VERIFY_ROWS), flush=True)
 
 
 if __name__ == "__main__":
