@@ -93,7 +93,7 @@ class RunLocked(UserError):
     """The run directory is held by another live run (exit code 2)."""
 
 
-def _lock_text(info: dict[str, Any]) -> str:
+def lock_text(info: dict[str, Any]) -> str:
     started = datetime.datetime.fromtimestamp(info.get("started", 0)).astimezone().isoformat(timespec="seconds")
     job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
     return f"host {info.get('host')} pid {info.get('pid')}{job}, started {started}"
@@ -169,19 +169,19 @@ class RunLock:
             if reason is not None:
                 if _take_away(path, holder):
                     waited = True
-                    warn(f"{os.path.join(path, LOCK_FILE)}: taking over a stale lock ({_lock_text(holder)}): {reason}")
+                    warn(f"{os.path.join(path, LOCK_FILE)}: taking over a stale lock ({lock_text(holder)}): {reason}")
                 continue
             same_job = job is not None and holder.get("slurm_job_id") == job
             if same_job and time.monotonic() < deadline:
                 if not waited:
-                    warn(f"{path} is still held by an earlier attempt of Slurm job {job} ({_lock_text(holder)}); "
+                    warn(f"{path} is still held by an earlier attempt of Slurm job {job} ({lock_text(holder)}); "
                          f"waiting up to {wait_s:.0f} s for it to finish")
                     waited = True
                 time.sleep(poll_s)
                 continue
             why = (f"an earlier attempt of this Slurm job still holds it after {wait_s:.0f} s" if same_job else
                    "another run is training in it")
-            raise RunLocked(f"train.output_dir: '{path}' is locked by a live run ({_lock_text(holder)}): {why}. "
+            raise RunLocked(f"train.output_dir: '{path}' is locked by a live run ({lock_text(holder)}): {why}. "
                             f"Wait for it to finish, stop it, or choose another train.output_dir; a lock left by a "
                             f"dead run is taken over once its heartbeat is older than train.lock_stale_s={stale_s:g} "
                             f"(delete {os.path.join(path, LOCK_FILE)} by hand only when you are sure no run holds it)")

@@ -209,6 +209,10 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     rundir.check_output_dir(cfg)
     check_hub_names(cfg)  # before any loading: one network probe, and one message for every missing name
     warnings: list[str] = []
+    holder = rundir.read_lock(out)
+    if holder and rundir.stale_reason(holder, cfg.train.lock_stale_s) is None:
+        warnings.append(f"train.output_dir: '{out}' is locked by a live run ({rundir.lock_text(holder)}); a start "
+                        "now exits 2 unless it is a requeued attempt of that Slurm job, which waits for it")
     resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append,
                              cfg.checkpoint.verify)
     batch = resolve_batch(cfg.train, world_size, resume.state.get("global_batch_size") if resume else None)
