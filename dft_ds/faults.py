@@ -1,13 +1,18 @@
 """Fault injection for the fault-matrix tests: DFT_DS_FAULT=<point>:<step>[:<rank>].
 
-Only the places a fault is injected at import this: the loop (kill_in_step, oom, nan_loss) and the
-checkpoint writer (kill_after_shards). Without DFT_DS_FAULT every call is one dictionary lookup.
+Only the places a fault is injected at import this: the loop (kill_in_step, oom, nan_loss, nan_grad,
+memory_limit) and the checkpoint writer (kill_after_shards). Without DFT_DS_FAULT every call is one
+dictionary lookup.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+
+# memory_limit: how much address space the rank may still map once the limit is set.
+HEADROOM_MIB = int(os.environ.get("DFT_DS_FAULT_HEADROOM_MIB", "16"))
 
 
 def fault_here(point: str, step: int) -> bool:
@@ -23,3 +28,44 @@ def inject_fault(point: str, step: int) -> None:
     """SIGKILL this process at a named point (see fault_here): a rank dying with no chance to clean up."""
     if fault_here(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def limit_memory(step: int) -> None:
+    """memory_limit: cap this rank's address space (the soft RLIMIT_AS) at what it maps now plus
+    DFT_DS_FAULT_HEADROOM_MIB (16), so that the step's next large allocation really fails in the
+    allocator, as it does on a host that is out of memory.
+
+    Why a limit set inside the rank at a step, and not `prlimit` on the process or a cgroup: a limit
+    from the start must sit between the start-up peak (imports, DeepSpeed's set-up) and a step's,
+    which is a guess on a loaded machine; a limit set from outside lands at a moment nobody chose
+    (a checkpoint write, a log line); and a cgroup's limit ends in the kernel's OOM killer (SIGKILL,
+    the kill_in_step row), never in a failed allocation the rank can report.
+
+    glibc keeps freed memory for reuse and raises its mmap threshold to the largest block freed, so
+    after a few steps a step may map nothing new and never meet the limit; the test starts the rank
+    with MALLOC_MMAP_THRESHOLD_=65536, which fixes the threshold and makes each large tensor a new
+    mapping, as a step of a model that fills the host does.
+    """
+    if not fault_here("memory_limit", step):
+        return
+    import resource
+
+    with open("/proc/self/status", encoding="ascii") as fh:
+        mapped = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + (HEADROOM_MIB << 20), hard))
+
+
+@contextlib.contextmanager
+def nan_gradient(module, step: int):
+    """nan_grad: during the backward passes inside this block, the gradient of one parameter (the
+    module's first trainable one) becomes NaN on this rank, while the loss stays finite."""
+    if not fault_here("nan_grad", step):
+        yield
+        return
+    param = next(p for p in module.parameters() if p.requires_grad)
+    handle = param.register_hook(lambda grad: grad * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -20,7 +20,7 @@ import torch
 from dft_ds.config import LossConfig
 from dft_ds.data import StepSampler, TrainData
 from dft_ds.errors import NonFiniteStop
-from dft_ds.faults import fault_here, inject_fault
+from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient
 from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
 from dft_ds.metrics import peak_memory_gib
 
@@ -173,10 +173,11 @@ class Trainer:
             window.add(sums)
             norm = self.engine.grad_norm
             if norm is not None and not math.isfinite(norm) and not sums.skipped:
-                # DeepSpeed has already applied the step (bf16/fp32 do not skip on overflow): the
-                # weights are no longer good, so this state must not be saved.
-                raise NonFiniteStop(f"gradient norm {norm} at step {step + 1}: the weights after this step are not "
-                                    "finite-trustworthy and are not saved", save=False)
+                # The loss was finite on every rank, the gradient is not. DeepSpeed 0.19's ZeRO-2/3
+                # optimizers discard such a step in every precision ("OVERFLOW! Skipping step"), but
+                # not every release or stage does; this state is not saved either way.
+                raise NonFiniteStop(f"non-finite gradient norm ({norm}) with a finite loss at step {step + 1}; "
+                                    "this state is not saved", save=False)
             self.sampler.step = step + 1
             self.metrics.advance()
             if self.sampler.step % self.log_every == 0 or self.sampler.step == self.total_steps:
@@ -221,6 +222,7 @@ class Trainer:
         num_tokens = counts[0]
         weighting = self.weighting(self.sampler.step)
         sums = StepSums()
+        limit_memory(self.sampler.step + 1)
         for i, batch in enumerate(batches):
             tokens = batch.pop("n_tokens")
             loss, parts = self.forward_loss(batch, num_tokens, weighting)
@@ -230,7 +232,8 @@ class Trainer:
             if self.engine.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0:
                 del loss, parts
                 return self.nonfinite_loss(len(batches) - i)
-            self.engine.backward(loss)
+            with nan_gradient(self.engine.module, self.sampler.step + 1):
+                self.engine.backward(loss)
             sums.add(StepSums.from_parts(parts, tokens, samples=self.samples_in(micro_indices[i])))
             self.engine.step()
         return sums

@@ -9,7 +9,10 @@ what dft_ds promises (docs/faults.md, "what happens when").
 | a shard truncated after the fact        | auto resume skips it, names the file, uses the previous one   |
 | non-finite loss, train.nonfinite=stop   | exit 3; the last good state is saved and named                |
 | non-finite loss, train.nonfinite=skip   | the step changes no weight; counted as skipped_steps          |
-| out of memory in a step                 | exit 4 with the settings that shrink a step                   |
+| NaN gradient with a finite loss         | exit 3 on every rank, nothing saved; latest resumes           |
+| out of memory in a step (injected)      | exit 4 with the settings that shrink a step                   |
+| out of memory in a step (RLIMIT_AS)     | a real failed allocation: exit 4, the peer exits within       |
+|                                         | train.comm_timeout_s, latest resumes with the same command    |
 
 Ranks are started directly (RANK/WORLD_SIZE in the environment, no torchrun), so no launcher tears
 the survivors down on our behalf: what is measured is dft_ds's own behaviour.
@@ -54,6 +57,20 @@ def run_ranks(tmp_path, out, *extra, env_extra=None, name="run", timeout=300):
     procs, logs = launch(tmp_path, out, *extra, env_extra=env_extra, name=name)
     codes = [p.wait(timeout=timeout) for p in procs]
     return codes, "\n".join(log.read_text() for log in logs)
+
+
+def wait_timed(procs, timeout: float) -> tuple[list[int], list[float]]:
+    """Every process's exit code and the monotonic time it was seen to exit."""
+    deadline, ends = time.monotonic() + timeout, [None] * len(procs)
+    while None in ends and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if ends[i] is None and p.poll() is not None:
+                ends[i] = time.monotonic()
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    return [p.wait() for p in procs], ends
 
 
 def latest(out) -> str:
@@ -187,3 +204,60 @@ def test_out_of_memory_names_the_settings_that_shrink_a_step(tmp_path):
     for knob in ("out of memory in training step 2", "train.micro_batch_size=2", "data.max_length=192",
                  "model.gradient_checkpointing=true", "zero3_offload", "train.global_batch_size"):
         assert knob in log, knob
+
+
+def test_nan_gradient_with_a_finite_loss_exits_3_without_saving(tmp_path):
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "checkpoint.every_steps=2")
+    # Rank 1's first parameter gets a NaN gradient in step 3; every loss stays finite.
+    codes, log = run_ranks(tmp_path, out, *args, env_extra={"DFT_DS_FAULT": "nan_grad:3:1"})
+    assert codes == [EXIT_NONFINITE, EXIT_NONFINITE], log[-3000:]
+    assert "non-finite gradient norm (" in log and "with a finite loss at step 3; this state is not saved" in log
+    assert "non-finite loss" not in log  # the loss check before backward did not fire
+    assert f"the last good state is {out / 'checkpoints' / 'step-2'} (step 2)" in log
+    assert latest(out) == "step-2" and not (out / "checkpoints" / "step-3").exists()
+    assert steps_logged(out) == [1, 2]
+    # The same command resumes from the last good state; without the fault step 3 is an ordinary step.
+    codes, log = run_ranks(tmp_path, out, *args, name="resume")
+    assert codes == [0, 0], log[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-2'}" in log
+    assert steps_logged(out) == [1, 2, 3, 4]
+
+
+def test_out_of_memory_under_a_real_address_space_limit_exits_4_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "checkpoint.every_steps=2")
+    # Rank 1 caps its own RLIMIT_AS at step 3 (dft_ds/faults.py limit_memory says why this way);
+    # the fixed mmap threshold makes each large tensor a new mapping that the limit can refuse.
+    procs, logs = launch(tmp_path, out, *args, env_extra={"DFT_DS_FAULT": "memory_limit:3:1",
+                                                          "MALLOC_MMAP_THRESHOLD_": "65536"})
+    codes, ends = wait_timed(procs, timeout=300)
+    oom_log, peer_log = logs[1].read_text(), logs[0].read_text()
+    assert codes[1] == EXIT_OUT_OF_MEMORY, (codes, oom_log[-3000:])
+    assert "can't allocate memory" in oom_log or "MemoryError" in oom_log, oom_log[-3000:]
+    assert "injected" not in oom_log and "Traceback" not in oom_log
+    for knob in ("out of memory in training step 3", "train.micro_batch_size=2", "data.max_length=192",
+                 "model.gradient_checkpointing=true", "zero3_offload", "The last checkpoint is untouched"):
+        assert knob in oom_log, knob
+    # The peer's next collective fails on the closed connection, well inside train.comm_timeout_s=60.
+    assert codes[0] not in (0, EXIT_OUT_OF_MEMORY), (codes, peer_log[-3000:])
+    assert ends[0] - ends[1] < 60, ends
+    assert latest(out) == "step-2" and steps_logged(out) == [1, 2]
+    codes, log = run_ranks(tmp_path, out, *args, name="resume")
+    assert codes == [0, 0], log[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-2'}" in log
+    assert steps_logged(out) == [1, 2, 3, 4]
+
+
+def test_real_allocation_failures_are_recognised_as_out_of_memory():
+    """What a failed allocation really raises on CPU, and what a CUDA one is, map to exit 4; a peer's
+    closed connection does not."""
+    from dft_ds.memory import is_out_of_memory
+
+    with pytest.raises(RuntimeError) as allocator:
+        torch.empty(1 << 60, dtype=torch.uint8)  # DefaultCPUAllocator: can't allocate memory
+    with pytest.raises(MemoryError) as python:
+        bytearray(1 << 60)
+    assert is_out_of_memory(allocator.value) and is_out_of_memory(python.value)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not is_out_of_memory(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
