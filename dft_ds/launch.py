@@ -21,6 +21,7 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -349,8 +350,30 @@ def make_plan(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Pl
     if via == "deepspeed":
         plan_hostfile(plan, ns.hostfile, allocation)
     build_commands(plan, env.get(TRAIN_MODULE_ENV) or TRAIN_MODULE)
+    if via == "deepspeed" and node_rank is None:
+        check_pdsh_safe(plan)
     plan.env.update(comm_env(master_addr, nnodes, env))
     return plan
+
+
+# What deepspeed's pdsh runner may put into the remote shell as is: it joins the arguments, the master
+# address, the working directory and the python path into one command line that ssh hands to a shell
+# on every node, and quotes only arguments with a space (in double quotes, where $, ` and \ still act);
+# pdsh itself replaces %n and %h in it.
+PDSH_SAFE = re.compile(r"[A-Za-z0-9_@+=:,./ -]*")
+
+
+def check_pdsh_safe(plan: Plan) -> None:
+    """Refuse any value that a shell would read as more than text on the ssh fan-out (exit 2, nothing run)."""
+    values = [("argument", a) for a in plan.train_args] + [("master address", plan.master_addr),
+                                                           ("working directory", os.getcwd()),
+                                                           ("python", sys.executable)]
+    for what, value in values:
+        if not PDSH_SAFE.fullmatch(value):
+            bad = "".join(sorted({c for c in value if not PDSH_SAFE.fullmatch(c)}))
+            raise UserError(f"--via deepspeed over ssh: the {what} {value!r} holds {bad!r}, which the remote shell "
+                            "would interpret (deepspeed's pdsh runner passes it unquoted); put the value in the "
+                            "config file, or run one dft-launch per node with --node-rank, or use --via srun")
 
 
 def resolve_nproc(ns: argparse.Namespace, env: Mapping[str, str]) -> int:

