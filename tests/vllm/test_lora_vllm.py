@@ -96,22 +96,22 @@ EVAL = ["--limit", "4", "--samples", "1", "--temperature", "0", "--gpu-memory-ut
 
 
 def test_dft_eval_vllm_runs_the_adapter_through_vllm_lora_like_hf(lora, vllm_bin, tmp_path):
+    # That vLLM's LoRA equals the merged weights token for token is the test above; here dft-eval's
+    # path: the adapter through its LoRARequest, against --backend hf on the adapter (merged in
+    # memory), and vLLM on the bare base to show the request is applied.
     env = vllm_env(tmp_path)
-    runs = {"hf": (os.path.dirname(sys.executable), []), "vllm": (vllm_bin, ["--backend", "vllm"])}
-    for name, (bin_dir, extra) in runs.items():
-        proc = dft_eval(bin_dir, env, lora["adapter"], tmp_path / name, *EVAL, *extra)
+    hf_bin = os.path.dirname(sys.executable)
+    for name, bin_dir, model, extra in (("vllm", vllm_bin, lora["adapter"], ["--backend", "vllm"]),
+                                        ("hf", hf_bin, lora["adapter"], []),
+                                        ("base", vllm_bin, lora["run"] / "base", ["--backend", "vllm"])):
+        proc = dft_eval(bin_dir, env, model, tmp_path / name, *EVAL, *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = dft_eval(vllm_bin, env, lora["merged"], tmp_path / "merged", *EVAL, "--backend", "vllm")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert samples(tmp_path / "vllm") == samples(tmp_path / "merged")  # adapter via LoRA == merged weights
-    proc = dft_eval(vllm_bin, env, lora["run"] / "base", tmp_path / "base", *EVAL, "--backend", "vllm")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert samples(tmp_path / "base") != samples(tmp_path / "vllm")  # and the LoRA request was applied
-    # Against --backend hf, the texts of this degenerate model (24 space tokens after 2 steps at lr 5e-2)
-    # came out one space apart between vLLM's detokenizer and tokenizer.decode; the token ids are
-    # compared exactly in the test above, so here everything but the text.
+    # The texts of this degenerate model (24 space tokens after 2 steps at lr 5e-2) came out one space
+    # apart between vLLM's detokenizer and tokenizer.decode; the token ids are compared exactly in the
+    # test above, so here everything but the text.
     strip = lambda rows: [r[:3] + r[4:] for r in rows]  # noqa: E731
     assert strip(samples(tmp_path / "vllm")) == strip(samples(tmp_path / "hf"))
+    assert samples(tmp_path / "base") != samples(tmp_path / "vllm")  # the LoRA request was applied
 
 
 def test_vllm_refuses_an_adapter_with_trained_embeddings_naming_the_fix(lora, vllm_bin, tmp_path):
