@@ -537,11 +537,11 @@ def fingerprint_changes(point: CheckpointRef, current: dict[str, str]) -> list[s
 # Restoring
 
 
-def restore(point: CheckpointRef, engine, sampler, *, universal: bool, peak_lr: float) -> None:
+def restore(point: CheckpointRef, engine, sampler, *, universal: bool, peak_lr: float, verify: str = "hash") -> None:
     """Everything a resume loads, in one call on every rank: the DeepSpeed shards (through the
     universal format when the world size changed), the sampler position, this rank's RNG states,
     and a new peak learning rate when the config changed it."""
-    tag = ensure_universal(point, engine.is_rank0, engine.barrier) if universal else point.tag
+    tag = ensure_universal(point, engine.is_rank0, engine.barrier, verify) if universal else point.tag
     engine.load_checkpoint(str(point.root), tag)
     sampler.load_state_dict(point.state["sampler"])
     load_rng(point, engine.dist.rank)
@@ -549,21 +549,43 @@ def restore(point: CheckpointRef, engine, sampler, *, universal: bool, peak_lr: 
         engine.set_peak_lr(peak_lr)
 
 
-def ensure_universal(point: CheckpointRef, is_rank0: bool, barrier: Callable[[], None]) -> str:
-    """Convert to DeepSpeed's universal format once (cached beside the original); returns its tag."""
+def ensure_universal(point: CheckpointRef, is_rank0: bool, barrier: Callable[[], None], verify: str = "hash") -> str:
+    """Convert to DeepSpeed's universal format once (cached beside the original); returns its tag.
+
+    The conversion unpickles the shards, so it runs only on a checkpoint the resume has verified. Its
+    output is unpickled in turn by every rank's load: its `.complete` marker records the size and
+    hash of every file, and a cached copy that fails `verify` is converted again, with a warning."""
     tag = f"{point.tag}_universal"
     out = os.path.join(point.root, tag)
     done = os.path.join(out, ".complete")
-    if is_rank0 and not os.path.exists(done):
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", point.tag_dir,
-               "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {point.tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}")
-        write_atomic(done, "")
+    if is_rank0:
+        damage = _universal_damage(out, verify) if os.path.exists(done) else "missing"
+        if damage is not None:
+            if damage != "missing":
+                log.warning("%s is damaged (%s); converting %s again", out, damage, point.tag_dir)
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", point.tag_dir,
+                   "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"converting {point.tag_dir} to the universal format failed:\n{proc.stderr[-3000:]}")
+            files = {rel: size for rel, size in file_manifest(out).items() if rel != ".complete"}
+            hashes = {rel: file_hash(os.path.join(out, rel)) for rel in files}
+            write_atomic(done, json.dumps({"files": files, "hashes": hashes}))
     barrier()
     return tag
+
+
+def _universal_damage(out: str, verify: str) -> Optional[str]:
+    """What is wrong with a cached universal conversion, as far as `verify` looks (markers written
+    before the hashes existed are empty and trusted)."""
+    try:
+        with open(os.path.join(out, ".complete"), encoding="utf-8") as fh:
+            text = fh.read()
+        record = json.loads(text) if text.strip() else {}
+    except (OSError, ValueError) as exc:
+        return f"its .complete marker cannot be read ({exc})"
+    return find_damage(out, record if isinstance(record, dict) else {}, verify)
 
 
 def load_rng(point: CheckpointRef, rank: int) -> None:

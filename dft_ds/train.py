@@ -257,7 +257,8 @@ def build_session(plan, dist=None):
     engine, reference = eng.build_engines(plan, dist)
     sampler = plan.sampler(dist.rank)
     if plan.resume is not None:
-        ckpt.restore(plan.resume, engine, sampler, universal=plan.load_universal, peak_lr=plan.cfg.train.lr)
+        ckpt.restore(plan.resume, engine, sampler, universal=plan.load_universal, peak_lr=plan.cfg.train.lr,
+                     verify=plan.cfg.checkpoint.verify)
     return dist, engine, reference, sampler
 
 
