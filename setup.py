@@ -38,5 +38,5 @@ setup(
                     "lora": ["peft>=0.17,<1"]},
     entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
                                       "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
-                                      "dft-plan=dft_ds.plan:main"]},
+                                      "dft-plan=dft_ds.plan:main", "dft-sample=dft_ds.sample.cli:main"]},
 )

@@ -28,9 +28,10 @@ from dft_ds.errors import DataError, UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLES = ("problem", "answer", "solution", "id")  # what --field can map
-# The built-in synthetic benchmarks: the embedded default's held-out splits. The data seed is fixed
-# (not --seed), so changing the sampling seed never changes the problems.
-BUILTIN_SPLITS = {"synthetic": "test", "synthetic-ood": "ood"}
+# The built-in synthetic benchmarks: the embedded default's held-out splits, and (synthetic-train)
+# the first problems of its training split, which dft-sample samples answers for. The data seed is
+# fixed (not --seed), so changing the sampling seed never changes the problems.
+BUILTIN_SPLITS = {"synthetic": "test", "synthetic-ood": "ood", "synthetic-train": "train"}
 SYNTHETIC_SIZE = 500
 SYNTHETIC_DATA_SEED = 0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -42,15 +42,19 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
-def eval_parser() -> argparse.ArgumentParser:
+EVAL_DESCRIPTION = ("Generate K samples per problem with a Hugging Face model directory, grade them, and write "
+                    "samples.jsonl, results.json, results.md and results.png. Subcommands: "
+                    "'dft-eval merge SHARD_DIR ... --out DIR', 'dft-eval compare RUN ... [--labels a,b] [--out DIR]'.")
+
+
+def eval_parser(prog: str = "dft-eval", description: str = EVAL_DESCRIPTION, epilog: str = EXAMPLES,
+                samples: int = 16) -> argparse.ArgumentParser:
+    """dft-eval's options; dft-sample builds on the same ones (same prompts, backends and seeds)."""
     from dft_ds.eval.generate import BACKENDS, DTYPES
     from dft_ds.eval.prompting import STYLES
 
-    p = argparse.ArgumentParser(
-        prog="dft-eval", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Generate K samples per problem with a Hugging Face model directory, grade them, and write "
-                    "samples.jsonl, results.json, results.md and results.png. Subcommands: "
-                    "'dft-eval merge SHARD_DIR ... --out DIR', 'dft-eval compare RUN ... [--labels a,b] [--out DIR]'.")
+    p = argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+                                description=description)
     p.add_argument("--model", required=True, metavar="HF_DIR",
                    help="a Hugging Face model directory (dft-convert output), or a peft LoRA adapter directory "
                         "(dft-convert --adapter-only) evaluated on its base")
@@ -60,7 +64,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", action="append", default=[], metavar="NAME[=PATH]", required=True,
                    help="a benchmark to run; repeat for several")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; must not exist or be empty")
-    p.add_argument("--samples", type=_int, default=16, metavar="K", help="samples per problem (default 16: Average@16)")
+    p.add_argument("--samples", type=_int, default=samples, metavar="K",
+                   help=f"samples per problem (default {samples}" + (f": Average@{samples})" if prog == "dft-eval" else ")"))
     p.add_argument("--temperature", type=_float, default=1.0, metavar="T", help="sampling temperature; 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=_float, default=1.0, metavar="P", help="nucleus sampling threshold (default 1.0: off)")
     p.add_argument("--max-new-tokens", type=_int, default=2048, metavar="N",

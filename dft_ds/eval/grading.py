@@ -277,6 +277,7 @@ class _Worker:
         self._broken = False  # the worker cannot start here: stop trying
         self.pid = os.getpid()  # the process that owns it (a fork must start its own)
         self.kills = 0  # how many times a silent worker was killed (tests, logs)
+        self.timeouts = 0  # comparisons that ran out of time (graded False), kills included
 
     def compare(self, pred: str, gold: str, *, soft_s: float | None, hard_s: float) -> bool | None:
         """math-verify's verdict; False on timeout or error; None if no worker can run here."""
@@ -293,11 +294,14 @@ class _Worker:
                 reply = None
             if reply is None:  # silent past the hard deadline (stuck in C code) or dead
                 self.kills += 1
+                self.timeouts += 1
                 logger.warning("grading: math-verify worker silent after %.1fs, restarting it", hard_s)
                 self._stop()
                 return False
             if reply["status"] != "ok":
                 logger.debug("grading: %s comparing %r with %r", reply["status"], pred, gold)
+            if reply["status"] == "timeout":
+                self.timeouts += 1
             return bool(reply["ok"])
 
     def _ensure_started(self) -> bool:
@@ -377,3 +381,9 @@ def _shared_worker() -> _Worker:
             _WORKER = _Worker()
             atexit.register(_WORKER.close)
         return _WORKER
+
+
+def timeouts_so_far() -> int:
+    """Comparisons that ran out of time in this process so far (each graded False); dft-sample
+    reads it around each comparison to tell a timeout from a wrong answer."""
+    return _WORKER.timeouts if _WORKER is not None else 0

@@ -40,17 +40,21 @@ class Prompter:
         return self.style != "plain" and has_chat_template(self.tokenizer)
 
     def render(self, problem: str) -> str:
-        if self.style == "plain":
-            return f"{problem}\n"
-        if self.style == "boxed" and not self.templated:
-            return f"{problem}\n{BOXED_INSTRUCTION}\n"
+        if not self.templated:
+            return self.plain_prompt(problem) + "\n"
+        return apply_template(self.tokenizer, self.messages(problem))
+
+    def messages(self, problem: str) -> list[dict]:
+        """The chat messages a templated prompt renders (the reply is to follow them)."""
         if self.style == "chat":
-            messages = [{"role": "user", "content": problem}]
-        elif self.role == "system":
-            messages = [{"role": "system", "content": BOXED_INSTRUCTION}, {"role": "user", "content": problem}]
-        else:
-            messages = [{"role": "user", "content": f"{problem}\n{BOXED_INSTRUCTION}"}]
-        return apply_template(self.tokenizer, messages)
+            return [{"role": "user", "content": problem}]
+        if self.role == "system":
+            return [{"role": "system", "content": BOXED_INSTRUCTION}, {"role": "user", "content": problem}]
+        return [{"role": "user", "content": f"{problem}\n{BOXED_INSTRUCTION}"}]
+
+    def plain_prompt(self, problem: str) -> str:
+        """An untemplated prompt without its closing newline (which a plain training row adds back)."""
+        return problem if self.style == "plain" else f"{problem}\n{BOXED_INSTRUCTION}"
 
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"]
