@@ -113,8 +113,27 @@ def check_json_file(path: str, fields=None) -> Optional[list[int]]:
             _field(row, name, kind, f"{path}:{number}")
         lines.append(number)
     if not lines:
-        raise DataError(f"{path}: the file holds no samples")
+        raise DataError(f"{path}: the file holds no samples{_sample_selection_note(path)}")
     return lines
+
+
+# The file dft-sample writes beside the training set it selected (dft_ds/sample/outputs.py), and the
+# field of each row that says where the row came from; dft-train reads neither for training.
+SAMPLE_SELECTION = "selection.json"
+PROVENANCE_FIELD = "dft_sample"
+
+
+def _sample_selection_note(path: str) -> str:
+    """For a dft-sample training set that kept nothing: its counts, and what to change."""
+    selection = os.path.join(os.path.dirname(os.path.abspath(path)), SAMPLE_SELECTION)
+    try:
+        with open(selection, encoding="utf-8") as fh:
+            c = json.load(fh)["counts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return (f" (dft-sample kept none: {c['correct']} of {c['samples']} samples of {c['problems']} problems were "
+            f"correct, and the selection in {selection} kept {c['kept']}); sample more answers per problem "
+            "(--samples), from a stronger model, or with a looser selection (dft-sample filter)")
 
 
 def json_lines(path: str, text: str) -> Iterator[tuple[int, dict]]:
@@ -263,7 +282,7 @@ def resolve_layout(cfg: DataConfig, row: dict, where: str) -> Layout:
 
 
 def unused_fields(layout: Layout, row: dict) -> list[str]:
-    return sorted(k for k, v in row.items() if v is not None and k not in layout.uses())
+    return sorted(k for k, v in row.items() if v is not None and k not in layout.uses() and k != PROVENANCE_FIELD)
 
 
 def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: str,

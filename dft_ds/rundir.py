@@ -8,6 +8,8 @@ training_curves.png), which metrics.py names.
     config_history.jsonl  one line per start that trained: step, world size, batch, what changed
     ds_config.json        the rendered DeepSpeed config
     fingerprints.json     model, tokenizer and data hashes; a start with other ones is refused
+    data_provenance.json  with a dft-sample training set: the file, its sha256, and the sampling and
+                          selection that made it (from the selection.json beside it)
     metrics.jsonl         one line per logged step (trimmed back to the checkpoint on a resume)
     eval.jsonl            with eval.every_steps: one line per evaluation
     heldout.jsonl         with eval.loss_every: one line per held-out loss
@@ -46,6 +48,7 @@ HISTORY_FILE = "config_history.jsonl"
 DS_CONFIG_FILE = "ds_config.json"
 FINGERPRINTS_FILE = "fingerprints.json"
 SUMMARY_FILE = "summary.json"
+PROVENANCE_FILE = "data_provenance.json"
 HF_EXPORT = "hf"
 LOCK_FILE = "run.lock"
 
@@ -305,6 +308,9 @@ def start(plan) -> None:
         json.dump(plan.ds_config, fh, indent=2)
     with open(os.path.join(out, FINGERPRINTS_FILE), "w", encoding="utf-8") as fh:
         json.dump(plan.fingerprints, fh, indent=2)
+    provenance = data_provenance(cfg.data.source)
+    if provenance is not None:
+        write_atomic(os.path.join(out, PROVENANCE_FILE), json.dumps(provenance, indent=2))
     b = plan.batch
     segment = {"started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                "from_step": plan.start_step, "steps": plan.total_steps, "world_size": plan.world_size,
@@ -316,6 +322,31 @@ def start(plan) -> None:
         fh.write(json.dumps(segment) + "\n")
     for name in (METRICS_FILE, EVAL_FILE, HELDOUT_FILE):  # what a previous session logged past the checkpoint
         truncate_metrics(os.path.join(out, name), plan.start_step)
+
+
+def data_provenance(source: str) -> dict[str, Any] | None:
+    """Where a dft-sample training set came from: the data file, its sha256, and the model, sampling
+    settings and selection policy recorded in the selection.json beside it; None for other data."""
+    from dft_ds.data import SAMPLE_SELECTION
+
+    selection_path = os.path.join(os.path.dirname(os.path.abspath(source)), SAMPLE_SELECTION)
+    if not (os.path.isfile(source) and os.path.isfile(selection_path)):
+        return None
+    try:
+        with open(selection_path, encoding="utf-8") as fh:
+            selection = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(selection, dict) and str(selection.get("format", "")).startswith("dft-sample/")):
+        return None
+    h = hashlib.sha256()
+    with open(source, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"data": os.path.abspath(source), "data_sha256": h.hexdigest(), "selection_file": selection_path,
+            "model": selection.get("settings", {}).get("model"), "settings": selection.get("settings"),
+            "policy": selection.get("policy"), "policy_text": selection.get("policy_text"),
+            "counts": selection.get("counts"), "samples_sha256": selection.get("samples_sha256")}
 
 
 def truncate_metrics(path: str, last_step: int) -> None:

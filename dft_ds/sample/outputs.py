@@ -19,13 +19,15 @@ import json
 import os
 from pathlib import Path
 
+from dft_ds.data import SAMPLE_SELECTION
 from dft_ds.errors import UserError
 from dft_ds.eval.report import _check_coverage, check_out_dir, write_dir
 from dft_ds.sample.run import FORMAT
 from dft_ds.sample.select import Policy, Selection, select
 
 SAMPLES, TRAIN, REJECTED, PROBLEMS = "samples.jsonl", "train.jsonl", "rejected.jsonl", "problems.jsonl"
-SELECTION, SUMMARY = "selection.json", "summary.md"  # rundir.SAMPLE_SELECTION names the same file
+SUMMARY = "summary.md"
+SELECTION = SAMPLE_SELECTION  # named in data.py, which points a training set that kept nothing to it
 
 
 def _jsonl(rows: list[dict]) -> str:

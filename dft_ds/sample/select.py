@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-PROVENANCE_FIELD = "dft_sample"  # the field of a training row that says where it came from (dft-train ignores it)
+from dft_ds.data import PROVENANCE_FIELD  # the field of a training row that says where it came from
+
 VERDICTS = ("correct", "wrong", "no_answer", "timeout")
 
 
