@@ -94,8 +94,19 @@ def eval_call(tmp, env, logs):
                                   "math500=m.jsonl"]
 
 
+def sample_call(tmp, env, logs):
+    """Array task 1 of 2: its shard of dft-sample (task 0 would also submit the merge)."""
+    env.update(MODEL="runs/r/hf", BENCHMARKS="synthetic-train train=t.jsonl", OUT="samples/r", SLURM_ARRAY_TASK_ID="1",
+               SLURM_ARRAY_TASK_COUNT="2", SLURM_ARRAY_JOB_ID="77")
+    return logs / "python.args", ["-m", "dft_ds.sample", "--model", "runs/r/hf", "--shard", "1/2", "--out",
+                                  "samples/r.shards/shard-1-of-2", "--samples", "8", "--temperature", "1.0",
+                                  "--backend", "hf", "--no-progress", "--benchmark", "synthetic-train", "--benchmark",
+                                  "train=t.jsonl"]
+
+
 # Every template in slurm/, with how to run it and the command it must hand to the (fake) scheduler.
-TEMPLATE_CALLS = {"train.sbatch": train_call, "convert.sbatch": convert_call, "eval.sbatch": eval_call}
+TEMPLATE_CALLS = {"train.sbatch": train_call, "convert.sbatch": convert_call, "eval.sbatch": eval_call,
+                  "sample.sbatch": sample_call}
 
 
 def test_every_template_is_exercised_here():
@@ -132,6 +143,113 @@ def test_a_template_without_its_required_knob_exits_2(fake):
     proc = run_template(os.path.join(SLURM_DIR, "eval.sbatch"), [], env, tmp)
     assert proc.returncode == 2 and "set OUT" in proc.stdout
     assert not (logs / "python.args").exists()
+
+
+
+def test_sample_task_zero_submits_the_merge_once(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    env.update(SLURM_ARRAY_TASK_ID="0")
+    submits = []
+    for _ in range(2):  # a requeued task 0 must not submit a second merge
+        proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        submits.append(lines(logs / "sbatch.args"))
+        (logs / "sbatch.args").unlink(missing_ok=True)
+    submit = submits[0]
+    assert submit[:4] == ["--parsable", "--dependency=afterok:77", "--array=0", "--job-name=dft-sample-merge"]
+    assert "MODE=merge,SHARD_COUNT=2,OUT=samples/r,SHARDS_DIR=samples/r.shards" in submit[4]
+    assert submit[-1].endswith("slurm/sample.sbatch") and submits[1] == []
+    assert lines(logs / "python.args")[:6] == ["-m", "dft_ds.sample", "--model", "runs/r/hf", "--shard", "0/2"]
+
+
+def test_sample_without_auto_merge_submits_nothing(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    env.update(SLURM_ARRAY_TASK_ID="0", AUTO_MERGE="0")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert not (logs / "sbatch.args").exists()
+    assert lines(logs / "python.args")[4:6] == ["--shard", "0/2"]
+
+
+@pytest.mark.parametrize("unset,message", [("OUT", "set OUT"), ("MODEL", "set MODEL"),
+                                           ("BENCHMARKS", "set BENCHMARKS")])
+def test_sample_without_a_required_knob_exits_2(fake, unset, message):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    del env[unset]
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 2 and message in proc.stdout
+    assert not (logs / "python.args").exists() and not (logs / "sbatch.args").exists()
+
+
+def test_sample_outside_an_array_or_with_odd_ids_exits_2(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    env.update(SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_MAX="2")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 2 and "array task ids must be 0..n-1" in proc.stdout
+    del env["SLURM_ARRAY_TASK_ID"]
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 2 and "not an array task" in proc.stdout
+    assert not (logs / "python.args").exists()
+
+
+def test_sample_passes_user_values_through_as_literal_words(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    (tmp / "a.jsonl").write_text("")  # a glob that would match if the knobs were expanded unquoted
+    env.update(MODEL="runs/my model/hf", OUT="samples/my run/", BENCHMARKS="train=*.jsonl",
+               SAMPLES="4", TEMPERATURE="0.7", MAX_NEW_TOKENS="512", BACKEND="vllm",
+               EXTRA_ARGS="--max-per-problem 2  --dedup --field problem=$(touch pwned)")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert lines(logs / "python.args") == [
+        "-m", "dft_ds.sample", "--model", "runs/my model/hf", "--shard", "1/2", "--out",
+        "samples/my run.shards/shard-1-of-2", "--samples", "4", "--temperature", "0.7", "--backend", "vllm",
+        "--no-progress", "--max-new-tokens", "512", "--benchmark", "train=*.jsonl",
+        "--max-per-problem", "2", "--dedup", "--field", "problem=$(touch", "pwned)"]
+    assert not (tmp / "pwned").exists()
+
+
+def test_sample_skips_a_finished_shard(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    shard = tmp / "samples" / "r.shards" / "shard-1-of-2"
+    shard.mkdir(parents=True)
+    (shard / "train.jsonl").write_text("")  # an unfinished shard (no selection.json) is sampled again
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0 and (logs / "python.args").exists()
+    (logs / "python.args").unlink()
+    (shard / "selection.json").write_text("{}")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0 and "already done" in proc.stdout
+    assert not (logs / "python.args").exists()
+
+
+def test_sample_merge_mode_names_every_shard(fake):
+    tmp, env, logs = fake
+    env.update(MODE="merge", OUT="samples/r/", SHARD_COUNT="3")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert lines(logs / "python.args") == ["-m", "dft_ds.sample", "merge", "samples/r.shards/shard-0-of-3",
+                                           "samples/r.shards/shard-1-of-3", "samples/r.shards/shard-2-of-3",
+                                           "--out", "samples/r"]
+    del env["SHARD_COUNT"]
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 2 and "SHARD_COUNT" in proc.stdout
+
+
+def test_sample_dry_run_prints_and_runs_nothing(fake):
+    tmp, env, logs = fake
+    sample_call(tmp, env, logs)
+    env.update(SLURM_ARRAY_TASK_ID="0", DRY_RUN="1")
+    proc = run_template(os.path.join(SLURM_DIR, "sample.sbatch"), [], env, tmp)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "sbatch --parsable" in proc.stdout and "-m dft_ds.sample --model runs/r/hf --shard 0/2" in proc.stdout
+    assert not (logs / "python.args").exists() and not (logs / "sbatch.args").exists()
+    assert not (tmp / "samples").exists()
 
 
 def test_train_passes_user_values_through_as_literal_words(fake):
