@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: venv venv-vllm run test test-fast test-families test-vllm test-slurm replicate docs gpu-check clean
+.PHONY: venv venv-vllm run test test-fast test-families test-vllm test-slurm replicate offline-rl-round docs gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -66,6 +66,12 @@ test-slurm: venv
 
 replicate: venv
 	$(BIN)/python benchmarks/replicate.py --out runs/replicate-$(shell date +%Y%m%d-%H%M%S) --pretrain-epochs 2
+
+# One offline-RL round, DFT vs RFT on PREV's correct samples (docs/offline_rl.md): ROUND=1 PREV=runs/base/hf [ROUND_ARGS=...]
+ROUND ?= 1
+PREV  ?=
+offline-rl-round: venv
+	NPROC=$(NPROC) bash scripts/offline_rl_round.sh $(ROUND) $(PREV) $(ROUND_ARGS)
 
 docs: venv
 	$(BIN)/python -m dft_ds.config --markdown > docs/configuration.md
