@@ -1,7 +1,11 @@
-"""dft-eval samples/s with --backend hf against --backend vllm, on the same model and settings.
+"""dft-eval (or dft-sample) samples/s with --backend hf against --backend vllm, on the same model and settings.
 
     .venv/bin/python benchmarks/eval_backends.py [--problems 8] [--samples 16] [--max-new-tokens 64]
                                                  [--rounds 2] [--hf-batch-size 32] [--vllm-env .venv-vllm]
+                                                 [--tool eval|sample]
+
+--tool sample times `dft-sample` on the training problems (synthetic-train) instead: the same
+generation path, plus its grading and selection, read from selection.json's runtime.
 
 The model is a Qwen2 of about 100M parameters (dft_ds.families, hidden 512, 8 layers, 151936
 vocabulary rows) with random weights; the benchmark is the built-in synthetic test split, K samples
@@ -33,7 +37,9 @@ SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_ke
 
 
 def run_eval(bin_dir: str, model: str, out: str, args, backend: str, problems: int) -> dict:
-    cmd = [os.path.join(bin_dir, "dft-eval"), "--model", model, "--out", out, "--benchmark", "synthetic",
+    tool = ["-m", "dft_ds.eval"] if args.tool == "eval" else ["-m", "dft_ds.sample"]
+    bench = "synthetic" if args.tool == "eval" else "synthetic-train"
+    cmd = [os.path.join(bin_dir, "python"), *tool, "--model", model, "--out", out, "--benchmark", bench,
            "--limit", str(problems), "--samples", str(args.samples), "--temperature", "1.0",
            "--max-new-tokens", str(args.max_new_tokens), "--backend", backend, "--no-progress"]
     if backend == "hf":
@@ -45,7 +51,8 @@ def run_eval(bin_dir: str, model: str, out: str, args, backend: str, problems: i
     if proc.returncode != 0:
         open(out + ".stderr", "w").write(proc.stderr)
         sys.exit(f"{backend} failed ({proc.returncode}), see {out}.stderr:\n{proc.stderr[-3000:]}")
-    runtime = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))["runtime"]
+    result = "results.json" if args.tool == "eval" else "selection.json"
+    runtime = json.load(open(os.path.join(out, result), encoding="utf-8"))["runtime"]
     shutil.rmtree(out)
     return runtime
 
@@ -59,6 +66,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--vllm-memory", type=float, default=0.1, help="--gpu-memory-utilization for vllm")
     parser.add_argument("--vllm-env", default=os.path.join(REPO, ".venv-vllm"))
+    parser.add_argument("--tool", choices=("eval", "sample"), default="eval",
+                        help="time dft-eval (default) or dft-sample")
     args = parser.parse_args()
 
     from dft_ds import families
@@ -66,13 +75,15 @@ def main() -> None:
     bins = {"hf": os.path.dirname(sys.executable), "vllm": os.path.join(args.vllm_env, "bin")}
     if not os.path.exists(os.path.join(bins["vllm"], "dft-eval")):
         sys.exit(f"no dft-eval in {bins['vllm']}: run `make venv-vllm` first")
+    print(f"tool: dft-{args.tool}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as work:
         model = families.build_family("qwen2", os.path.join(work, "qwen2-100m"), **SHAPE)
         from transformers import AutoConfig, AutoModelForCausalLM
 
         with __import__("torch").device("meta"):
             n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).parameters())
-        print(f"model: Qwen2, {n_params / 1e6:.0f}M parameters (random weights); {args.problems} synthetic problems x "
+        print(f"model: Qwen2, {n_params / 1e6:.0f}M parameters (random weights); {args.problems} "
+              f"{'synthetic' if args.tool == 'eval' else 'synthetic-train'} problems x "
               f"K={args.samples} at temperature 1.0, max_new_tokens {args.max_new_tokens}; hf batch size "
               f"{args.hf_batch_size}; cpu threads {os.cpu_count()}")
         for backend in ("hf", "vllm"):  # warm-up: page cache, first-run compilation of kernels
