@@ -34,6 +34,8 @@ NODES = ("n1", "n2")
 # Quick failure detection: slurmctld marks a silent node DOWN after SlurmdTimeout, and only then
 # ends the job that ran on it (the default 300 s would dominate the node-loss test).
 SLURMD_TIMEOUT = 10
+# `ip netns exec NS` bind-mounts the files of /etc/netns/NS over those of /etc.
+ETC_NETNS = Path("/etc/netns")
 
 
 def why_not_available() -> str | None:
@@ -54,6 +56,17 @@ def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def free_subnet(start: int) -> str:
+    """A 10.78.X.0/24 that no interface of the root namespace holds (a leftover of a killed run may)."""
+    for i in range(250):
+        subnet = f"10.78.{(start + i) % 250}"
+        held = subprocess.run(["ip", "-o", "addr", "show", "to", f"{subnet}.0/24"], capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        if not held:
+            return subnet
+    raise RuntimeError("every 10.78.X.0/24 is in use")
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ class TwoNodeSlurm(harness.LocalSlurm):
 
     def __init__(self, state_dir: Path):
         pid = os.getpid()
-        subnet = f"10.78.{pid % 250}"
+        subnet = free_subnet(pid % 250)
         self.bridge = f"dftbr{pid}"[:15]
         self.bridge_address = f"{subnet}.254"
         self.nodes = [Node(name, f"dft{name}{pid}", f"dft{name}{pid}"[:15], f"{subnet}.{i + 1}")
@@ -108,8 +121,11 @@ class TwoNodeSlurm(harness.LocalSlurm):
             self.write_hosts(node)
 
     def write_hosts(self, node: Node) -> None:
-        etc = Path("/etc/netns") / node.namespace
-        etc.mkdir(parents=True, exist_ok=True)
+        if not ETC_NETNS.is_dir():
+            ETC_NETNS.mkdir()
+            self._made.append("etc-netns")
+        etc = ETC_NETNS / node.namespace
+        etc.mkdir()
         self._etc.append(etc)
         lines = [open("/etc/hosts").read().rstrip("\n")]
         lines += [f"{n.address} {n.name}" for n in self.nodes]
@@ -248,6 +264,11 @@ PartitionName=two Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
             subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
         for etc in self._etc:
             shutil.rmtree(etc, ignore_errors=True)
+        if "etc-netns" in self._made:
+            try:
+                ETC_NETNS.rmdir()  # only when empty: someone else may have put a namespace's files there since
+            except OSError:
+                pass
         self._made.clear()
         self._etc.clear()
 
