@@ -35,6 +35,9 @@ sys.path.insert(0, REPO)
 from benchmarks.common import free_port  # noqa: E402
 
 BENCHMARKS = ("synthetic", "synthetic-ood")
+# The models a report shows: (key, label in the table, colour in the plot); offline_rl.py passes its own.
+MODELS = (("base", "base (pretrained only)", "grey"), ("sft", "SFT", "tab:blue"), ("dft", "DFT", "tab:orange"))
+COMMON = ["data.max_length=512", "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_ratio=0.05"]
 
 
 
@@ -82,6 +85,14 @@ def evaluate(args, model_dir: str, out_dir: str) -> dict:
         return json.load(fh)
 
 
+def pretrain(args, out: str, pre_data: str) -> str:
+    """Step 1: next-token loss on whole transcripts from random init; returns the run directory (HF model in hf/)."""
+    base = os.path.join(out, "base")
+    train(args, base, [f"data.source={pre_data}", "data.template=plain", "loss.type=sft", "train.lr=1e-3",
+                       f"train.epochs={args.pretrain_epochs}", "train.seed=0", *COMMON])
+    return base
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -110,12 +121,10 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     pre_data, fine_data = write_data(out, args.pretrain_samples, args.finetune_samples)
-    common = ["data.max_length=512", "train.micro_batch_size=4", "train.global_batch_size=8", "train.warmup_ratio=0.05"]
+    common = COMMON
 
     print("1. pretrain (next-token loss on whole transcripts, random init)", flush=True)
-    base = os.path.join(out, "base")
-    train(args, base, [f"data.source={pre_data}", "data.template=plain", "loss.type=sft", "train.lr=1e-3",
-                       f"train.epochs={args.pretrain_epochs}", "train.seed=0", *common])
+    base = pretrain(args, out, pre_data)
 
     print("2. fine-tune copies with sft and dft at equal compute", flush=True)
     runs = {}
@@ -170,13 +179,14 @@ def summarise(results: dict, seeds: list[int], args, runs: dict, seconds: float)
             "settings": vars(args), "minutes": round(seconds / 60, 1)}
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, models=MODELS) -> str:
     k, seeds = summary["k"], summary["seeds"]
-    lines = [f"Average@{k} (%, temperature 1.0) on {summary['problems']} problems per split; SFT and DFT: mean ± "
+    lines = [f"Average@{k} (%, temperature 1.0) on {summary['problems']} problems per split; "
+             f"{' and '.join(label for key, label, _ in models if key != 'base')}: mean ± "
              f"standard deviation over fine-tuning seeds {', '.join(map(str, seeds))} (per-seed values in brackets); "
              "the base is one model.", "",
              "| model | in-domain (synthetic test) | out-of-domain (synthetic-ood) |", "|---|---|---|"]
-    for model, label in (("base", "base (pretrained only)"), ("sft", "SFT"), ("dft", "DFT")):
+    for model, label, _ in models:
         cells = []
         for bench in BENCHMARKS:
             c = summary["avg_at_k"][model][bench]
@@ -185,7 +195,8 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     lines += ["", "Samples that end in an extractable `\\boxed{}` answer (%, right or wrong), mean [per seed]:", "",
               "| model | in-domain | out-of-domain |", "|---|---|---|"]
-    for model, label in (("base", "base"), ("sft", "SFT"), ("dft", "DFT")):
+    for model, label, _ in models:
+        label = label.split(" (")[0]
         cells = []
         for bench in BENCHMARKS:
             c = summary["avg_at_k"][model][bench]
@@ -199,14 +210,14 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, runs: dict, seeds: list[int], path: str) -> None:
+def plot(summary: dict, runs: dict, seeds: list[int], path: str, models=MODELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    colours = {"sft": "tab:blue", "dft": "tab:orange"}
+    colours = {key: colour for key, _, colour in models}
     for (loss, seed), run_dir in runs.items():
         rows = [r for r in read_metrics(run_dir) if r.get("loss") is not None]
         steps = [r["step"] for r in rows]
@@ -219,11 +230,11 @@ def plot(summary: dict, runs: dict, seeds: list[int], path: str) -> None:
         ax.legend()
     ax = axes[3]
     width = 0.25
-    for i, model in enumerate(("base", "sft", "dft")):
+    for i, (model, _, colour) in enumerate(models):
         for j, bench in enumerate(BENCHMARKS):
             c = summary["avg_at_k"][model][bench]
             x = j + (i - 1) * width
-            ax.bar(x, c["mean"], width, color=("grey", colours["sft"], colours["dft"])[i],
+            ax.bar(x, c["mean"], width, color=colour,
                    label=model.upper() if j == 0 else None)
             ax.scatter([x] * len(c["per_seed"]), c["per_seed"], color="black", s=8, zorder=3)
     ax.set_xticks(range(len(BENCHMARKS)), ["in-domain", "out-of-domain"])
