@@ -90,6 +90,9 @@ def wait_for(what: str, done, timeout: float, cluster, job: str):
         value = done()
         if value:
             return value
+        info = cluster.job(job)
+        if info.get("JobState") in harness.FINAL:
+            raise RuntimeError(f"{what}: the job ended first\n" + cluster.diagnostics(info))
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not after {timeout:.0f} s\n" + cluster.diagnostics(cluster.job(job)))
         time.sleep(0.2)
@@ -105,6 +108,13 @@ def cluster(tmp_path_factory):
         yield slurm
     finally:
         slurm.close()
+
+
+@pytest.fixture(autouse=True)
+def both_nodes_up_after(cluster):
+    """A failed test leaves neither a job in the queue nor a node down for the next one."""
+    yield
+    cluster.reset()
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,19 @@ PartitionName=two Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
                                    + self.diagnostics({}))
             time.sleep(0.5)
 
+    def reset(self, timeout: float = 90) -> None:
+        """No job left, every node's slurmd running and the nodes idle again."""
+        self.run("scancel", "--full", "--quiet", "--partition=two", check=False)
+        deadline = time.monotonic() + timeout
+        while self.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"jobs still queued {timeout:.0f} s after scancel\n" + self.diagnostics({}))
+            time.sleep(0.5)
+        for node in self.nodes:
+            if not node.pids():  # lost, and not brought back
+                self.start_slurmd(node)
+        self.wait_nodes_up(timeout)
+
     def kill_node(self, node: Node, timeout: float = 30) -> None:
         """What a node failure does: every process of the node (slurmd, slurmstepd, the job's
         processes) dies at once with SIGKILL, without a word to anyone."""
