@@ -22,13 +22,14 @@ Steps (each a real `dft-sample` / `dft-train` / `dft-eval` run; training on 2 ra
      these to be its pretraining problems.)
 3. keep the correct ones (dft-sample's default selection: every correct sample that finished);
 4. train DFT (loss.type=dft, prob_floor 0) and RFT (loss.type=sft) from the base on that kept file,
-   with the same steps, batch, learning rate and data, once per seed (the seed sets data order);
+   with the same steps, batch (8 samples, unpacked), learning rate and data, once per seed (the seed sets data order);
 5. evaluate the base and every trained model as replicate.py does (Average@K, temperature 1.0, on
    `synthetic` and `synthetic-ood`), and write results.md (mean ± spread over seeds, and the sampling
    counts: problems, samples, correct, kept), results.json and results.png.
 
-`--quick` is a smoke run (about 10 minutes on 2 CPU cores with --base; a few more to pretrain): 60
-problems, K=4, 1 seed, 10 steps, 20 evaluation problems, K=2 in evaluation. Its figures mean nothing.
+`--quick` is a smoke run (11.3 min with --base on 2 CPU cores shared with other jobs, mostly the
+three evaluations; pretraining on 1500 transcripts adds a few minutes): 60 problems, K=4, 1 seed, 10 steps, 20 evaluation problems, K=2 in evaluation,
+--min-kept 1. Its figures mean nothing.
 
 If fewer than --min-kept samples are kept (default 50) the script says so and stops before training
 (pass --min-kept 1 to train on what there is). The result is reported whichever way it falls.
@@ -52,7 +53,7 @@ MODELS = (("base", "base (pretrained only, the sampler)", "grey"), ("rft", "RFT 
           ("dft", "DFT (on the same kept samples)", "tab:orange"))
 LOSS_TYPE = {"rft": "sft", "dft": "dft"}
 QUICK = {"limit": 60, "k": 4, "seeds": "1", "steps": 10, "eval_problems": 20, "samples": 2,
-         "pretrain_samples": 1500, "pretrain_epochs": 1.0}
+         "pretrain_samples": 1500, "pretrain_epochs": 1.0, "min_kept": 1}
 
 
 def hf_dir(path: str) -> str:
@@ -148,9 +149,12 @@ def main() -> None:
     for seed in seeds:
         for name, loss in LOSS_TYPE.items():
             # Equal compute: every override is shared; only loss.type and the output directory differ.
+            # No packing: the kept set is small (a few hundred samples pack into a few dozen rows), and one
+            # sample a row makes a step the same 8 samples for both losses.
             train(args, os.path.join(out, f"{name}-seed{seed}"),
                   [f"model.name_or_path={base_hf}", f"data.source={kept}", f"loss.type={loss}", "loss.prob_floor=0",
-                   f"train.lr={args.lr}", f"train.max_steps={args.steps}", f"train.seed={seed}", *COMMON])
+                   f"train.lr={args.lr}", f"train.max_steps={args.steps}", f"train.seed={seed}", "data.packing=false",
+                   *COMMON])
 
     print("5. evaluate", flush=True)
     evaluate(args, base_hf, os.path.join(out, "eval-base"))
