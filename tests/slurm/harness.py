@@ -8,11 +8,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.distributed.helpers import REPO
+from tests.distributed.helpers import REPO, free_port
 
 SCRIPT = os.path.join(REPO, "scripts", "local_slurm.sh")
 TRAIN = os.path.join(REPO, "slurm", "train.sbatch")
@@ -124,3 +125,17 @@ def wait_for_lines(path: Path, n: int, timeout: float, slurm: LocalSlurm, job_id
         time.sleep(0.1)
     raise TimeoutError(f"{path} has fewer than {n} lines after {timeout:.0f} s\n"
                        + slurm.diagnostics(slurm.job(job_id)))
+
+
+def torchrun_reference(workdir: Path, job_env: dict, args: list[str]) -> Path:
+    """The uninterrupted run a Slurm job is compared with: 2 ranks under plain torchrun on one host,
+    outside Slurm, in the job's environment less the template's knobs."""
+    out = workdir / "reference"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "dft_ds.train"] + args + [f"train.output_dir={out}"]
+    env = {k: v for k, v in job_env.items() if k not in ("NPROC_PER_NODE", "REPO", "VENV")}
+    log = workdir / "reference.log"
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=600).returncode
+    assert rc == 0, log.read_text()[-3000:]
+    return out

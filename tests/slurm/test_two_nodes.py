@@ -8,14 +8,13 @@ world size. Needs root and `ip netns`: skipped otherwise.
 
 import os
 import re
-import subprocess
 import sys
 import time
 
 import pytest
 
 from dft_ds import checkpoint
-from tests.distributed.helpers import QUICK, REPO, clean_env, free_port, read_metrics
+from tests.distributed.helpers import QUICK, REPO, clean_env, read_metrics
 from tests.slurm import harness, two_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.netns]
@@ -133,15 +132,7 @@ def job_env(workdir):
 @pytest.fixture(scope="module")
 def reference(workdir, job_env):
     """The uninterrupted run: 2 ranks under plain torchrun on one host, outside Slurm."""
-    out = workdir / "reference"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "dft_ds.train"] + ARGS + [f"train.output_dir={out}"]
-    env = {k: v for k, v in job_env.items() if k not in ("NPROC_PER_NODE", "REPO", "VENV")}
-    log = workdir / "reference.log"
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=600).returncode
-    assert rc == 0, log.read_text()[-3000:]
-    return out
+    return harness.torchrun_reference(workdir, job_env, ARGS)
 
 
 def submit(cluster, workdir, job_env, name: str) -> str:
