@@ -122,9 +122,7 @@ def main() -> None:
     out = os.path.abspath(args.out)
     if args.report_only is not None:
         return report(out, seeds, args, args.report_only * 60)
-    if os.path.exists(out) and os.listdir(out):
-        sys.exit(f"{out} exists and is not empty; choose a new --out")
-    os.makedirs(out, exist_ok=True)
+    replicate.new_out_dir(out)
     start = time.perf_counter()
 
     if args.base:

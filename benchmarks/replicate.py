@@ -52,6 +52,13 @@ def sh(cmd: list[str], log_path: str) -> None:
     print(f"  {time.perf_counter() - start:6.1f} s  {os.path.basename(log_path)}", flush=True)
 
 
+def new_out_dir(out: str) -> None:
+    """--out must be new or empty: a benchmark never writes over an earlier run's results."""
+    if os.path.exists(out) and os.listdir(out):
+        sys.exit(f"{out} exists and is not empty; choose a new --out")
+    os.makedirs(out, exist_ok=True)
+
+
 def write_data(out: str, pretrain_n: int, finetune_n: int) -> tuple[str, str]:
     from dft_ds import synthetic
 
@@ -116,9 +123,7 @@ def main() -> None:
     out = os.path.abspath(args.out)
     if args.report_only is not None:
         return report(out, seeds, args, args.report_only * 60)
-    if os.path.exists(out) and os.listdir(out):
-        sys.exit(f"{out} exists and is not empty; choose a new --out")
-    os.makedirs(out, exist_ok=True)
+    new_out_dir(out)
     start = time.perf_counter()
     pre_data, fine_data = write_data(out, args.pretrain_samples, args.finetune_samples)
     common = COMMON
