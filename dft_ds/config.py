@@ -22,7 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from dft_ds.errors import ConfigError
-from dft_ds.loss import LOSS_TYPES
+from dft_ds.loss import LOSS_TYPES, THRESHOLD_BASES
 
 SYNTHETIC = "synthetic"
 
@@ -92,11 +92,19 @@ class DataConfig:
 @dataclass
 class LossConfig:
     type: str = "dft"
-    """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model))."""
+    """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model)), eaft (w=(H_k/ln k)^alpha, the position's normalised top-k entropy), only_top_p / only_bottom_p (threshold_base's weight where p is above / below loss.threshold, 0 elsewhere). docs/method.md."""
     prob_floor: float = 0.0
-    """dft, power, mix, asft: p in the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
+    """dft, power, mix, asft (and only_*_p with threshold_base dft): p in the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
     alpha: float = 1.0
-    """power only: the weight is p^alpha; 0 is SFT, 1 is DFT, between them a softer DFT."""
+    """power: the weight is p^alpha (0 is SFT, 1 is DFT, between them a softer DFT). eaft: the exponent of the normalised entropy."""
+    eaft_top_k: int = 20
+    """eaft only: the entropy is that of the top-k next-token distribution renormalised over those k, divided by ln k; 0 is the whole vocabulary, divided by ln V."""
+    threshold: float = 0.1
+    """only_top_p / only_bottom_p: the probability q; a target token learns only where its p > q (only_top_p) or p < q (only_bottom_p). The others weigh 0 but still count in the normalising token count. 0.1 is the edge of the logged low_prob_share."""
+    threshold_base: str = "dft"
+    """only_top_p / only_bottom_p: the weight of the tokens kept: dft (p, or max(p, prob_floor)) or sft (1)."""
+    normalize: str = "step"
+    """step: the weighted token losses are divided by the target tokens of the whole optimizer step on all ranks (the same gradient however the batch is split). micro_batch_mean: each micro-batch's token mean on its own rank, micro-batches summed, ranks averaged -- the DFT paper code's rule, for reproducing its numbers; the gradient then depends on the micro-batch size and accumulation steps."""
     mix_start: int = 0
     """mix only: optimizer step where the weight starts moving from 1 (SFT) towards p (DFT)."""
     mix_end: int = 0
@@ -331,6 +339,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.overlong": ("truncate", "drop"),
     "loss.type": LOSS_TYPES,
     "loss.fused": ("auto", "true", "false"),
+    "loss.threshold_base": THRESHOLD_BASES,
+    "loss.normalize": ("step", "micro_batch_mean"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.nonfinite": ("stop", "skip"),
     "checkpoint.verify": ("hash", "size", "off"),
@@ -642,6 +652,9 @@ def _check_values(cfg: Config) -> list[str]:
     lo = cfg.loss
     need(0 <= lo.prob_floor <= 1, "loss.prob_floor", "a number in [0, 1]")
     need(lo.alpha >= 0 and math.isfinite(lo.alpha), "loss.alpha", "a number >= 0 (0 is sft, 1 is dft)")
+    need(lo.eaft_top_k >= 0 and lo.eaft_top_k != 1, "loss.eaft_top_k",
+         "an integer >= 2 (the top-k entropy), or 0 (the whole vocabulary)")
+    need(0 < lo.threshold < 1, "loss.threshold", "a probability in (0, 1)")
     need(lo.mix_start >= 0, "loss.mix_start", "an integer >= 0")
     need(lo.mix_end >= lo.mix_start, "loss.mix_end", f"an integer >= loss.mix_start ({lo.mix_start})")
     need(lo.kl_coef >= 0 and math.isfinite(lo.kl_coef), "loss.kl_coef", "a number >= 0")
@@ -763,7 +776,8 @@ def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> Batch
 # resolved on the machine.) Every other setting only continues the run and may change with a warning.
 RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "model.lora", "model.lora_rank",
                 "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings", "data.*", "loss.type",
-                "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "train.seed")
+                "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "loss.eaft_top_k",
+                "loss.threshold", "loss.threshold_base", "loss.normalize", "train.seed")
 
 
 def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[str], list[str]]:

@@ -13,6 +13,7 @@ Pure tensor functions: no deepspeed, no torch.distributed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -37,37 +38,82 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 @dataclass(frozen=True)
 class TokenWeight:
-    """The detached weight of each target token's -log p:  w = (1 - mix) + mix * max(p, floor)^alpha.
+    """The detached weight of each target token's -log p.
 
-    One formula covers the family: sft is mix=0; dft is mix=1, alpha=1; power is mix=1 with its
-    alpha (0 is sft, 1 is dft); mix moves `mix` from 0 to 1 over a range of steps. The gradient of
-    -w log p is -w grad p / p, so dft's w = p turns it into -grad p.
+    Probability weights:  w = (1 - mix) + mix * max(p, floor)^alpha.  sft is mix=0; dft is mix=1,
+    alpha=1; power is mix=1 with its alpha (0 is sft, 1 is dft); mix moves `mix` from 0 to 1 over a
+    range of steps. The gradient of -w log p is -w grad p / p, so dft's w = p turns it into -grad p.
+
+    Entropy weights (eaft, `entropy_k` set):  w = (H_k / ln k)^alpha, H_k the entropy of the
+    position's top-k next-token distribution renormalised over those k (k = 0: the whole vocabulary,
+    divided by ln V). A confident position (low entropy) learns little, whatever its target.
+
+    A gate (`keep` = "above" or "below" `threshold`) multiplies either weight by 1 where the target's
+    own p is strictly above (below) the threshold and by 0 elsewhere: only_top_p / only_bottom_p.
+    Gated-out tokens still count in the normalising token count.
     """
 
     mix: float = 1.0
     alpha: float = 1.0
     floor: float = 0.0
+    entropy_k: Optional[int] = None
+    keep: Optional[str] = None
+    threshold: float = 0.0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_k is not None
 
     @property
     def is_constant(self) -> bool:
-        return self.mix == 0 or self.alpha == 0
+        return self.entropy_k is None and self.keep is None and (self.mix == 0 or self.alpha == 0)
 
-    def __call__(self, logp: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logp: torch.Tensor, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Weights of target log-probs `logp`; `entropy` (the normalised entropy at each of those
+        positions, see normalized_entropy) is required when `needs_entropy`."""
         logp = logp.detach()
-        if self.is_constant:
-            return torch.ones_like(logp)
-        p = logp.exp()
-        if self.floor > 0:
-            p = p.clamp(min=self.floor)
-        if self.alpha != 1:
-            p = p.pow(self.alpha)
-        return p if self.mix == 1 else (1 - self.mix) + self.mix * p
+        if self.entropy_k is not None:
+            if entropy is None:
+                raise ValueError("TokenWeight: an entropy weight needs the positions' normalised entropy")
+            w = entropy.detach().to(logp.dtype).reshape(logp.shape)
+            w = w if self.alpha == 1 else w.pow(self.alpha)
+        elif self.mix == 0 or self.alpha == 0:
+            w = torch.ones_like(logp)
+        else:
+            p = logp.exp()
+            if self.floor > 0:
+                p = p.clamp(min=self.floor)
+            if self.alpha != 1:
+                p = p.pow(self.alpha)
+            w = p if self.mix == 1 else (1 - self.mix) + self.mix * p
+        if self.keep is not None:
+            p = logp.exp()
+            w = w * ((p > self.threshold) if self.keep == "above" else (p < self.threshold)).to(w.dtype)
+        return w
+
+
+def normalized_entropy(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Entropy of each row's next-token distribution over its top k logits, renormalised over those k,
+    divided by ln k (so in [0, 1]); k = 0 or k >= V: the whole distribution, divided by ln V. In the
+    rows' precision at least fp32; detached."""
+    rows = rows.detach()
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    vocab = rows.shape[-1]
+    if 0 < k < vocab:
+        rows = rows.topk(k, dim=-1, sorted=False).values
+    n = rows.shape[-1]
+    if n < 2:
+        return torch.zeros(rows.shape[:-1], dtype=rows.dtype, device=rows.device)
+    logq = torch.log_softmax(rows, dim=-1)
+    return -(logq.exp() * logq).sum(-1) / math.log(n)
 
 
 SFT = TokenWeight(mix=0.0)
 DFT = TokenWeight()
 
-LOSS_TYPES = ("dft", "sft", "power", "mix", "asft")
+LOSS_TYPES = ("dft", "sft", "power", "mix", "asft", "eaft", "only_top_p", "only_bottom_p")
+# only_top_p / only_bottom_p weight the tokens they keep as one of these.
+THRESHOLD_BASES = ("dft", "sft")
 
 
 def mix_fraction(step: int, start: int, end: int) -> float:
@@ -80,7 +126,8 @@ def mix_fraction(step: int, start: int, end: int) -> float:
 
 
 def token_weight(loss_type: str, *, step: int = 0, prob_floor: float = 0.0, alpha: float = 1.0,
-                 mix_start: int = 0, mix_end: int = 0) -> TokenWeight:
+                 mix_start: int = 0, mix_end: int = 0, eaft_top_k: int = 20, threshold: float = 0.1,
+                 threshold_base: str = "dft") -> TokenWeight:
     """The TokenWeight of `loss_type` at optimizer step `step` (asft weights its tokens as dft)."""
     if loss_type == "sft":
         return SFT
@@ -90,6 +137,14 @@ def token_weight(loss_type: str, *, step: int = 0, prob_floor: float = 0.0, alph
         return TokenWeight(alpha=alpha, floor=prob_floor)
     if loss_type == "mix":
         return TokenWeight(mix=mix_fraction(step, mix_start, mix_end), floor=prob_floor)
+    if loss_type == "eaft":
+        return TokenWeight(alpha=alpha, entropy_k=int(eaft_top_k))
+    if loss_type in ("only_top_p", "only_bottom_p"):
+        if threshold_base not in THRESHOLD_BASES:
+            raise ValueError(f"unknown threshold base {threshold_base!r}; expected one of {', '.join(THRESHOLD_BASES)}")
+        base = SFT if threshold_base == "sft" else TokenWeight(floor=prob_floor)
+        return TokenWeight(mix=base.mix, floor=base.floor, keep="above" if loss_type == "only_top_p" else "below",
+                           threshold=float(threshold))
     raise ValueError(f"unknown loss type {loss_type!r}; expected one of {', '.join(LOSS_TYPES)}")
 
 
@@ -137,15 +192,22 @@ class LossParts(NamedTuple):
     low_prob: int = 0                       # targets with p < LOW_PROB
     kl_sum: float = 0.0                     # asft: sum of per-token KL(reference || model)
     hist: Optional[torch.Tensor] = None     # [HIST_BINS] counts of target probabilities
+    weight_sum: float = 0.0                 # sum of the detached token weights
+    zero_weight: int = 0                    # targets whose weight is exactly 0 (gated out, or p underflowed)
+    entropy_sum: float = 0.0                # eaft: sum of the normalised entropies
 
 
-def _parts(loss: torch.Tensor, loss_sum: torch.Tensor, logp: torch.Tensor, kl_sum=0.0) -> LossParts:
-    """Logging sums from the detached target log-probs of this micro-batch (a few thousand values)."""
+def _parts(loss: torch.Tensor, loss_sum: torch.Tensor, logp: torch.Tensor, kl_sum=0.0,
+           weights: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None) -> LossParts:
+    """Logging sums from the detached target log-probs and weights of this micro-batch (a few thousand values)."""
     logp = logp.detach()
     p = logp.exp()
+    weights = torch.ones_like(p) if weights is None else weights.detach()
     return LossParts(loss=loss, loss_sum=loss_sum.detach(), nll_sum=-logp.sum(), prob_sum=p.sum(),
                      tokens=int(p.numel()), low_prob=int((p < LOW_PROB).sum()), kl_sum=float(kl_sum),
-                     hist=torch.histc(p.float().cpu(), bins=HIST_BINS, min=0.0, max=1.0))
+                     hist=torch.histc(p.float().cpu(), bins=HIST_BINS, min=0.0, max=1.0),
+                     weight_sum=float(weights.sum()), zero_weight=int((weights == 0).sum()),
+                     entropy_sum=float(entropy.detach().sum()) if entropy is not None else 0.0)
 
 
 def kl_term_on(reference, kl_coef: float) -> bool:
@@ -161,13 +223,17 @@ def compute_loss(weighting: TokenWeight | str, logits, labels, *, num_tokens, pr
     if isinstance(weighting, str):
         weighting = token_weight(weighting, prob_floor=prob_floor)
     logp, mask = target_logprobs(logits, labels, ignore_index)
-    token_loss = -weighting(logp) * logp
+    entropy = None
+    if weighting.needs_entropy:
+        entropy = normalized_entropy(logits.reshape(-1, logits.shape[-1])[mask], weighting.entropy_k)
+    weights = weighting(logp, entropy)
+    token_loss = -weights * logp
     kl_sum = 0.0
     if kl_term_on(ref_logits, kl_coef):
         kl = kl_ref_model(logits.reshape(-1, logits.shape[-1])[mask], ref_logits.reshape(-1, ref_logits.shape[-1])[mask])
         token_loss = token_loss + kl_coef * kl
         kl_sum = float(kl.detach().sum())
-    return _parts(_reduce(token_loss, num_tokens), token_loss.detach().sum(), logp, kl_sum)
+    return _parts(_reduce(token_loss, num_tokens), token_loss.detach().sum(), logp, kl_sum, weights, entropy)
 
 
 # ---------------------------------------------------------------- fused LM head + loss
@@ -220,6 +286,12 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         grad_rows = torch.empty((rows.shape[0], w.shape[1]), dtype=cdt, device=w.device) if want_h else None
         grad_w = torch.zeros_like(w, dtype=cdt) if want_w else None
         logps = torch.empty(rows.shape[0], dtype=cdt, device=w.device)
+        weights = torch.empty(rows.shape[0], dtype=cdt, device=w.device)
+        use_entropy = weighting.needs_entropy
+        top_k = weighting.entropy_k if use_entropy and 0 < weighting.entropy_k < w.shape[0] else 0
+        entropies = torch.empty(rows.shape[0] if use_entropy else 0, dtype=cdt, device=w.device)
+        ent_buf = (torch.empty((min(ENTROPY_BLOCK_ROWS, max(rows.shape[0], 1)), w.shape[0]), dtype=cdt, device=w.device)
+                   if use_entropy and not top_k else None)
         total = torch.zeros((), dtype=cdt, device=w.device)
         kl_total = torch.zeros((), dtype=cdt, device=w.device)
         for start in range(0, rows.shape[0], chunk_size):
@@ -234,13 +306,21 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
                 z = t.mul_(softcap)
                 del t
             z_y = z.gather(1, y)                            # [c, 1]
+            if top_k:
+                # eaft: the top-k logits ([c, k], small) before z is overwritten.
+                ent = normalized_entropy(z.topk(top_k, dim=-1, sorted=False).values, 0)
             # log-sum-exp by hand, in z's storage: torch.logsumexp allocates a second [c, V].
             z_max = z.amax(dim=-1, keepdim=True)
             e = z.sub_(z_max).exp_()                        # z is now exp(z - max)
             sum_e = e.sum(dim=-1, keepdim=True)
             logp_y = z_y - z_max - sum_e.log()
             logps[start:start + chunk_size] = logp_y.squeeze(1)
-            tok_w = weighting(logp_y)
+            if use_entropy and not top_k:
+                ent = _entropy_from_exp(e, sum_e, ent_buf) / math.log(w.shape[0])
+            if use_entropy:
+                entropies[start:start + chunk_size] = ent
+            tok_w = weighting(logp_y, ent if use_entropy else None)
+            weights[start:start + chunk_size] = tok_w.squeeze(1)
             total -= (tok_w * logp_y).sum()
             probs = e.div_(sum_e)                           # softmax, still in z's storage
             if use_ref:
@@ -276,11 +356,11 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
         ctx.hidden_meta = (hidden_shape, hidden_dtype, weight.dtype)
         ctx.grad_w = grad_w
         ctx.save_for_backward(idx, grad_rows if want_h else None)
-        ctx.mark_non_differentiable(logps, kl_total)
-        return total, logps, kl_total
+        ctx.mark_non_differentiable(logps, kl_total, weights, entropies)
+        return total, logps, kl_total, weights, entropies
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_logps, _grad_kl):
+    def backward(ctx, grad_out, _grad_logps, _grad_kl, _grad_weights, _grad_entropies):
         hidden_shape, hidden_dtype, weight_dtype = ctx.hidden_meta
         idx, grad_rows = ctx.saved_tensors
         grad_hidden = grad_weight = None
@@ -299,6 +379,23 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             ctx.grad_w = None
             grad_weight = grad_w.mul_(grad_out).to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
+
+
+def _entropy_from_exp(e: torch.Tensor, sum_e: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax rows from e = exp(z - max) and its row sums:  H = log S - sum(e log e) / S.
+    `buf` ([b, V], allocated once per forward) holds e log e for b rows at a time: a few MiB that
+    stay in cache, instead of a [c, V] temporary per chunk."""
+    out = torch.empty(e.shape[0], dtype=e.dtype, device=e.device)
+    block = buf.shape[0]
+    for i in range(0, e.shape[0], block):
+        eb = e[i:i + block]
+        t = torch.special.xlogy(eb, eb, out=buf[:eb.shape[0]])
+        out[i:i + block] = sum_e[i:i + block, 0].log() - t.sum(-1) / sum_e[i:i + block, 0]
+    return out
+
+
+# Rows per block of the whole-vocabulary entropy (eaft with eaft_top_k=0): 8 x 151936 fp32 is 4.6 MiB.
+ENTROPY_BLOCK_ROWS = 8
 
 
 def _check_shapes(hidden, weight, labels) -> None:
@@ -331,7 +428,7 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
     if chunk < 1:
         raise ValueError(f"fused loss: chunk_size must be >= 1, got {chunk_size}")
     need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    total, logps, kl = _FusedLinearTokenLoss.apply(hidden, weight, labels, weighting, int(ignore_index), chunk,
+    total, logps, kl, weights, entropies = _FusedLinearTokenLoss.apply(hidden, weight, labels, weighting, int(ignore_index), chunk,
                                                    need_grads, ref_hidden if use_ref else None,
                                                    ref_weight if use_ref else None, float(kl_coef),
                                                    float(softcap) if softcap else None)
@@ -340,7 +437,7 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
         loss = total / count.clamp(min=1).to(total.dtype)
     else:
         loss = total / max(float(count), 1.0)
-    return _parts(loss, total.detach(), logps, kl)
+    return _parts(loss, total.detach(), logps, kl, weights, entropies if weighting.needs_entropy else None)
 
 
 def fused_linear_dft_loss(hidden, weight, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX,

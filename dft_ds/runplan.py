@@ -135,9 +135,21 @@ class RunPlan:
         return f"{r.samples} samples from {where} -> {r.rows} rows, {r.target_tokens} targets; {every}"
 
     def loss_line(self) -> str:
-        return (f"loss: {self.cfg.loss.type} ({'fused head' if self.fused else 'full logits'}); precision "
+        return (f"loss: {self.cfg.loss.type}{self.loss_detail()} ({'fused head' if self.fused else 'full logits'}); "
+                f"{'micro-batch means (loss.normalize), ' if self.cfg.loss.normalize == 'micro_batch_mean' else ''}"
+                f"precision "
                 f"{self.precision}; DeepSpeed ZeRO-{self.zero_stage}{' with offload' if self.offload else ''}"
                 f"{self.lora_line()}")
+
+    def loss_detail(self) -> str:
+        """The settings of the new variants that say what is trained, e.g. ' w=(H_20/ln 20)^1.0'."""
+        lo = self.cfg.loss
+        if lo.type == "eaft":
+            h = f"H_{lo.eaft_top_k}/ln {lo.eaft_top_k}" if lo.eaft_top_k else "H/ln V"
+            return f" w=({h})^{lo.alpha:g}"
+        if lo.type in ("only_top_p", "only_bottom_p"):
+            return f" {lo.threshold_base} weight where p {'>' if lo.type == 'only_top_p' else '<'} {lo.threshold:g}, else 0"
+        return ""
 
     def lora_line(self) -> str:
         m = self.cfg.model
@@ -218,6 +230,13 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     batch = resolve_batch(cfg.train, world_size, resume.state.get("global_batch_size") if resume else None)
     if batch.note:
         warnings.append(batch.note)
+    if cfg.loss.normalize == "micro_batch_mean":
+        g = batch.gradient_accumulation_steps
+        warnings.append(f"loss.normalize=micro_batch_mean: each micro-batch's token mean on its own rank, the {g} "
+                        f"micro-batches of a step summed, so the gradient depends on how the batch is split "
+                        f"(train.micro_batch_size, accumulation): about {g}x that of loss.normalize=step here, and "
+                        "a row's tokens weigh more in a micro-batch with fewer targets; it exists to reproduce the "
+                        "DFT paper code's numbers")
     tokenizer = mdl.load_tokenizer(cfg.model)
     model_config = mdl.load_model_config(cfg.model, tokenizer)
     data, heldout = build_datasets(cfg.data, tokenizer, cfg.train.seed)

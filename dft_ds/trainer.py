@@ -38,13 +38,17 @@ class StepSums:
     kl: float = 0.0
     skipped: int = 0
     samples: int = 0  # training samples (documents; with data.packing several share a row)
+    weight: float = 0.0  # sum of the detached token weights
+    zero_weight: int = 0  # target tokens at weight 0
+    entropy: float = 0.0  # eaft: sum of the normalised entropies
     hist: list[float] = field(default_factory=lambda: [0.0] * HIST_BINS)
 
     @classmethod
     def from_parts(cls, parts: LossParts, tokens: int, samples: int = 0) -> "StepSums":
         return cls(loss=float(parts.loss_sum), nll=float(parts.nll_sum), prob=float(parts.prob_sum),
                    targets=parts.tokens, tokens=tokens, low_prob=parts.low_prob, kl=parts.kl_sum,
-                   samples=samples, hist=parts.hist.tolist())
+                   samples=samples, weight=parts.weight_sum, zero_weight=parts.zero_weight,
+                   entropy=parts.entropy_sum, hist=parts.hist.tolist())
 
     def add(self, other: "StepSums") -> None:
         self.loss += other.loss
@@ -56,11 +60,15 @@ class StepSums:
         self.kl += other.kl
         self.skipped += other.skipped
         self.samples += other.samples
+        self.weight += other.weight
+        self.zero_weight += other.zero_weight
+        self.entropy += other.entropy
         self.hist = [a + b for a, b in zip(self.hist, other.hist)]
 
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor([self.loss, self.nll, self.prob, self.targets, self.tokens, self.low_prob, self.kl,
-                             self.skipped, self.samples, *self.hist], dtype=torch.float64)
+                             self.skipped, self.samples, self.weight, self.zero_weight, self.entropy, *self.hist],
+                            dtype=torch.float64)
 
 
 @dataclass
@@ -225,7 +233,7 @@ class Trainer:
         limit_memory(self.sampler.step + 1)
         for i, batch in enumerate(batches):
             tokens = batch.pop("n_tokens")
-            loss, parts = self.forward_loss(batch, num_tokens, weighting)
+            loss, parts = self.forward_loss(batch, self.normaliser(num_tokens, batch), weighting)
             # Sync point: every rank learns whether any rank's loss is not finite, before a NaN can
             # reach the gradients (one more all-reduce of one number per micro-batch).
             bad = not bool(torch.isfinite(loss.detach()).all())
@@ -237,6 +245,20 @@ class Trainer:
             sums.add(StepSums.from_parts(parts, tokens, samples=self.samples_in(micro_indices[i])))
             self.engine.step()
         return sums
+
+    def normaliser(self, step_targets: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What a micro-batch's summed token losses are divided by (engine.backward then multiplies by
+        the world size and DeepSpeed averages over ranks).
+
+        step: the step's target tokens on all ranks, so the gradient is the mean over every target
+        token of the step. micro_batch_mean: this micro-batch's own targets times the world size, so
+        the gradient is the paper code's: the sum over micro-batches of each one's token mean,
+        averaged over ranks.
+        """
+        if self.loss.normalize == "micro_batch_mean":
+            mine = int((batch["labels"] != IGNORE_INDEX).sum())
+            return torch.tensor(float(mine * self.engine.dist.world_size), dtype=torch.float64)
+        return step_targets
 
     def samples_in(self, rows: list[int]) -> int:
         """Training samples (documents) in these rows: with packing a row holds several."""
@@ -262,7 +284,8 @@ class Trainer:
     def weighting(self, step: int) -> TokenWeight:
         lo = self.loss
         return token_weight(lo.type, step=step, prob_floor=lo.prob_floor, alpha=lo.alpha, mix_start=lo.mix_start,
-                            mix_end=lo.mix_end)
+                            mix_end=lo.mix_end, eaft_top_k=lo.eaft_top_k, threshold=lo.threshold,
+                            threshold_base=lo.threshold_base)
 
     def forward_loss(self, batch: dict, num_tokens: torch.Tensor, weighting: TokenWeight):
         """(loss to back-propagate, LossParts) for one micro-batch."""
@@ -313,7 +336,7 @@ class Trainer:
         `seconds`: the window's training time (no evaluation or checkpoint saves); `elapsed`: wall
         seconds since this session's loop began, everything included.
         """
-        loss, nll, prob, targets, tokens, low, kl, skipped, samples, *hist = \
+        loss, nll, prob, targets, tokens, low, kl, skipped, samples, weight, zero_weight, entropy, *hist = \
             self.engine.all_reduce_sum(window.as_tensor()).tolist()
         skipped /= self.engine.dist.world_size  # every rank counts the same skipped step
         # A window of skipped steps only has no targets: its per-token figures are null, not 0.
@@ -323,6 +346,8 @@ class Trainer:
             "nll": per_token(nll),
             "mean_token_prob": per_token(prob),
             "low_prob_share": per_token(low),  # share of target tokens with p < loss.LOW_PROB
+            "mean_weight": per_token(weight),  # the detached token weight w of -w log p
+            "zero_weight_share": per_token(zero_weight),
             "lr": lr,
             "grad_norm": self.engine.grad_norm,
             "tokens": int(tokens),
@@ -335,6 +360,8 @@ class Trainer:
         }
         if self.reference is not None:
             record["kl_ref"] = per_token(kl)
+        if self.loss.type == "eaft":
+            record["mean_entropy"] = per_token(entropy)  # normalised: H_k / ln k
         if skipped:
             record["skipped_steps"] = int(round(skipped))
         if self.hist_every and step >= self._hist_due:

@@ -6,6 +6,7 @@ The gradient is read with DeepSpeed's safe_get_full_grad at the accumulation bou
 before the optimizer consumes it.
 """
 
+import os
 import sys
 
 import torch
@@ -17,6 +18,15 @@ from dft_ds.metrics import NullMetrics
 from dft_ds.runplan import build_plan
 from dft_ds.train import build_session, world_size_from_env
 from dft_ds.trainer import Trainer
+
+
+def probe_rows(rank: int):
+    """DFT_PROBE_ROWS="0,1|2": rank 0 steps on micro-batches [row 0], [row 1] and rank 1 on [row 2] (one row
+    each), instead of the sampler's rows; unset: the sampler's."""
+    spec = os.environ.get("DFT_PROBE_ROWS")
+    if not spec:
+        return None
+    return [[int(i)] for i in spec.split("|")[rank].split(",")]
 
 
 def probe_step(overrides: list[str]):
@@ -43,7 +53,7 @@ def probe_step(overrides: list[str]):
     trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused,
                       reference=reference)
     engine.train()
-    sums = trainer.train_step(sampler.indices_for_step(sampler.step))  # 0, or the resumed step
+    sums = trainer.train_step(probe_rows(dist.rank) or sampler.indices_for_step(sampler.step))  # 0, or the resumed step
     totals = engine.all_reduce_sum(sums.as_tensor()).tolist()
     result = {"grads": captured, "totals": totals, "fused": plan.fused}
     return result, plan, dist, engine, sampler
@@ -53,7 +63,7 @@ def main(out_path: str, overrides: list[str]) -> None:
     result, plan, dist, engine, _ = probe_step(overrides)
     totals = result["totals"]
     if dist.is_rank0:
-        torch.save({"grads": result["grads"], "loss": totals[0] / totals[3], "targets": totals[3],
+        torch.save({"grads": result["grads"], "loss": totals[0] / totals[3], "targets": totals[3], "totals": totals,
                     "kl": totals[6] / totals[3], "world_size": dist.world_size, "fused": plan.fused,
                     "accum": plan.batch.gradient_accumulation_steps}, out_path)
     engine.barrier()  # nobody tears down gloo while another rank is still in a collective

@@ -6,7 +6,8 @@ One optimizer step of the real trainer (tests/distributed/grad_probe.py) with lo
   (the head weight is a partitioned parameter used by two modules);
 - ZeRO-3, asft, resumed after 2 steps so that the policy has moved away from its frozen ZeRO-3
   reference engine (whose head is gathered for the fused call) and the KL term is not zero;
-- ZeRO-2, mix half-way through its schedule.
+- ZeRO-2, mix half-way through its schedule;
+- ZeRO-3, eaft (top-5 entropy, alpha 0.5) on packed rows.
 Then a few steps of the embedded default run both ways log the same losses.
 """
 
@@ -56,6 +57,8 @@ CASES = {
                                     "data.packing=true", "loss.type=dft"],
     "asft-zero3": lambda tmp: ["loss.type=asft", "loss.kl_coef=0.5", "data.packing=false"],
     "mix-zero2": lambda tmp: ["deepspeed.config=zero2", "loss.type=mix", "loss.mix_start=0", "loss.mix_end=2"],
+    # eaft's weight comes from each chunk's logits on the fused path, from the full logits on the other.
+    "eaft-zero3": lambda tmp: ["loss.type=eaft", "loss.eaft_top_k=5", "loss.alpha=0.5", "data.packing=true"],
 }
 
 
@@ -101,7 +104,7 @@ def test_default_run_logs_the_same_losses_fused_and_not(tmp_path):
         assert ("fused head" if fused == "true" else "full logits") in proc.stdout
         logs[fused] = read_metrics(out)
     for a, b in zip(logs["true"], logs["false"], strict=True):
-        for key in ("loss", "nll", "mean_token_prob", "grad_norm"):
+        for key in ("loss", "nll", "mean_token_prob", "grad_norm", "mean_weight"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
         assert a["target_tokens"] == b["target_tokens"]
         assert a["low_prob_share"] == pytest.approx(b["low_prob_share"], abs=1e-3)

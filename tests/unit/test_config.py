@@ -171,7 +171,7 @@ def test_impossible_values_are_all_reported_in_one_error():
     assert re.search(r"train\.lr: expected a number > 0, got 0\.0", message)
     assert re.search(r"train\.warmup_ratio: expected a number in \[0, 1\), got 1\.0", message)
     assert re.search(r"data\.max_length: expected an integer >= 8, got 4", message)
-    assert "loss.type: expected one of dft, sft, power, mix, asft, got 'foo'" in message
+    assert "loss.type: expected one of dft, sft, power, mix, asft, eaft, only_top_p, only_bottom_p, got 'foo'" in message
     assert "train.micro_batch_size: expected an integer >= 1, got 0" in message
     assert "loss.prob_floor" in message
     assert "data.preset: expected one of numina_cot, got 'alpaca'" in message

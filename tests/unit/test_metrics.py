@@ -19,7 +19,8 @@ def record(step: int, hist: bool = False) -> dict:
     values = {"loss": 0.5 / step, "nll": 5.0 / step, "mean_token_prob": 0.1 * step, "low_prob_share": 0.9 / step,
               "lr": 1e-3 * step, "grad_norm": 2.0 + step, "tokens": 100 * step, "target_tokens": 40 * step,
               "tokens_per_s": 1000.0 + step, "kl_ref": 0.01 * step, "samples_per_s": 10.0 + step,
-              "epoch": 0.25 * step, "elapsed_s": 2.0 * step, "peak_memory_gib": 0.5 + step}
+              "epoch": 0.25 * step, "elapsed_s": 2.0 * step, "peak_memory_gib": 0.5 + step,
+              "mean_weight": 0.2 / step, "zero_weight_share": 0.05 * step, "mean_entropy": 0.3 / step}
     if hist:
         values["prob_hist"] = [step, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 7]
     return values

@@ -19,7 +19,8 @@ def record(step: int, hist: bool = False) -> dict:
     values = {"loss": 0.5 / step, "nll": 5.0 / step, "mean_token_prob": 0.1 * step, "low_prob_share": 0.9 / step,
               "lr": 1e-3 * step, "grad_norm": 2.0 + step, "tokens": 100 * step, "target_tokens": 40 * step,
               "tokens_per_s": 1000.0 + step, "samples_per_s": 10.0 + step, "epoch": 0.25 * step,
-              "elapsed_s": 2.0 * step, "peak_memory_gib": 0.5 + step}
+              "elapsed_s": 2.0 * step, "peak_memory_gib": 0.5 + step, "mean_weight": 0.2 / step,
+              "zero_weight_share": 0.05 * step}
     if hist:
         values["prob_hist"] = [step, 0, 3] + [0] * 15 + [2, 7]
     return values
@@ -72,7 +73,7 @@ def test_wandb_and_mlflow_hold_what_metrics_jsonl_holds(tmp_path, offline, capsy
     history = wandb_history(wb_dir)
     assert sorted(history) == [1, 2, 3]
     tags = {key: tag for key, tag in TB_TAGS.items() if key in rows[0]}
-    assert len(tags) == len(TB_TAGS) - 1  # all but kl_ref (loss.type=asft only)
+    assert len(tags) == len(TB_TAGS) - 2  # all but kl_ref (loss.type=asft only) and mean_entropy (eaft only)
     for row in rows:
         for key, tag in tags.items():
             assert history[row["step"]][tag] == pytest.approx(row[key]), (tag, row["step"])
