@@ -1,15 +1,18 @@
 """Answer extraction and grading: is a model's final answer the gold answer?
 
     extract_answer(text) -> str | None      the last \\boxed{...} / \\fbox{...}, else "the answer is X"
+                                            (a sentence X: its last $...$ or number)
     is_equivalent(pred, gold) -> bool       math-verify equivalence, else a normalised string match
 
 Equivalence is math-verify's (parse + verify on sympy objects): 1/2 == \\frac{1}{2} == 0.5,
 1,000 == 1000, x = 3 == 3, (0,1] == \\left(0,1\\right], 30^\\circ == 30, \\{1,2\\} == \\{2,1\\},
 x^2+2x+1 == (x+1)^2. Percentages follow math-verify, which is lenient both ways: "50\\%" equals
 "50" (the MATH convention, where the % sign is decoration) AND "0.5" (the value); "50" and "0.5"
-are not equal to each other. A normalised string comparison (spaces, \\! \\, \\left \\right
-\\text{} wrappers, $, a trailing period) is the last resort, so a pair math-verify cannot parse
-is still graded.
+are not equal to each other. A plain-text mixed number is one number: "4 4/9" is 4 + 4/9 = 40/9,
+never 44/9, as math-verify already reads 4\\frac{4}{9} (issue 18). A sentence period after the
+answer is not part of it: "5 \\text{ cm}." and "90^\\circ." grade as 5 and 90. A normalised string
+comparison (spaces, \\! \\, \\left \\right \\text{} wrappers, $, a trailing period) is the last
+resort, so a pair math-verify cannot parse is still graded.
 
 Time limit. sympy can spend minutes on one expression (9^{9^{9^{9}}} vs 1), and math-verify's own
 guard is signal.alarm: whole seconds, main thread only (it raises ValueError in any other
@@ -53,6 +56,15 @@ _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_RE = re.compile(r"\banswer\s*(?:is\b\s*:?|:)[ \t]*(?=(?P<x>[^\n]*))", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")  # a period that ends a sentence, not 3.5's
 _MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# In a sentence ("The largest $n$ is 34."): inline math, or a number standing as its own word,
+# between spaces (or **bold**, or before , ; : ! ?): not the 2 of 2\sqrt{3}, x^2 or the pair (2, 3).
+# A mixed number 4 4/9, 1,000, 3.5 and 50% are one number each.
+_INLINE_MATH_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_NUMBER_RE = re.compile(
+    r"(?<![^\s*])-?(?:\d+[ \t]+\d+/\d+|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?(?:/\d+)?)(?:\\?%)?"
+    r"(?=[\s*;:!?]|,\s|$)"
+)
+_WORD_RE = re.compile(r"(?<!\\)\b[A-Za-z]{2,}\b")  # an English word, not a LaTeX command's name
 
 
 def extract_answer(text: str) -> str | None:
@@ -114,7 +126,22 @@ def _answer_phrase(text: str) -> str | None:
     end = _SENTENCE_END_RE.search(x)
     if end:
         x = x[: end.start()]
-    return x.strip().rstrip(".").strip() or None
+    x = x.strip().rstrip(".").strip()
+    return _last_math_in_sentence(x) or x or None
+
+
+def _last_math_in_sentence(x: str) -> str | None:
+    """The last $...$ or number of a phrase that is a sentence (two or more words outside the
+    math, "The largest $n$ is 34"), else None: "10 cm", "x = 3" and "infinitely many" stay whole.
+    Issue 18: "Final Answer: The largest $n$ is 34." was graded as the whole sentence."""
+    if len(_WORD_RE.findall(_INLINE_MATH_RE.sub(" ", x))) < 2:
+        return None
+    found = [(m.start(), next(g for g in m.groups() if g)) for m in _INLINE_MATH_RE.finditer(x)]
+    prose = _INLINE_MATH_RE.sub(lambda m: " " * len(m.group(0)), x)  # numbers outside math only
+    found += [(m.start(), m.group(0)) for m in _NUMBER_RE.finditer(prose)]
+    if not found:
+        return None
+    return max(found)[1].strip() or None
 
 
 # ---------------------------------------------------------------- string comparison
@@ -122,11 +149,30 @@ def _answer_phrase(text: str) -> str | None:
 _TEXT_WRAP_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 _SPACING_RE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\[!,;: ]|~|\s+")
 _THIN_THOUSANDS_RE = re.compile(r"(?<=\d)\\[!,;: ]\s*(?=\d{3}(?!\d))")  # 1\,000 -> 1000
+# "4 4/9": an integer, spaces, a proper fraction, each standing alone. Read as 4 + 4/9 (issue 18):
+# removing the spaces made it 44/9. "4 \cdot 4/9", "4 + 4/9", "4, 4/9" and "4 9/4" are left alone.
+_MIXED_NUMBER_RE = re.compile(
+    r"(?<![\w\\{}^_/.,])(\d+)[ \t]+(\d+)[ \t]*/[ \t]*(\d+)(?![\w{}^_/]|\.\d)"
+)
+# A sentence period after the answer ("5 \text{ cm}.", "90^\circ."): math-verify then fails to parse
+# the whole answer (issue 18). One period only, so an ellipsis "1, 2, \ldots" or "..." stays.
+_FINAL_PERIOD_RE = re.compile(r"(?<![.\\])\.\s*$")
+
+
+def _mixed_numbers(s: str) -> str:
+    """`s` with each plain-text mixed number "4 4/9" written as (4+\\frac{4}{9})."""
+    def whole_plus_fraction(m: re.Match) -> str:
+        whole, num, den = m.groups()
+        if int(num) >= int(den):  # not a proper fraction: no mixed-number reading
+            return m.group(0)
+        return f"({whole}+\\frac{{{num}}}{{{den}}})"
+
+    return _MIXED_NUMBER_RE.sub(whole_plus_fraction, s)
 
 
 def normalize_answer(s: str) -> str:
     """The string form used by the last-resort comparison: layout and wrappers removed."""
-    s = s.replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = _mixed_numbers(s.replace("\u2212", "-").replace("\\$", "").replace("$", ""))
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     previous = None
     while previous != s:  # \text{\text{a}} unwraps from the inside out
@@ -180,6 +226,7 @@ def _latex_for_parse(s: str) -> str:
         if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
             s = s[len(left) : len(s) - len(right)].strip()
             break
+    s = _mixed_numbers(_FINAL_PERIOD_RE.sub("", s))  # "$5 \text{ cm}.$" -> 5 \text{ cm}
     s = s.replace("\u2212", "-").replace("\u00b0", "^{\\circ}")  # unicode minus; 30° is 30^\circ
     s = _THIN_THOUSANDS_RE.sub("", s)  # math-verify reads 1\,000 as 1*0
     return "\\boxed{" + s + "}"

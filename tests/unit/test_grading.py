@@ -37,6 +37,16 @@ EXTRACTION_CASES = [
     ("**Final answer:** 12", "12"),
     (r"The final answer is \(2\sqrt{3}\)", r"2\sqrt{3}"),
     (r"The answer is 7. Then \boxed{\frac{1}{2", "7"),  # unclosed last box: the phrase
+    # issue 18: a sentence as the answer phrase gives its last $...$ or number
+    ("Final Answer: The largest $n$ is 34.", "34"),
+    (r"Final Answer: $\frac{1}{2}$", r"\frac{1}{2}"),  # math first: the phrase's first $...$
+    (r"Final Answer: the largest value is $\frac{3}{4}$.", r"\frac{3}{4}"),
+    ("Final answer: there are 1,000 ways.", "1,000"),
+    ("The answer is: the total is 4 4/9 cups.", "4 4/9"),  # a mixed number is one number
+    ("The answer is 10 cm.", "10 cm"),  # one word: not a sentence, kept whole
+    ("The answer is infinitely many.", "infinitely many"),  # a sentence without a number: whole
+    (r"Final Answer: The value is 2\sqrt{3}", r"The value is 2\sqrt{3}"),  # not the 2 of 2\sqrt{3}
+    ("The answer is the pair (2, 3).", "the pair (2, 3)"),  # not the 3 of a pair
     (r"\boxed{2", None),  # unclosed, no phrase
     (r"\boxed{}", None),
     ("We are still thinking", None),
@@ -69,7 +79,27 @@ EQUIVALENCE_CASES = [
     (r"\text{B}", "B", True),
     (r"\text{ infinitely many }", "infinitely many", True),  # the normalised string comparison
     (r"\infty", r"\infty", True),
+    # issue 18: a sentence period after a unit or a degree sign
+    (r"5 \text{ cm}.", "5", True),
+    (r"$5 \text{ cm}.$", "5", True),
+    (r"90^\circ.", "90", True),
+    ("90\u00b0.", "90", True),
+    # issue 18: a mixed number, plain text or LaTeX, is whole + fraction
+    ("4 4/9", "40/9", True),
+    ("4 4/9.", "40/9", True),
+    ("-4 4/9", "-40/9", True),
+    (r"4\frac{4}{9}", "40/9", True),
+    (r"4 \frac{4}{9}", "40/9", True),
+    (r"4 \cdot 4/9", "16/9", True),  # a product is not a mixed number
+    ("4 + 4/9", "40/9", True),
+    ("4, 4/9", "4, 4/9", True),
     # must NOT be equal
+    ("4 4/9", "44/9", False),  # issue 18: the false positive
+    ("4 4/9.", "44/9", False),
+    (r"4\frac{4}{9}", "44/9", False),
+    (r"4 \frac{4}{9}", "44/9", False),
+    ("4, 4/9", "40/9", False),  # a list is not a mixed number
+    (r"5 \text{ cm}.", "6", False),
     ("1/2", "1/3", False),
     ("0.05", "0.5", False),
     ("(0,1)", "[0,1]", False),
@@ -99,6 +129,30 @@ def _ids(cases) -> list[str]:
 @pytest.mark.parametrize("text,expected", EXTRACTION_CASES, ids=_ids(EXTRACTION_CASES))
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_boxed_answer_with_a_sentence_period_grades_as_the_number():
+    """Issue 18, end to end: a box or an answer phrase whose answer ends in "unit." or "degree."."""
+    for text, gold in [
+        (r"so the side is $\boxed{5 \text{ cm}.}$", "5"),
+        (r"The answer is $5 \text{ cm}.$", "5"),
+        (r"the angle is \boxed{90^\circ.}", "90"),
+        (r"The answer is $90^\circ.$", "90"),
+    ]:
+        assert is_equivalent(extract_answer(text), gold), text
+
+
+def test_mixed_number_answer_phrase_is_whole_plus_fraction():
+    """Issue 18, end to end: "4 4/9" was read as 44/9."""
+    pred = extract_answer("The answer is 4 4/9.")
+    assert is_equivalent(pred, "40/9")
+    assert not is_equivalent(pred, "44/9")
+
+
+def test_sentence_answer_phrase_grades():
+    """Issue 18, end to end: "Final Answer: The largest $n$ is 34." never graded."""
+    assert is_equivalent(extract_answer("Final Answer: The largest $n$ is 34."), "34")
+    assert not is_equivalent(extract_answer("Final Answer: The largest $n$ is 34."), "3")
 
 
 def test_extract_answer_never_raises_on_odd_input():
