@@ -402,6 +402,23 @@ class AdapterOffReference:
             return self.engine.forward(batch).logits
 
 
+def arch_list_for_deepspeed(env: dict[str, str] = os.environ) -> Optional[str]:
+    """TORCH_CUDA_ARCH_LIST rewritten so that DeepSpeed's JIT op builder can read it, or None when it can already.
+
+    DeepSpeed 0.19 parses each entry as dotted integers (it strips only "+PTX"), so the
+    architecture-specific suffixes that PyTorch and CUDA 12+ images use ("9.0a", "10.0f") stop the
+    build of FusedAdam with "invalid literal for int()". This was met on an H200 image whose list is
+    "9.0a". The ops it JIT-builds (Adam, Lion) use no arch-specific instruction, so "9.0" builds them
+    as well.
+    """
+    value = env.get("TORCH_CUDA_ARCH_LIST", "")
+    entries = [e for e in re.split(r"[;\s]+", value) if e]
+    fixed = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", e) for e in entries]
+    if fixed == entries:
+        return None
+    return ";".join(dict.fromkeys(fixed))
+
+
 class Engine:
     """A DeepSpeed engine with the few verbs the loop needs.
 
@@ -419,6 +436,12 @@ class Engine:
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: cosine_with_warmup(s, total_steps, warmup, cfg.train.min_lr_ratio))
 
+        arch = arch_list_for_deepspeed()
+        if arch is not None:
+            if dist.rank == 0:
+                print(f"dft-train: note: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} read as {arch!r} "
+                      "for DeepSpeed's op builds, which cannot parse architecture suffixes", file=sys.stderr)
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config, lr_scheduler=schedule)

@@ -95,25 +95,24 @@ def build_model(out: str) -> str:
     return out
 
 
-def train(model: str, out: str, fused: bool, args) -> tuple[float, float, int]:
-    """(median tokens/s after 3 warm-up steps, peak GiB allocated, the overrides it ran with) of one run in this process."""
-    import torch
-
-    from dft_ds import train as dft_train
-
-    torch.cuda.reset_peak_memory_stats()
+def train(model: str, out: str, fused: bool, args) -> tuple[float, float, list[str]]:
+    """(median tokens/s after 3 warm-up steps, rank 0's peak GiB allocated, the overrides it ran with) of one
+    run. Each run is a process of its own: DeepSpeed caches its process groups per process, so a second
+    run in the same process would meet the first one's destroyed groups. Only the fused run saves (12 GiB
+    of ZeRO-3 state at this size) and converts; the full-logits run is measured only."""
     overrides = [f"model.name_or_path={model}", f"train.output_dir={out}", f"train.max_steps={args.steps}",
                  f"data.max_length={args.max_length}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.global_batch_size={args.micro_batch}", "data.synthetic_size=4000", "data.packing=true",
                  "model.gradient_checkpointing=true", "deepspeed.config=zero3", "train.precision=bf16",
-                 f"loss.fused={'true' if fused else 'false'}", "checkpoint.save_final=true", "logging.progress_bar=false",
+                 f"loss.fused={'true' if fused else 'false'}", f"checkpoint.save_final={'true' if fused else 'false'}",
+                 "logging.progress_bar=false",
                  "logging.tensorboard=false", "export.hf=true" if fused else "export.hf=false"]
-    rc = dft_train.main(overrides)
+    rc = subprocess.run([sys.executable, "-m", "dft_ds.train", *overrides], cwd=REPO).returncode
     if rc != 0:
         raise SystemExit(f"gpu-check: dft-train exited {rc} ({'fused' if fused else 'full logits'})")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][3:] or [records[-1]["tokens_per_s"]]
-    return statistics.median(speeds), torch.cuda.max_memory_allocated() / 2**30, overrides
+    return statistics.median(speeds), max(r.get("peak_memory_gib") or 0.0 for r in records), overrides
 
 
 def matmul_flops_per_token(model: str, seq: int) -> tuple[float, int]:
@@ -158,6 +157,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--no-tests", action="store_true", help="skip step 1, the CUDA-marked tests")
     parser.add_argument("--out", default=os.path.join(REPO, "runs", f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}"))
     args = parser.parse_args()
     import torch
@@ -170,7 +170,8 @@ def main() -> int:
     name = torch.cuda.get_device_name()
     peak = next((f for key, f in PEAK_BF16.items() if key in name), None)
     print(f"gpu-check on {name}", flush=True)
-    cuda_tests()
+    if not args.no_tests:
+        cuda_tests()
     fused_bf16()
     model = build_model(os.path.join(args.out, "qwen2.5-1.5b-shape"))
     per_token, n_params = matmul_flops_per_token(model, args.max_length)

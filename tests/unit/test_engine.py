@@ -113,3 +113,22 @@ def test_auto_precision_is_fp32_on_cpu():
         pytest.skip("auto picks bf16/fp16 where a GPU exists")
     assert engine.resolve_precision("auto") == "fp32"
     assert engine.resolve_precision("bf16") == "bf16"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0 9.0a 10.0f+PTX", "9.0;10.0+PTX"),
+    ("8.0;9.0", None), ("9.0+PTX", None), ("", None)])
+def test_arch_list_suffixes_are_dropped_for_deepspeed(value, expected):
+    assert engine.arch_list_for_deepspeed({"TORCH_CUDA_ARCH_LIST": value}) == expected
+
+
+def test_deepspeed_builds_its_ops_from_the_rewritten_arch_list(monkeypatch):
+    """DeepSpeed's own parser: it refuses "9.0a" (the list of an H200 image), and takes the rewrite."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    with pytest.raises(ValueError, match="invalid literal"):
+        FusedAdamBuilder().compute_capability_args()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", engine.arch_list_for_deepspeed())
+    assert FusedAdamBuilder().compute_capability_args() == ["-gencode=arch=compute_80,code=sm_80",
+                                                            "-gencode=arch=compute_90,code=sm_90"]
