@@ -3,6 +3,8 @@
 - seeded sampling in vLLM reproduces, request by request;
 - `dft-eval --backend vllm` at temperature 0 writes the same results table and completions as
   `--backend hf`, and two seeded runs at temperature 1 write the same samples;
+- `dft-sample --backend vllm` at temperature 0 writes the same samples, verdicts, kept and rejected
+  rows and counts as `--backend hf`;
 - start-up failures (no vLLM, too little memory, a head size without a kernel) exit 2 with one message.
 
 vLLM runs in its own environment because it pins its own torch and transformers; these tests start
@@ -149,6 +151,42 @@ def test_dft_eval_vllm_equals_hf_at_temperature_0_and_reproduces_seeded(tmp_path
     # Seeded samples, not one greedy answer. Few are distinct as text: a random model mostly draws ids of
     # the untrained padded rows (beyond the tokenizer's 4096), which decode to nothing.
     assert len({r[3] for r in runs[0]}) > len(runs[0]) // 8
+
+
+# ---------------------------------------------------------------- dft-sample under both backends
+
+
+def dft_sample(bin_dir, env, model, out, *extra) -> subprocess.CompletedProcess:
+    cmd = [os.path.join(bin_dir, "python"), "-m", "dft_ds.sample", "--model", str(model), "--out", str(out),
+           "--benchmark", "synthetic-train", "--limit", "6", "--max-new-tokens", "24", "--prompt", "chat",
+           "--no-progress", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def sample_rows(run_dir, name: str) -> list[dict]:
+    with open(os.path.join(run_dir, name), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_dft_sample_vllm_keeps_what_hf_keeps_at_temperature_0(tmp_path, converted_family, vllm_bin):
+    """The offline-RL sampler on vLLM: the same generations, verdicts, kept rows and counts as on hf."""
+    model = converted_family("qwen2")
+    env = vllm_env(tmp_path)
+    hf = dft_sample(os.path.dirname(sys.executable), env, model, tmp_path / "hf", "--samples", "2",
+                    "--temperature", "0", "--keep-unfinished")
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    vl = dft_sample(vllm_bin, env, model, tmp_path / "vllm", "--backend", "vllm", "--samples", "2",
+                    "--temperature", "0", "--keep-unfinished", "--gpu-memory-utilization", "0.05")
+    assert vl.returncode == 0, vl.stderr[-3000:]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "dft_sample"} | (  # noqa: E731
+        {"tag": {k: v for k, v in r["dft_sample"].items() if k != "model"}} if "dft_sample" in r else {}) for r in rows]
+    for name in ("samples.jsonl", "problems.jsonl"):
+        assert sample_rows(tmp_path / "vllm", name) == sample_rows(tmp_path / "hf", name), name
+    for name in ("train.jsonl", "rejected.jsonl"):
+        assert strip(sample_rows(tmp_path / "vllm", name)) == strip(sample_rows(tmp_path / "hf", name)), name
+    sel = {b: json.load(open(tmp_path / b / "selection.json", encoding="utf-8")) for b in ("hf", "vllm")}
+    assert sel["vllm"]["counts"] == sel["hf"]["counts"] and sel["vllm"]["counts"]["samples"] == 12
+    assert "backend vllm" in (tmp_path / "vllm" / "summary.md").read_text()
 
 
 # ---------------------------------------------------------------- start-up failures
