@@ -8,6 +8,14 @@ plain arithmetic). Each solution writes every step as "expression = ... = value"
 `\\boxed{answer}`, as real math chain-of-thought data does.
 Splits: "train" and "test" share one distribution and are told apart by a hash of the prompt, so
 they never share a prompt; "ood" uses larger numbers and more steps.
+
+A second, easier family (issue 18) is for a miniature where a few-million-parameter model can learn
+the arithmetic: "easy-train" / "easy-test" are chains of one to three additions and subtractions
+of a single digit, one operation per line (bare, or told as a story of giving and getting);
+"easy-ood" is the same with four to six operations, so running values also grow past what
+training shows. "retention-train" / "retention" are single-digit products (a skill a base can be
+pretrained on and the easy fine-tuning data never contains), to measure forgetting. Each pair is
+split by prompt hash as train/test is.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ if TYPE_CHECKING:  # keep `import dft_ds.synthetic` free of the heavy libraries
     import sentencepiece
     import transformers
 
-SPLITS = ("train", "test", "ood")
+EASY_SPLITS = ("easy-train", "easy-test", "easy-ood", "retention-train", "retention")
+SPLITS = ("train", "test", "ood", *EASY_SPLITS)
 TEST_BUCKETS = 5  # one prompt hash bucket in five belongs to "test"
 TOKENIZER_NAME = "synthetic-tokenizer-v1"
 # A directory at the final path is whole by construction (atomic rename); these files tell it
@@ -243,6 +252,93 @@ _KINDS: tuple[Callable[[random.Random, _Scale], _Problem], ...] = (
     _inventory, _travel, _sharing, _linear, _arithmetic)
 
 
+# ---- the easy family (issue 18): what a 3.4M-parameter model can learn from a few thousand examples.
+# Every step line is one operation on a single digit, "a + b = c", so a step is one addition fact
+# of a running value up to 36 (in domain) and a digit; the model never carries a long number.
+_DIGITS = _Scale(small=9, large=9, min_steps=1, max_steps=3)
+_DIGITS_OOD = _Scale(small=9, large=9, min_steps=4, max_steps=6)  # more steps; values grow to 63
+
+
+def _digit_steps(rng: random.Random, scale: _Scale) -> tuple[int, list[tuple[str, int]]]:
+    """A start in 1..9 and (op, digit) moves that keep the running value >= 0."""
+    value = start = rng.randint(1, scale.large)
+    moves = []
+    for _ in range(rng.randint(scale.min_steps, scale.max_steps)):
+        op = rng.choice("+-") if value > 0 else "+"
+        digit = rng.randint(1, scale.small if op == "+" else min(scale.small, value))
+        value = value + digit if op == "+" else value - digit
+        moves.append((op, digit))
+    return start, moves
+
+
+def _run_moves(start: int, moves: list[tuple[str, int]]) -> tuple[list[str], int]:
+    """One step line per move: '7 + 5 = 12'; returns the lines and the final value."""
+    steps, value = [], start
+    for op, digit in moves:
+        new = value + digit if op == "+" else value - digit
+        steps.append(f"{value} {op} {digit} = {new}")
+        value = new
+    return steps, value
+
+
+def _digit_chain(rng: random.Random, scale: _Scale) -> _Problem:
+    """Calculate 4 + 7 - 3: left to right, one operation per line."""
+    start, moves = _digit_steps(rng, scale)
+    steps, value = _run_moves(start, moves)
+    expression = " ".join([str(start), *(f"{op} {digit}" for op, digit in moves)])
+    return _Problem(f"Calculate {expression}.", steps, value)
+
+
+def _digit_story(rng: random.Random, scale: _Scale) -> _Problem:
+    """The same chain told as a count: a friend gives some, the owner gives some away."""
+    name, friend = rng.sample(_NAMES, 2)
+    item, _ = rng.choice(_GOODS)
+    start, moves = _digit_steps(rng, scale)
+    story = [f"{name} has {start} {item}."]
+    for op, digit in moves:
+        story.append(f"{friend} gives {name} {digit} more {item}." if op == "+"
+                     else f"{name} gives {digit} {item} to {friend}.")
+    story.append(f"How many {item} does {name} have now?")
+    steps, value = _run_moves(start, moves)
+    return _Problem(" ".join(story), steps, value)
+
+
+def _digit_product(rng: random.Random, scale: _Scale) -> _Problem:
+    """The retention skill: one single-digit product, bare or as packs bought (no + or - at all)."""
+    a, b = rng.randint(2, scale.small), rng.randint(2, scale.small)
+    if rng.random() < 0.2:  # 64 bare prompts only; the story gives the split room
+        prompt = f"Calculate {a} * {b}."
+    else:
+        name = rng.choice(_NAMES)
+        item, container = rng.choice(_GOODS)
+        prompt = f"{name} buys {a} {container} of {b} {item}. How many {item} does {name} buy?"
+    return _Problem(prompt, [f"{a} * {b} = {a * b}"], a * b)
+
+
+_EASY_KINDS: tuple[Callable[[random.Random, _Scale], _Problem], ...] = (_digit_chain, _digit_story)
+
+
+@dataclass(frozen=True)
+class _SplitPlan:
+    """What one split draws: its problem kinds, their scale, and its side of the prompt hash."""
+
+    kinds: tuple[Callable[[random.Random, _Scale], _Problem], ...]
+    scale: _Scale
+    side: str | None  # "train" or "test": keep prompts whose hash falls on that side; None: all
+
+
+_PLANS = {
+    "train": _SplitPlan(_KINDS, _EASY, "train"),
+    "test": _SplitPlan(_KINDS, _EASY, "test"),
+    "ood": _SplitPlan(_KINDS, _HARD, None),
+    "easy-train": _SplitPlan(_EASY_KINDS, _DIGITS, "train"),
+    "easy-test": _SplitPlan(_EASY_KINDS, _DIGITS, "test"),
+    "easy-ood": _SplitPlan(_EASY_KINDS, _DIGITS_OOD, None),  # disjoint from easy-*: more steps
+    "retention-train": _SplitPlan((_digit_product,), _DIGITS, "train"),
+    "retention": _SplitPlan((_digit_product,), _DIGITS, "test"),
+}
+
+
 def _is_test_prompt(prompt: str) -> bool:
     """Stable (not PYTHONHASHSEED-dependent) assignment of a prompt to the test side."""
     digest = hashlib.sha256(prompt.encode("utf-8")).digest()
@@ -260,16 +356,16 @@ def generate_examples(n: int, seed: int, split: str = "train") -> list[dict[str,
         raise ValueError(f"n must be >= 0, got {n}")
     # A string seed goes through sha512 in random.Random: stable across runs and platforms.
     rng = random.Random(f"dft_ds-synthetic-{seed}-{split}")
-    scale = _HARD if split == "ood" else _EASY
+    plan = _PLANS[split]
     examples: list[dict[str, str]] = []
     seen: set[str] = set()
     for _ in range(100 * n + 100):  # bounded: a distribution that ran out of prompts must fail loudly
         if len(examples) == n:
             break
-        problem = rng.choice(_KINDS)(rng, scale)
+        problem = rng.choice(plan.kinds)(rng, plan.scale)
         if problem.prompt in seen:
             continue
-        if split != "ood" and _is_test_prompt(problem.prompt) != (split == "test"):
+        if plan.side is not None and _is_test_prompt(problem.prompt) != (plan.side == "test"):
             continue
         seen.add(problem.prompt)
         examples.append(problem.as_example())

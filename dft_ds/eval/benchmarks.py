@@ -3,7 +3,8 @@
 Nothing is downloaded. A published benchmark is named with the file that holds it,
 `--benchmark math500=data/math500/test.jsonl`; its layout (which field is the problem, which the
 answer) is known by name. Any other name with a path is a custom benchmark read through the
-generic layout below, or through `--field` mappings. `synthetic` and `synthetic-ood` need no path.
+generic layout below, or through `--field` mappings. The built-in synthetic splits (`synthetic`,
+`synthetic-ood`, `synthetic-easy`, `synthetic-easy-ood`, `synthetic-retention`, ...) need no path.
 
 Files: JSON lines (.jsonl, or .json holding JSON lines), a JSON array of objects (.json) and
 Parquet (.parquet). Every problem is checked when the file is read, and a bad one is reported as
@@ -31,7 +32,11 @@ ROLES = ("problem", "answer", "solution", "id")  # what --field can map
 # The built-in synthetic benchmarks: the embedded default's held-out splits, and (synthetic-train)
 # the first problems of its training split, which dft-sample samples answers for. The data seed is
 # fixed (not --seed), so changing the sampling seed never changes the problems.
-BUILTIN_SPLITS = {"synthetic": "test", "synthetic-ood": "ood", "synthetic-train": "train"}
+BUILTIN_SPLITS = {"synthetic": "test", "synthetic-ood": "ood", "synthetic-train": "train",
+                  # The easy family of issue 18's miniature (synthetic.py): in domain, more steps, and the
+                  # retention skill (single-digit products) that its fine-tuning data leaves out.
+                  "synthetic-easy": "easy-test", "synthetic-easy-ood": "easy-ood",
+                  "synthetic-easy-train": "easy-train", "synthetic-retention": "retention"}
 SYNTHETIC_SIZE = 500
 SYNTHETIC_DATA_SEED = 0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
