@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/loss_bench.py [--n 4096] [--hidden 1024] [--vocabs 32000,151936]
         [--dtypes fp32,bf16] [--n-for 151936=1024] [--threads N] [--timeout 900] [--repeat 2]
+    .venv/bin/python benchmarks/loss_bench.py --family --dtypes fp32 [--rounds 3]
 
 Variants, each in its OWN subprocess (peak RSS is a process-lifetime maximum, so processes must not
 share it):
@@ -10,6 +11,8 @@ share it):
   fused     fused_linear_dft_loss(hidden, W, labels)          chunked fused head, default chunk size
   floor     the fused path's three matrix products alone (h@W.T, dz@W, dz.T@h over the target rows,
             in the fused path's fp32 compute dtype): the time floor the fused loss is held to
+--family times the fused head with each loss type of the family (dft, eaft top-20 and whole-vocabulary,
+only_top_p, only_bottom_p, sft), alternated over --rounds rounds, and prints medians and ratios to fused dft.
 hidden [N, H] and W [V, H] both require grad; every position is a target. Memory is peak RSS
 (getrusage ru_maxrss) minus the RSS right after the inputs are allocated, so it is what the loss
 adds; tracemalloc does not see torch's allocator. Each worker first runs the same variant on a
@@ -30,6 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 VARIANTS = ("floor", "ce", "dft", "fused")
+# --family: the fused head with each weighting of the loss family, against fused dft.
+FAMILY = {"fused": {"loss_type": "dft"}, "fused-eaft": {"loss_type": "eaft"},
+          "fused-eaft-full": {"loss_type": "eaft", "eaft_top_k": 0}, "fused-top-p": {"loss_type": "only_top_p"},
+          "fused-bottom-p": {"loss_type": "only_bottom_p"}, "fused-sft": {"loss_type": "sft"}}
 
 
 def _maxrss_bytes() -> int:
@@ -44,7 +51,12 @@ def _run_variant(variant: str, hidden, weight, labels) -> None:
 
     from dft_ds.loss import default_chunk_rows, dft_loss, fused_linear_dft_loss
 
-    if variant == "ce":
+    if variant in FAMILY and variant != "fused":
+        from dft_ds.loss import fused_linear_loss, token_weight
+
+        kw = dict(FAMILY[variant])
+        fused_linear_loss(hidden, weight, labels, token_weight(kw.pop("loss_type"), **kw)).loss.backward()
+    elif variant == "ce":
         F.cross_entropy(hidden @ weight.T, labels).backward()
     elif variant == "dft":
         dft_loss(hidden @ weight.T, labels).backward()
@@ -107,24 +119,30 @@ def _cell(args, variant, vocab, dtype, n):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS + tuple(FAMILY), help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=4096, help="tokens (all targets)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocabs", default="32000,151936")
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help=f"default {','.join(VARIANTS)}; with --family, {','.join(FAMILY)}")
     parser.add_argument("--n-for", default="", help="per-vocab token count, e.g. 151936=1024")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per cell; the minimum is reported")
+    parser.add_argument("--family", action="store_true",
+                        help="the fused head with every loss type against fused dft: --rounds alternated rounds "
+                             "of one timed run per variant, medians reported")
+    parser.add_argument("--rounds", type=int, default=3, help="--family: rounds (each variant once per round)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.family:
+        return family(args)
 
     n_for = {int(k): int(v) for k, v in (kv.split("=") for kv in args.n_for.split(",") if kv)}
-    variants = args.variants.split(",")
+    variants = (args.variants or ",".join(VARIANTS)).split(",")
     gib = 1 << 30
     print(f"{'V':>7} {'dtype':>5} {'N':>5} {'variant':>7} {'time s':>8} {'peak GiB':>9} "
           f"{'t/ce':>6} {'m/ce':>6} {'t/dft':>6} {'m/dft':>6} {'t/floor':>7}", flush=True)
@@ -147,6 +165,42 @@ def main() -> None:
                       f"{r['peak_bytes'] / gib:>9.3f} {ratio('ce', 'seconds'):>6} {ratio('ce', 'peak_bytes'):>6} "
                       f"{ratio('dft', 'seconds'):>6} {ratio('dft', 'peak_bytes'):>6} {ratio('floor', 'seconds'):>7}",
                       flush=True)
+
+
+def family(args) -> None:
+    """Each variant in its own process once per round, the variants alternated within each round (a
+    shared machine's slow spell hits them all alike); the median time and the largest peak are reported."""
+    import statistics
+
+    args.repeat = 1
+    # --variants picks some (fused, the baseline, always runs); the default list is the other mode's.
+    picked = [v for v in (args.variants or "").split(",") if v in FAMILY]
+    names = ["fused"] + [v for v in (picked or FAMILY) if v != "fused"]
+    n_for = {int(k): int(v) for k, v in (kv.split("=") for kv in args.n_for.split(",") if kv)}
+    gib = 1 << 30
+    print(f"{'V':>7} {'dtype':>5} {'N':>5} {'variant':>16} {'median s':>9} {'runs s':>20} {'peak GiB':>9} "
+          f"{'t/dft':>6} {'m/dft':>6}", flush=True)
+    for vocab in (int(v) for v in args.vocabs.split(",")):
+        n = n_for.get(vocab, args.n)
+        for dtype in args.dtypes.split(","):
+            runs = {v: [] for v in names}
+            for _ in range(args.rounds):
+                for variant in names:
+                    r, note = _cell(args, variant, vocab, dtype, n)
+                    if r is None:
+                        print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16}  {note}", flush=True)
+                        continue
+                    runs[variant].append(r)
+            med = {v: statistics.median(x["seconds"] for x in rs) for v, rs in runs.items() if rs}
+            peak = {v: max(x["peak_bytes"] for x in rs) for v, rs in runs.items() if rs}
+            for variant in names:
+                if variant not in med:
+                    continue
+                times = ",".join(f"{x['seconds']:.2f}" for x in runs[variant])
+                t = f"{med[variant] / med['fused']:.3f}" if "fused" in med else "-"
+                m = f"{peak[variant] / peak['fused']:.3f}" if peak.get("fused") else "-"
+                print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16} {med[variant]:>9.2f} {times:>20} "
+                      f"{peak[variant] / gib:>9.3f} {t:>6} {m:>6}", flush=True)
 
 
 if __name__ == "__main__":
