@@ -133,7 +133,9 @@ class TrainConfig:
     gradient_accumulation_steps: Optional[int] = None
     """Micro-batches per optimizer step on each rank; null derives it from global_batch_size (or 1)."""
     global_batch_size: Optional[int] = None
-    """Rows per optimizer step over all ranks = micro_batch_size x gradient_accumulation_steps x world size."""
+    """Rows per optimizer step over all ranks = micro_batch_size x gradient_accumulation_steps x data-parallel ranks (the world size / sequence_parallel)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism: groups of N consecutive ranks share each row, each rank holding 1/N of its tokens (attention exchanges heads for tokens inside the group). The world size must be a multiple of N, the data-parallel ranks are world / N, and the model's attention heads (and its key/value heads, or N by them) must divide by N. Needs model.attn_implementation sdpa or flash_attention_2. docs/long_sequences.md."""
     max_steps: Optional[int] = None
     """Optimizer steps to run; null runs train.epochs over the data."""
     epochs: float = 1.0
@@ -622,6 +624,7 @@ def _check_values(cfg: Config) -> list[str]:
     need(d.synthetic_size >= 1, "data.synthetic_size", "an integer >= 1")
     need(bool(t.output_dir), "train.output_dir", "a directory path")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
+    need(t.sequence_parallel >= 1, "train.sequence_parallel", "an integer >= 1 (1: off)")
     need(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
          "train.gradient_accumulation_steps", "null or an integer >= 1")
     need(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size", "null or an integer >= 1")
@@ -708,6 +711,17 @@ def _batch_error(message: str) -> ConfigError:
 
 
 def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[int] = None) -> BatchPlan:
+    """The batch plan over the data-parallel ranks: the world size / train.sequence_parallel."""
+    n = train.sequence_parallel
+    if n < 1 or world_size % n:
+        raise _batch_error(f"train.sequence_parallel: {n} does not divide the world size {world_size}; use a divisor of "
+                           f"{world_size} (1 turns sequence parallelism off), or start a multiple of {n} ranks")
+    ranks = "" if n == 1 else f"data-parallel ranks {world_size // n} (world {world_size} / train.sequence_parallel {n})"
+    return _resolve_data_parallel(train, world_size // n, saved_global, ranks)
+
+
+def _resolve_data_parallel(train: TrainConfig, world_size: int, saved_global: Optional[int] = None,
+                           ranks: str = "") -> BatchPlan:
     """Fill in whichever of accumulation / global batch is null, or check that they agree.
 
     `saved_global`: the global batch of the checkpoint a run resumes from. Unless train.global_batch_size
@@ -723,11 +737,11 @@ def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[in
         return BatchPlan(micro, accum or 1, world_size)
     if total % per_step:
         raise _batch_error(f"train.global_batch_size: {total} is not divisible by micro_batch_size {micro} x "
-                           f"world size {world_size} = {per_step}; {_nearest_batches(total, micro, world_size)}")
+                           f"{ranks or f'world size {world_size}'} = {per_step}; {_nearest_batches(total, micro, world_size)}")
     derived = total // per_step
     if accum is not None and accum != derived:
-        raise _batch_error(f"train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x world size "
-                           f"{world_size} = {accum * per_step}, but train.global_batch_size is {total}; set "
+        raise _batch_error(f"train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x "
+                           f"{ranks or f'world size {world_size}'} = {accum * per_step}, but train.global_batch_size is {total}; set "
                            f"train.gradient_accumulation_steps={derived} (or null, which derives it), or "
                            f"train.global_batch_size={accum * per_step}")
     return BatchPlan(micro, derived, world_size)

@@ -615,6 +615,35 @@ def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[
     }
 
 
+def shard_rows(batch: dict[str, torch.Tensor], rank: int, parts: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequence parallelism (train.sequence_parallel = parts): this rank's contiguous slice of every row.
+
+    Rows are first padded to a multiple of `parts` with a padding document of their own (positions from
+    0, no targets), as collate pads. Labels are already shifted (labels[i] is the target of token i),
+    so a document cut at a slice boundary loses no target: the token before the cut keeps the first
+    token after it as its label. `n_tokens` (real tokens, for throughput) stays with slice 0 and is 0
+    on the others, so a sum over the ranks counts each token once. Position ids keep their values:
+    gathered again inside attention, they say where every document starts.
+    """
+    if parts == 1:
+        return batch
+    out = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
+    width = batch["input_ids"].shape[1]
+    pad = -width % parts
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX}
+    for key in ("input_ids", "labels", "position_ids"):
+        value = batch[key]
+        if pad:
+            extra = (torch.arange(pad, dtype=value.dtype).expand(value.shape[0], pad) if key == "position_ids"
+                     else torch.full((value.shape[0], pad), fill[key], dtype=value.dtype))
+            value = torch.cat([value, extra], dim=1)
+        out[key] = value.chunk(parts, dim=1)[rank].contiguous()
+    if "n_tokens" in batch:
+        # Throughput counts the row's real tokens once per group: on its first slice.
+        out["n_tokens"] = batch["n_tokens"] if rank == 0 else 0
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling
 

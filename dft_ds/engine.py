@@ -448,6 +448,7 @@ class Engine:
         self.dist = dist
         self.device = self.ds.device
         self.frozen = frozen
+        self.sp = SequenceGroup(1, 0, dist.rank)  # train.sequence_parallel: set by build_engines
 
     @property
     def is_rank0(self) -> bool:
@@ -461,6 +462,10 @@ class Engine:
     def forward(self, batch: dict[str, torch.Tensor], head_loss=None):
         """The model's output, or with `head_loss` (see model.attach_head_loss) whatever it returns."""
         return _forward(self.ds, self.device, batch, head_loss)
+
+    def sequence_parallel(self):
+        """The block in which attention runs Ulysses over this rank's group (a no-op at N = 1)."""
+        return sequence_parallel_active(self.sp)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is already divided by the target tokens of the whole optimizer step on all ranks.
@@ -538,6 +543,141 @@ class Engine:
 # Building the engines of a run
 
 
+# ---------------------------------------------------------------- sequence parallelism (train.sequence_parallel)
+# Ulysses: the N ranks of a group each hold a contiguous slice of the same rows. Inside attention an
+# all-to-all turns [heads, my slice] into [my heads, the whole row], the kernel runs on whole rows
+# for H/N heads, and a second all-to-all turns it back. Everything else (embeddings, MLPs, norms, the
+# fused head and loss) is per token and runs on the slice. DeepSpeed sees every rank as data-parallel:
+# each rank's loss is its slice's weighted token losses over the step's target count on all ranks,
+# so the mean over ranks of the gradients is the gradient of the whole step, whatever N is.
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    size: int              # N, train.sequence_parallel
+    rank: int              # this rank's slice: rank % N
+    data_rank: int         # the data-parallel rank: rank // N (it picks the rows)
+    group: Any = None      # the process group of the N ranks; None when N == 1
+
+
+def sequence_group(dist: DistInfo, size: int) -> SequenceGroup:
+    """Groups of `size` consecutive ranks (one node's GPUs first, where the exchange is fastest).
+    Every rank creates every group, in the same order, as torch.distributed requires."""
+    if size == 1:
+        return SequenceGroup(1, 0, dist.rank)
+    import torch.distributed as tdist
+
+    mine = None
+    for start in range(0, dist.world_size, size):
+        group = tdist.new_group(list(range(start, start + size)))
+        if start <= dist.rank < start + size:
+            mine = group
+    return SequenceGroup(size, dist.rank % size, dist.rank // size, mine)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split `x` into N parts along `scatter`, send part j to rank j of the group, and concatenate what
+    arrives along `gather`. Its gradient is the same exchange the other way round."""
+
+    @staticmethod
+    def forward(ctx, x, scatter: int, gather: int, group):
+        import torch.distributed as tdist
+
+        ctx.dims, ctx.group = (scatter, gather), group
+        n = tdist.get_world_size(group)
+        send = torch.stack(x.chunk(n, dim=scatter)).contiguous()
+        recv = torch.empty_like(send)
+        tdist.all_to_all_single(recv, send, group=group)
+        return torch.cat(recv.unbind(0), dim=gather)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter, gather = ctx.dims
+        return _AllToAll.apply(grad.contiguous(), gather, scatter, ctx.group), None, None, None
+
+
+class _KvGroups:
+    """The attention module as the kernel sees it, with another `num_key_value_groups` (key/value heads
+    replicated for a group larger than their count)."""
+
+    def __init__(self, module, groups: int):
+        self._module, self.num_key_value_groups = module, groups
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+_SP_STATE: dict[str, Any] = {"active": None}  # the SequenceGroup while a training micro-batch runs
+
+
+@contextlib.contextmanager
+def sequence_parallel_active(sp: SequenceGroup):
+    """Attention exchanges across the group inside this block (a training micro-batch's forward and
+    backward, where checkpointed layers are recomputed); outside it, evaluation and generation run
+    the plain kernel on whatever they are given."""
+    if sp.size == 1:
+        yield
+        return
+    before, _SP_STATE["active"] = _SP_STATE["active"], sp
+    try:
+        yield
+    finally:
+        _SP_STATE["active"] = before
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool: causal, and only within the document (a document starts where its position is 0)."""
+    doc = (position_ids == 0).cumsum(dim=1)
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    return (doc[:, :, None] == doc[:, None, :]).logical_and_(causal)[:, None]
+
+
+def install_sequence_parallel(attention: str) -> None:
+    """Wrap transformers' `attention` kernel (sdpa or flash_attention_2) so that, while
+    sequence_parallel_active, it runs Ulysses over the group. Idempotent per process."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    core = ALL_ATTENTION_FUNCTIONS[attention]
+    if getattr(core, "_dft_sequence_parallel", False):
+        return
+
+    def ulysses(module, query, key, value, attention_mask, *args, **kwargs):
+        sp = _SP_STATE["active"]
+        if sp is None:
+            return core(module, query, key, value, attention_mask, *args, **kwargs)
+        import torch.distributed as tdist
+
+        n, group = sp.size, sp.group
+        heads, kv_heads = query.shape[1], key.shape[1]
+        kernel_module = module
+        if kv_heads % n:  # fewer key/value heads than ranks (n % kv_heads == 0 was checked): replicate
+            key = key.repeat_interleave(n // kv_heads, dim=1)
+            value = value.repeat_interleave(n // kv_heads, dim=1)
+            kernel_module = _KvGroups(module, heads // n)
+        # [B, H, s, D] -> [B, H/N, S, D]
+        query, key, value = (_AllToAll.apply(t, 1, 2, group) for t in (query, key, value))
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            raise RuntimeError("sequence parallelism needs position_ids in the attention call; this model does "
+                               "not pass them (train.sequence_parallel=1 runs it)")
+        gathered = [torch.empty_like(positions) for _ in range(n)]
+        tdist.all_gather(gathered, positions.contiguous(), group=group)
+        kwargs["position_ids"] = positions = torch.cat(gathered, dim=1)
+        if attention == "flash_attention_2":
+            mask = None  # variable-length sequences from the gathered position ids
+        elif bool((positions == torch.arange(positions.shape[1], device=positions.device)).all()):
+            mask = None  # one document per row: the kernel's own causal mask
+        else:
+            mask = document_mask(positions)
+        out, weights = core(kernel_module, query, key, value, mask, *args, **kwargs)
+        # [B, S, H/N, D] -> [B, s, H, D]
+        return _AllToAll.apply(out.contiguous(), 1, 2, group), weights
+
+    ulysses._dft_sequence_parallel = True
+    ALL_ATTENTION_FUNCTIONS[attention] = ulysses
+
+
 def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEngine]]:
     """The policy engine of a RunPlan (dft_ds.runplan), and asft's frozen reference when the loss uses one.
 
@@ -559,6 +699,9 @@ def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEng
         mdl.attach_head_loss(model)
     engine = Engine(model, plan.ds_config, dist, plan.total_steps, cfg, frozen=lora)
     del keepalive
+    if cfg.train.sequence_parallel > 1:
+        engine.sp = sequence_group(dist, cfg.train.sequence_parallel)
+        install_sequence_parallel(plan.attention)
     reference = None
     if cfg.loss.uses_reference and lora:
         reference = AdapterOffReference(engine)

@@ -82,8 +82,10 @@ def lora_counts(config, rank: int, targets: str) -> tuple[int, int]:
 
 
 def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "bf16", lora_rank: int = 0,
-         lora_targets: str = "all-linear") -> list[Row]:
-    """`lora_rank` > 0: model.lora with adapters of that rank on `lora_targets`, embeddings frozen."""
+         lora_targets: str = "all-linear", sequence_parallel: int = 1) -> list[Row]:
+    """`lora_rank` > 0: model.lora with adapters of that rank on `lora_targets`, embeddings frozen.
+    `sequence_parallel` N: each GPU holds 1/N of every row's tokens (train.sequence_parallel)."""
+    per_rank = -(-max_length // sequence_parallel)
     n_params, n_trainable = count_parameters(config), None
     if lora_rank:
         n_params, n_trainable = lora_counts(config, lora_rank, lora_targets)
@@ -93,7 +95,7 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
         for ckpt in (False, True):
             for fused in (True, False):
                 def at(micro: int):
-                    return estimate_memory(n_params, config, stage, world, precision, micro * max_length, ckpt, fused,
+                    return estimate_memory(n_params, config, stage, world, precision, micro * per_rank, ckpt, fused,
                                            128, offload, n_trainable=n_trainable, head_trains=not lora_rank)
                 one = at(1)
                 per_row = at(2).total - one.total  # activations and unfused logits grow with the micro batch
@@ -113,12 +115,15 @@ def format_count(n: int) -> str:
 
 
 def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int,
-           n_trainable: int | None = None) -> str:
+           n_trainable: int | None = None, sequence_parallel: int = 1) -> str:
     lora = f" ({format_count(n_trainable)} in LoRA adapters, the only ones that train)" if n_trainable else ""
+    sp = sequence_parallel
+    split = (f", each split over {sp} GPUs (sequence parallelism: {-(-max_length // sp)} tokens of a row per GPU, "
+             f"{world // sp} data-parallel {'rank' if world // sp == 1 else 'ranks'})") if sp > 1 else ""
     lines = [f"{format_count(n_params)} parameters{lora}; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
              f"({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
-             f"{'token' if max_length == 1 else 'tokens'}. GiB per GPU at micro batch 1:", "",
+             f"{'token' if max_length == 1 else 'tokens'}{split}. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
              "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=_at_least(1), default=2048, metavar="T",
                         help="tokens per row (data.max_length; >= 1, default 2048); a warning if longer than the "
                              "model's max_position_embeddings")
+    parser.add_argument("--sequence-parallel", type=_at_least(1), default=1, metavar="N",
+                        help="train.sequence_parallel: each row split over N GPUs, which must divide the GPUs and "
+                             "the model's attention heads (default 1: off)")
     parser.add_argument("--lora-rank", type=_at_least(0), default=0, metavar="R",
                         help="plan model.lora with adapters of rank R (model.lora_rank): only they have gradients "
                              "and optimizer states; 0 (default) is full fine-tuning")
@@ -203,15 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     if warning:
         print(warning, file=sys.stderr)
     world = args.nodes * args.gpus_per_node
+    sp = args.sequence_parallel
+    heads = getattr(config, "num_attention_heads", 0)
+    if world % sp or (heads and heads % sp):
+        print(f"dft-plan: error: --sequence-parallel {sp}: it must divide the {world} GPUs and the model's {heads} "
+              "attention heads", file=sys.stderr)
+        return 2
     try:
         rows = plan(config, world, args.gpu_memory, args.max_length, lora_rank=args.lora_rank,
-                    lora_targets=args.lora_targets)
+                    lora_targets=args.lora_targets, sequence_parallel=sp)
         n_params, n_trainable = (lora_counts(config, args.lora_rank, args.lora_targets) if args.lora_rank
                                  else (count_parameters(config), None))
     except UserError as exc:
         print(f"dft-plan: error: --lora-targets: {exc}", file=sys.stderr)
         return 2
-    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable))
+    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable, sp))
     return 0
 
 

@@ -82,7 +82,9 @@ class RunPlan:
     def sampler(self, rank: int):
         from dft_ds.data import StepSampler
 
-        return StepSampler(len(self.data.rows), self.batch, rank, self.cfg.train.seed)
+        # The ranks of a sequence-parallel group take the same rows (each its slice of them).
+        return StepSampler(len(self.data.rows), self.batch, rank // self.cfg.train.sequence_parallel,
+                           self.cfg.train.seed)
 
     @property
     def lora_base(self) -> Optional[LoraBase]:
@@ -116,8 +118,12 @@ class RunPlan:
     def batch_line(self) -> str:
         b = self.batch
         start = f" from step {self.start_step}" if self.resume is not None else ""
-        return (f"batch: micro {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x world "
-                f"{b.world_size} = global {counted(b.global_batch_size, 'row')}; {counted(self.steps_per_epoch, 'step')} per "
+        n = self.cfg.train.sequence_parallel
+        ranks = (f"world {b.world_size}" if n == 1 else
+                 f"data-parallel {b.world_size} (world {self.world_size} / sequence_parallel {n}: each row split "
+                 f"over {n} ranks)")
+        return (f"batch: micro {b.micro_batch_size} x accumulation {b.gradient_accumulation_steps} x {ranks}"
+                f" = global {counted(b.global_batch_size, 'row')}; {counted(self.steps_per_epoch, 'step')} per "
                 f"epoch; {counted(self.total_steps, 'step')}{start}; attention {self.attention_line()}")
 
     def attention_line(self) -> str:
@@ -182,7 +188,9 @@ class RunPlan:
 
         cfg = self.cfg
         mem = estimate_memory(self.n_params, self.model_config, self.zero_stage, self.world_size, self.precision,
-                              self.batch.micro_batch_size * cfg.data.max_length, cfg.model.gradient_checkpointing,
+                              # a rank holds 1/N of each row under train.sequence_parallel = N
+                              self.batch.micro_batch_size * -(-cfg.data.max_length // cfg.train.sequence_parallel),
+                              cfg.model.gradient_checkpointing,
                               self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu,
                               n_trainable=self.n_trainable,
                               head_trains=not cfg.model.lora or cfg.model.lora_train_embeddings)
@@ -259,11 +267,14 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     if load_universal:
         warnings.append(f"resume: world size {resume.world_size} -> {world_size}; loading through DeepSpeed's "
                         "universal checkpoint format")
-    ds_config = eng.render_ds_config(cfg, batch, precision, model_config.hidden_size, on_cpu,
+    # DeepSpeed sees every rank as data-parallel (sequence parallelism is ours): its batch counts all ranks.
+    ds_config = eng.render_ds_config(cfg, BatchPlan(batch.micro_batch_size, batch.gradient_accumulation_steps,
+                                                    world_size), precision, model_config.hidden_size, on_cpu,
                                      load_universal=load_universal)
     model = meta_model(model_config, cfg.model.trust_remote_code)
     fused = choose_fused_head(cfg, model, warnings.append)
     attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
+    check_sequence_parallel(cfg, model_config, attention)
     n_params = count_parameters(model)
     targets, trainable = [], None
     if cfg.model.lora:
@@ -272,6 +283,37 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
                    total_steps, precision, on_cpu, ds_config, fused, n_params, attention, heldout,
                    changed, warnings, targets, trainable)
+
+
+# The attention kernels train.sequence_parallel wraps: each takes the gathered position ids (packed
+# documents), sdpa through a document mask built from them, flash-attention as variable-length rows.
+SEQUENCE_PARALLEL_ATTENTION = ("sdpa", "flash_attention_2")
+
+
+def check_sequence_parallel(cfg: Config, model_config, attention: str) -> None:
+    """train.sequence_parallel > 1: what the model and settings must allow (exit 2, every problem at once)."""
+    n = cfg.train.sequence_parallel
+    if n == 1:
+        return
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    problems = []
+    if heads % n:
+        problems.append(f"train.sequence_parallel: the model has {heads} attention heads, which {n} does not divide; "
+                        f"use a divisor of {heads}")
+    elif kv % n and n % kv:
+        problems.append(f"train.sequence_parallel: the model has {kv} key/value heads; {n} must divide them or be a "
+                        f"multiple of them (then they are replicated); use a divisor or multiple of {kv}")
+    if attention not in SEQUENCE_PARALLEL_ATTENTION:
+        problems.append(f"model.attn_implementation: {attention} cannot run sequence parallel (train.sequence_parallel="
+                        f"{n}): eager would hold a full [row x row] score matrix per head; set "
+                        "model.attn_implementation=sdpa (or flash_attention_2 on CUDA)")
+    if cfg.loss.normalize == "micro_batch_mean":
+        problems.append("loss.normalize=micro_batch_mean divides by each rank's own targets, which sequence "
+                        "parallelism splits; set loss.normalize=step with train.sequence_parallel > 1")
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def embedding_count(model) -> int:

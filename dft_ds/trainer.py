@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from dft_ds.config import LossConfig
-from dft_ds.data import StepSampler, TrainData
+from dft_ds.data import StepSampler, TrainData, shard_rows
 from dft_ds.errors import NonFiniteStop
 from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient
 from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
@@ -219,7 +219,8 @@ class Trainer:
 
     def train_step(self, micro_indices: list[list[int]]) -> Optional[StepSums]:
         """One optimizer step, or None (nothing done) when a stop was requested on any rank."""
-        batches = [self.data.batch(idx) for idx in micro_indices]
+        sp = self.engine.sp  # train.sequence_parallel: each rank of a group takes its slice of the same rows
+        batches = [shard_rows(self.data.batch(idx), sp.rank, sp.size, self.data.pad_id) for idx in micro_indices]
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         # Sync point: every rank learns the step's total target count before its first backward,
         # and whether any rank was asked to stop (one all-reduce carries both).
@@ -233,16 +234,20 @@ class Trainer:
         limit_memory(self.sampler.step + 1)
         for i, batch in enumerate(batches):
             tokens = batch.pop("n_tokens")
-            loss, parts = self.forward_loss(batch, self.normaliser(num_tokens, batch), weighting)
-            # Sync point: every rank learns whether any rank's loss is not finite, before a NaN can
-            # reach the gradients (one more all-reduce of one number per micro-batch).
-            bad = not bool(torch.isfinite(loss.detach()).all())
-            if self.engine.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0:
-                del loss, parts
-                return self.nonfinite_loss(len(batches) - i)
-            with nan_gradient(self.engine.module, self.sampler.step + 1):
-                self.engine.backward(loss)
-            sums.add(StepSums.from_parts(parts, tokens, samples=self.samples_in(micro_indices[i])))
+            # Forward and backward (where checkpointed layers run again) exchange across the group.
+            with self.engine.sequence_parallel():
+                loss, parts = self.forward_loss(batch, self.normaliser(num_tokens, batch), weighting)
+                # Sync point: every rank learns whether any rank's loss is not finite, before a NaN can
+                # reach the gradients (one more all-reduce of one number per micro-batch).
+                bad = not bool(torch.isfinite(loss.detach()).all())
+                if self.engine.all_reduce_sum(torch.tensor([float(bad)], dtype=torch.float64))[0] > 0:
+                    del loss, parts
+                    return self.nonfinite_loss(len(batches) - i)
+                with nan_gradient(self.engine.module, self.sampler.step + 1):
+                    self.engine.backward(loss)
+            # A row's documents are counted once per sequence-parallel group.
+            samples = self.samples_in(micro_indices[i]) if sp.rank == 0 else 0
+            sums.add(StepSums.from_parts(parts, tokens, samples=samples))
             self.engine.step()
         return sums
 

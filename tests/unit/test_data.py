@@ -713,3 +713,35 @@ def test_epochs_reshuffle():
     epoch0, epoch1 = order[:10], order[10:]
     assert sorted(epoch0) == sorted(epoch1) == list(range(10))
     assert epoch0 != epoch1
+
+
+# ---------------------------------------------------------------- train.sequence_parallel: slices of a row
+
+
+def test_shard_rows_pads_slices_and_keeps_every_target():
+    from dft_ds.data import collate, shard_rows
+    from dft_ds.loss import IGNORE_INDEX
+
+    # Two rows of packed documents (labels already shifted: the last token of a document has none).
+    rows = [[([1, 2, 3, 4, 5], [2, 3, 4, 5, IGNORE_INDEX]), ([6, 7, 8], [7, 8, IGNORE_INDEX])],
+            [([9, 10, 11, 12, 13, 14, 15], [IGNORE_INDEX, IGNORE_INDEX, 12, 13, 14, 15, IGNORE_INDEX])]]
+    batch = collate(rows, pad_id=0)
+    batch["n_tokens"] = 15
+    assert batch["input_ids"].shape[1] == 8
+    for parts in (1, 2, 3):
+        slices = [shard_rows(batch, r, parts, pad_id=0) for r in range(parts)]
+        width = slices[0]["input_ids"].shape[1]
+        assert all(s["input_ids"].shape[1] == width for s in slices) and width * parts >= 8
+        whole = {k: torch.cat([s[k] for s in slices], dim=1) for k in ("input_ids", "labels", "position_ids")}
+        # The slices are the row, padded at its end by a document of its own with no target.
+        for k in whole:
+            assert torch.equal(whole[k][:, :8], batch[k]), k
+        assert (whole["labels"][:, 8:] == IGNORE_INDEX).all() and (whole["input_ids"][:, 8:] == 0).all()
+        if whole["position_ids"].shape[1] > 8:
+            assert (whole["position_ids"][:, 8] == 0).all()
+        # Every target once, the token counted once (on slice 0).
+        assert sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in slices) == int((batch["labels"] != IGNORE_INDEX).sum())
+        assert [s["n_tokens"] for s in slices] == [15] + [0] * (parts - 1)
+    # A document cut by the boundary keeps its target across it: slice 0 of 2 ends with token 4, whose label is 5.
+    first = shard_rows(batch, 0, 2, pad_id=0)
+    assert first["input_ids"][0].tolist() == [1, 2, 3, 4] and first["labels"][0].tolist() == [2, 3, 4, 5]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dft_ds import engine
 from dft_ds.config import BatchPlan, load_config
@@ -132,3 +133,34 @@ def test_deepspeed_builds_its_ops_from_the_rewritten_arch_list(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", engine.arch_list_for_deepspeed())
     assert FusedAdamBuilder().compute_capability_args() == ["-gencode=arch=compute_80,code=sm_80",
                                                             "-gencode=arch=compute_90,code=sm_90"]
+
+
+def test_document_mask_is_causal_within_documents_only():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    mask = engine.document_mask(pos)[0, 0]
+    want = torch.zeros(6, 6, dtype=torch.bool)
+    for q in range(6):
+        for k in range(q + 1):
+            want[q, k] = (q < 3) == (k < 3) and (q < 5) == (k < 5)
+    assert torch.equal(mask, want)
+
+
+def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_block():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    try:
+        engine.install_sequence_parallel("sdpa")
+        wrapped = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        engine.install_sequence_parallel("sdpa")  # once per process
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped and wrapped is not before
+        q = torch.randn(1, 2, 5, 8)
+
+        class Module(torch.nn.Module):
+            is_causal, num_key_value_groups = True, 1
+
+        got, _ = wrapped(Module(), q, q, q, None, position_ids=torch.arange(5)[None])
+        want, _ = before(Module(), q, q, q, None, position_ids=torch.arange(5)[None])
+        assert torch.equal(got, want)
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = before

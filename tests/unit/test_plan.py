@@ -130,3 +130,18 @@ def test_cli_names_an_uncached_hub_model_offline_and_never_sends_a_bare_name(cap
     assert "--model: 'org/absent' is not in the local cache" in err and "hf download org/absent" in err
     assert main(["--model", "mymodel"]) == 2
     assert "'mymodel' does not exist here, and it is not a hub name" in capsys.readouterr().err
+
+
+def test_sequence_parallel_plans_a_long_row_as_its_share_per_gpu(capsys):
+    """N GPUs sharing each row: activations are those of a row N times shorter; weights are unchanged."""
+    config = load_config("qwen2.5-math-1.5b")
+    whole = plan(config, 8, 80.0, 8192)
+    split = plan(config, 8, 80.0, 32768, sequence_parallel=4)
+    for a, b in zip(whole, split):
+        assert b.parts["activations"] == pytest.approx(a.parts["activations"])
+        assert b.parts["params"] == a.parts["params"] and b.parts["optimizer"] == a.parts["optimizer"]
+    assert main(["--model", "qwen2.5-math-1.5b", "--max-length", "4096", "--sequence-parallel", "4"]) == 0
+    assert "each split over 4 GPUs (sequence parallelism: 1024 tokens of a row per GPU, 2 data-parallel ranks)" \
+        in capsys.readouterr().out
+    assert main(["--model", "qwen2.5-math-1.5b", "--sequence-parallel", "3"]) == 2  # 8 GPUs
+    assert "--sequence-parallel 3: it must divide the 8 GPUs" in capsys.readouterr().err
