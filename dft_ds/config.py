@@ -39,6 +39,10 @@ class ModelConfig:
     """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed), else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents stay apart with each; the batch line says which runs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    tiled_mlp: int = 0
+    """Long rows: run each decoder layer's MLP over this many tiles of its tokens (in the forward, and again tile by tile in the backward), so only one tile's intermediate activations, the widest of a layer, exist at a time. 0 is off. Costs about one more MLP forward per step. docs/long_sequences.md."""
+    offload_activations: bool = False
+    """Long rows: the tensors the backward needs (with gradient_checkpointing, each layer's input) wait in host memory between the forward and the backward, copied back as the backward reaches them. Costs two host-device copies of them per step; on a CPU run it changes nothing. docs/long_sequences.md."""
     lora: bool = False
     """Train low-rank adapters (peft's LoRA) instead of every weight: the base stays frozen and carries no gradients or optimizer state. A pretrained model.name_or_path is the base; with synthetic, the random-init tiny Llama (written once to output_dir/base/ so dft-convert can merge). docs/models.md, LoRA."""
     lora_rank: int = 16
@@ -625,6 +629,7 @@ def _check_values(cfg: Config) -> list[str]:
     need(bool(t.output_dir), "train.output_dir", "a directory path")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(t.sequence_parallel >= 1, "train.sequence_parallel", "an integer >= 1 (1: off)")
+    need(cfg.model.tiled_mlp >= 0, "model.tiled_mlp", "an integer >= 0 (tiles per MLP; 0: off)")
     need(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
          "train.gradient_accumulation_steps", "null or an integer >= 1")
     need(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size", "null or an integer >= 1")

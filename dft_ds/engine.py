@@ -449,6 +449,7 @@ class Engine:
         self.device = self.ds.device
         self.frozen = frozen
         self.sp = SequenceGroup(1, 0, dist.rank)  # train.sequence_parallel: set by build_engines
+        self.offload_activations = cfg.model.offload_activations
 
     @property
     def is_rank0(self) -> bool:
@@ -462,6 +463,13 @@ class Engine:
     def forward(self, batch: dict[str, torch.Tensor], head_loss=None):
         """The model's output, or with `head_loss` (see model.attach_head_loss) whatever it returns."""
         return _forward(self.ds, self.device, batch, head_loss)
+
+    def offloaded_activations(self):
+        """model.offload_activations: the tensors this block's forward saves for the backward wait in
+        host memory (pinned on CUDA) until the backward needs them. On CPU they are there already."""
+        if not self.offload_activations or self.device.type == "cpu":
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
 
     def sequence_parallel(self):
         """The block in which attention runs Ulysses over this rank's group (a no-op at N = 1)."""
@@ -697,6 +705,8 @@ def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEng
         mdl.apply_lora(model, cfg.model, cfg.train.seed)
     if plan.fused:
         mdl.attach_head_loss(model)
+    if cfg.model.tiled_mlp:
+        mdl.apply_tiled_mlp(model, cfg.model.tiled_mlp)
     engine = Engine(model, plan.ds_config, dist, plan.total_steps, cfg, frozen=lora)
     del keepalive
     if cfg.train.sequence_parallel > 1:

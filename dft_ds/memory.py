@@ -34,7 +34,8 @@ ZERO3_MAX_LIVE = 1e9
 def estimate_memory(n_params: int, config, stage: int, world: int, precision: str, tokens_per_micro: int,
                     checkpointing: bool, fused: bool, chunk_mb: int, offload: bool,
                     torch_adam: bool = False, n_trainable: int | None = None,
-                    head_trains: bool = True) -> MemoryEstimate:
+                    head_trains: bool = True, mlp_tiles: int = 0,
+                    offload_activations: bool = False) -> MemoryEstimate:
     """Per-rank bytes on the accelerator (on CPU: host memory) of one training step.
 
     Weights and gradients in the training precision; AdamW keeps two fp32 moments, plus an fp32
@@ -50,6 +51,12 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     `n_trainable` (model.lora: adapters, plus embeddings when they train): only these have gradients,
     optimizer states and optimizer temporaries; `n_params` counts them too. `head_trains=False`: the
     fused head computes no head gradient.
+
+    Long rows (docs/long_sequences.md): `tokens_per_micro` is what one rank holds (1/N of each row
+    under sequence parallelism). `mlp_tiles` (model.tiled_mlp): the MLP's share of a layer's
+    activations, 19 of the 34 x hidden bytes in that account, exists for one tile at a time.
+    `offload_activations`: what the backward waits for (every layer's input with checkpointing,
+    every layer's activations without) is in host memory; the device keeps the layer at work.
     """
     b = 2 if precision in ("bf16", "fp16") else 4
     trainable = n_params if n_trainable is None else n_trainable
@@ -62,7 +69,10 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
         params = b * n_params / world / 4  # only the layers in flight are on the device; a rough share
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = 34 * hidden * tokens_per_micro * (b / 2)
-    activations = (2 * hidden * b * tokens_per_micro * layers + per_layer) if checkpointing else per_layer * layers
+    if mlp_tiles > 1:
+        per_layer *= (15 + 19 / mlp_tiles) / 34
+    stored = 2 * hidden * b * tokens_per_micro * layers if checkpointing else per_layer * (layers - 1)
+    activations = per_layer + (0 if offload_activations else stored)
     vocab = config.vocab_size
     if fused:
         # one chunk of fp32 logits + the fp32 head gradient (none for a frozen head)

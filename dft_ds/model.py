@@ -199,6 +199,67 @@ def fused_head_problem(model, trust_remote_code: bool = False) -> str | None:
     return None
 
 
+class _TiledMLP(torch.autograd.Function):
+    """y = mlp(x), computed over `tiles` slices of the tokens and never stored: the backward runs the
+    MLP again one slice at a time and back-propagates through it at once, so the [tokens x
+    intermediate] activations of one slice are all that exist. Exactly `tiles` calls each way,
+    however many tokens a rank holds (some slices may be empty), so ZeRO-3's parameter gathers stay
+    in step across ranks. A parameter's gradient is reported to ZeRO (ds_grad_is_ready) only after
+    the last slice has added to it."""
+
+    @staticmethod
+    def forward(ctx, x, mlp, forward, tiles):
+        ctx.mlp, ctx.forward, ctx.tiles = mlp, forward, tiles
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return torch.cat([forward(part) for part in x.tensor_split(tiles, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        rows = x.detach().reshape(-1, x.shape[-1])
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.zeros_like(rows)
+        params = [p for p in ctx.mlp.parameters() if p.requires_grad]
+        start = 0
+        parts = rows.tensor_split(ctx.tiles, dim=0)
+        for i, part in enumerate(parts):
+            for p in params:
+                p.ds_grad_is_ready = i == len(parts) - 1
+            part = part.detach().requires_grad_(x.requires_grad)
+            with torch.enable_grad():
+                out = ctx.forward(part)
+            stop = start + part.shape[0]
+            torch.autograd.backward(out, grad[start:stop])
+            if part.grad is not None:
+                grad_x[start:stop] = part.grad
+            start = stop
+        for p in params:
+            p.ds_grad_is_ready = True
+        return grad_x.view_as(x), None, None, None
+
+
+def apply_tiled_mlp(model, tiles: int) -> int:
+    """model.tiled_mlp: every decoder layer's `mlp` runs through _TiledMLP; returns how many were wrapped.
+    The MLP must map each token on its own (every family of families.py does)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if tiles < 1 or layers is None:
+        return 0
+    count = 0
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        original = mlp.forward
+
+        def tiled(x, _mlp=mlp, _forward=original):
+            return _TiledMLP.apply(x, _mlp, _forward, tiles)
+
+        mlp.forward = tiled
+        count += 1
+    return count
+
+
 def attach_head_loss(model) -> None:
     """Let `model(..., head_loss=fn)` return fn(last_hidden_state, head.weight, softcap) instead of
     logits, where softcap is the model's final-logit cap or None (see head_softcap).

@@ -82,7 +82,8 @@ def lora_counts(config, rank: int, targets: str) -> tuple[int, int]:
 
 
 def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "bf16", lora_rank: int = 0,
-         lora_targets: str = "all-linear", sequence_parallel: int = 1) -> list[Row]:
+         lora_targets: str = "all-linear", sequence_parallel: int = 1, mlp_tiles: int = 0,
+         offload_activations: bool = False) -> list[Row]:
     """`lora_rank` > 0: model.lora with adapters of that rank on `lora_targets`, embeddings frozen.
     `sequence_parallel` N: each GPU holds 1/N of every row's tokens (train.sequence_parallel)."""
     per_rank = -(-max_length // sequence_parallel)
@@ -96,7 +97,8 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
             for fused in (True, False):
                 def at(micro: int):
                     return estimate_memory(n_params, config, stage, world, precision, micro * per_rank, ckpt, fused,
-                                           128, offload, n_trainable=n_trainable, head_trains=not lora_rank)
+                                           128, offload, n_trainable=n_trainable, head_trains=not lora_rank,
+                                           mlp_tiles=mlp_tiles, offload_activations=offload_activations)
                 one = at(1)
                 per_row = at(2).total - one.total  # activations and unfused logits grow with the micro batch
                 fits = 0 if one.total / GIB > budget else 1 + int((budget * GIB - one.total) // max(per_row, 1))
@@ -115,7 +117,7 @@ def format_count(n: int) -> str:
 
 
 def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int,
-           n_trainable: int | None = None, sequence_parallel: int = 1) -> str:
+           n_trainable: int | None = None, sequence_parallel: int = 1, extras: str = "") -> str:
     lora = f" ({format_count(n_trainable)} in LoRA adapters, the only ones that train)" if n_trainable else ""
     sp = sequence_parallel
     split = (f", each split over {sp} GPUs (sequence parallelism: {-(-max_length // sp)} tokens of a row per GPU, "
@@ -123,7 +125,7 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
     lines = [f"{format_count(n_params)} parameters{lora}; {world} {'GPU' if world == 1 else 'GPUs'} of {gpu_gib:g} GiB "
              f"({RESERVE_GIB:g} GiB reserved for "
              f"CUDA context and fragmentation); bf16 weights and gradients, fp32 AdamW states; rows of {max_length} "
-             f"{'token' if max_length == 1 else 'tokens'}{split}. GiB per GPU at micro batch 1:", "",
+             f"{'token' if max_length == 1 else 'tokens'}{split}{extras}. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
              "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -189,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sequence-parallel", type=_at_least(1), default=1, metavar="N",
                         help="train.sequence_parallel: each row split over N GPUs, which must divide the GPUs and "
                              "the model's attention heads (default 1: off)")
+    parser.add_argument("--tiled-mlp", type=_at_least(0), default=0, metavar="T",
+                        help="model.tiled_mlp: each MLP over T tiles of its tokens (default 0: off)")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="model.offload_activations: what the backward waits for is kept in host memory")
     parser.add_argument("--lora-rank", type=_at_least(0), default=0, metavar="R",
                         help="plan model.lora with adapters of rank R (model.lora_rank): only they have gradients "
                              "and optimizer states; 0 (default) is full fine-tuning")
@@ -219,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rows = plan(config, world, args.gpu_memory, args.max_length, lora_rank=args.lora_rank,
-                    lora_targets=args.lora_targets, sequence_parallel=sp)
+                    lora_targets=args.lora_targets, sequence_parallel=sp, mlp_tiles=args.tiled_mlp,
+                    offload_activations=args.offload_activations)
         n_params, n_trainable = (lora_counts(config, args.lora_rank, args.lora_targets) if args.lora_rank
                                  else (count_parameters(config), None))
     except UserError as exc:
         print(f"dft-plan: error: --lora-targets: {exc}", file=sys.stderr)
         return 2
-    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable, sp))
+    extras = (f"; each MLP in {args.tiled_mlp} tiles" if args.tiled_mlp > 1 else "") + \
+        ("; activations the backward waits for in host memory" if args.offload_activations else "")
+    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable, sp, extras))
     return 0
 
 

@@ -129,10 +129,13 @@ class RunPlan:
     def attention_line(self) -> str:
         from dft_ds.model import PACKED_ISOLATION
 
+        m = self.cfg.model
+        more = (f"; each MLP in {m.tiled_mlp} tiles" if m.tiled_mlp > 1 else "") + \
+            ("; activations offloaded to host memory" if m.offload_activations else "")
         if not self.cfg.data.packing:
-            return f"{self.attention} (one document per row)"
+            return f"{self.attention} (one document per row){more}"
         how = PACKED_ISOLATION.get(self.attention, "position ids")
-        return f"{self.attention} (packed documents kept apart by {how})"
+        return f"{self.attention} (packed documents kept apart by {how}){more}"
 
     def heldout_line(self) -> str:
         d, r = self.cfg.data, self.heldout.report
@@ -193,7 +196,8 @@ class RunPlan:
                               cfg.model.gradient_checkpointing,
                               self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu,
                               n_trainable=self.n_trainable,
-                              head_trains=not cfg.model.lora or cfg.model.lora_train_embeddings)
+                              head_trains=not cfg.model.lora or cfg.model.lora_train_embeddings,
+                              mlp_tiles=cfg.model.tiled_mlp, offload_activations=cfg.model.offload_activations)
         ref = ""
         if cfg.loss.uses_reference and cfg.model.lora:
             ref = "; asft reference = the base with adapters off (no second copy)"

@@ -236,7 +236,8 @@ class Trainer:
             tokens = batch.pop("n_tokens")
             # Forward and backward (where checkpointed layers run again) exchange across the group.
             with self.engine.sequence_parallel():
-                loss, parts = self.forward_loss(batch, self.normaliser(num_tokens, batch), weighting)
+                with self.engine.offloaded_activations():
+                    loss, parts = self.forward_loss(batch, self.normaliser(num_tokens, batch), weighting)
                 # Sync point: every rank learns whether any rank's loss is not finite, before a NaN can
                 # reach the gradients (one more all-reduce of one number per micro-batch).
                 bad = not bool(torch.isfinite(loss.detach()).all())

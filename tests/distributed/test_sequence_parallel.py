@@ -116,3 +116,13 @@ def test_what_cannot_run_sequence_parallel_exits_2(tmp_path, extra, message):
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_tiled_mlp_and_offloaded_activations_keep_the_gradient(tmp_path):
+    """model.tiled_mlp (3 tiles, exactly 3 MLP calls per rank each way under ZeRO-3, whatever a rank
+    holds) and model.offload_activations, with checkpointing, at N = 2: the gradient of the plain run."""
+    one = probe(tmp_path, "plain", 1, 1, "train.gradient_accumulation_steps=2")
+    tiled = probe(tmp_path, "tiled", 2, 2, "train.gradient_accumulation_steps=2", "model.tiled_mlp=3",
+                  "model.offload_activations=true", "model.gradient_checkpointing=true")
+    assert_same_step(tiled, one)

@@ -396,3 +396,28 @@ def test_bf16_logits_give_fp32_result_close_to_fp32(loss_fn):
     assert low.grad.dtype == torch.bfloat16
     parts = compute_loss("dft", low.detach(), labels, num_tokens=12)
     assert parts.loss.dtype == parts.nll_sum.dtype == parts.prob_sum.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tiles, shape", [(1, (2, 7, 16)), (3, (2, 7, 16)), (20, (1, 5, 16))])
+def test_tiled_mlp_matches_the_mlp_in_value_and_gradients(tiles, shape):
+    """model.tiled_mlp: the same output, input gradient and weight gradients, with more tiles than tokens too."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from dft_ds.model import _TiledMLP
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2)).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape, dtype=torch.float64)
+    want = mlp(x)
+    want.backward(g)
+    want_grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    got = _TiledMLP.apply(x, mlp, mlp.forward, tiles)
+    got.backward(g)
+    torch.testing.assert_close(got, want)
+    for a, b in zip([x.grad] + [p.grad for p in mlp.parameters()], want_grads):
+        torch.testing.assert_close(a, b)
+    assert all(p.ds_grad_is_ready for p in mlp.parameters())

@@ -145,3 +145,19 @@ def test_sequence_parallel_plans_a_long_row_as_its_share_per_gpu(capsys):
         in capsys.readouterr().out
     assert main(["--model", "qwen2.5-math-1.5b", "--sequence-parallel", "3"]) == 2  # 8 GPUs
     assert "--sequence-parallel 3: it must divide the 8 GPUs" in capsys.readouterr().err
+
+
+def test_tiled_mlp_and_offload_shrink_only_the_activations():
+    config = load_config("qwen2.5-math-1.5b")
+    for ckpt in (False, True):
+        base = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, ckpt, True, 128, False)
+        tiled = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, ckpt, True, 128, False, mlp_tiles=8)
+        off = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, ckpt, True, 128, False, offload_activations=True)
+        per_layer = 34 * config.hidden_size * 8192
+        assert off.activations == per_layer  # only the layer at work stays on the device
+        assert tiled.activations < base.activations and off.activations < base.activations
+        assert (tiled.params, tiled.optimizer, off.grads) == (base.params, base.optimizer, base.grads)
+    # With checkpointing the recomputed layer is what tiling shrinks: 19 of its 34 parts over 8 tiles.
+    base = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, True, True, 128, False)
+    tiled = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, True, True, 128, False, mlp_tiles=8)
+    assert base.activations - tiled.activations == pytest.approx(34 * config.hidden_size * 8192 * (19 - 19 / 8) / 34)
