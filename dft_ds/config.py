@@ -630,6 +630,13 @@ def _check_values(cfg: Config) -> list[str]:
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(t.sequence_parallel >= 1, "train.sequence_parallel", "an integer >= 1 (1: off)")
     need(cfg.model.tiled_mlp >= 0, "model.tiled_mlp", "an integer >= 0 (tiles per MLP; 0: off)")
+    need(not (cfg.model.tiled_mlp > 1 and cfg.model.lora and cfg.model.lora_dropout > 0), "model.tiled_mlp",
+         f"0 with model.lora_dropout={cfg.model.lora_dropout}: the tiled MLP runs its adapters again in the backward, "
+         "where dropout would draw other masks; set model.lora_dropout=0 or model.tiled_mlp=0")
+    need(not cfg.model.offload_activations or cfg.model.gradient_checkpointing, "model.offload_activations",
+         "false without model.gradient_checkpointing=true: without checkpointing every tensor the backward needs "
+         "would go to host memory, the gathered weights of each layer among them; set model.gradient_checkpointing"
+         "=true")
     need(t.gradient_accumulation_steps is None or t.gradient_accumulation_steps >= 1,
          "train.gradient_accumulation_steps", "null or an integer >= 1")
     need(t.global_batch_size is None or t.global_batch_size >= 1, "train.global_batch_size", "null or an integer >= 1")

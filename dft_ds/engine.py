@@ -615,7 +615,8 @@ class _KvGroups:
         return getattr(self._module, name)
 
 
-_SP_STATE: dict[str, Any] = {"active": None}  # the SequenceGroup while a training micro-batch runs
+# The SequenceGroup while a training micro-batch runs, and that micro-batch's gathered positions.
+_SP_STATE: dict[str, Any] = {"active": None, "positions": None}
 
 
 @contextlib.contextmanager
@@ -631,14 +632,41 @@ def sequence_parallel_active(sp: SequenceGroup):
         yield
     finally:
         _SP_STATE["active"] = before
+        _SP_STATE["positions"] = None  # the cached gather and mask of the block's micro-batch
 
 
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, 1, S, S] bool: causal, and only within the document (a document starts where its position is 0)."""
+def document_mask(position_ids: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+    """[B, 1, S, S] bool: causal, only within the document (a document starts where its position is 0),
+    and with a sliding `window` only the last `window` positions (the query's own included)."""
     doc = (position_ids == 0).cumsum(dim=1)
     s = position_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    if window:
+        causal = causal.triu(-(int(window) - 1))
     return (doc[:, :, None] == doc[:, None, :]).logical_and_(causal)[:, None]
+
+
+def _gathered_positions(sp: SequenceGroup, local: torch.Tensor, window, attention: str):
+    """(the whole rows' position ids, the sdpa mask or None) for this slice's position ids.
+
+    Every layer gets the same position-id tensor, so one all-gather and one mask per micro-batch
+    serve them all (and the layers run again in the backward): the result is kept, with a strong
+    reference to the tensor it was made for, until the training block ends or the next micro-batch.
+    """
+    import torch.distributed as tdist
+
+    cache = _SP_STATE.get("positions")
+    if cache is None or cache[0] is not local:
+        gathered = [torch.empty_like(local) for _ in range(sp.size)]
+        tdist.all_gather(gathered, local.contiguous(), group=sp.group)
+        cache = _SP_STATE["positions"] = (local, torch.cat(gathered, dim=1), {})
+    _, positions, masks = cache
+    if attention == "flash_attention_2":
+        return positions, None
+    if window not in masks:  # Gemma 3 alternates windowed and full layers: one mask each
+        one_document = bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
+        masks[window] = document_mask(positions, window) if window or not one_document else None
+    return positions, masks[window]
 
 
 def install_sequence_parallel(attention: str) -> None:
@@ -665,20 +693,23 @@ def install_sequence_parallel(attention: str) -> None:
             kernel_module = _KvGroups(module, heads // n)
         # [B, H, s, D] -> [B, H/N, S, D]
         query, key, value = (_AllToAll.apply(t, 1, 2, group) for t in (query, key, value))
-        positions = kwargs.get("position_ids")
-        if positions is None:
+        local = kwargs.get("position_ids")
+        if local is None:
             raise RuntimeError("sequence parallelism needs position_ids in the attention call; this model does "
                                "not pass them (train.sequence_parallel=1 runs it)")
-        gathered = [torch.empty_like(positions) for _ in range(n)]
-        tdist.all_gather(gathered, positions.contiguous(), group=group)
-        kwargs["position_ids"] = positions = torch.cat(gathered, dim=1)
-        if attention == "flash_attention_2":
-            mask = None  # variable-length sequences from the gathered position ids
-        elif bool((positions == torch.arange(positions.shape[1], device=positions.device)).all()):
-            mask = None  # one document per row: the kernel's own causal mask
+        window = kwargs.get("sliding_window")  # Mistral, and Gemma 3's local layers
+        positions, mask = _gathered_positions(sp, local, window, attention)
+        kwargs["position_ids"] = positions
+        if attention == "flash_attention_2" and query.shape[0] > 1:
+            # transformers reads packed documents from position ids only in a batch of one row: lay the
+            # rows end to end (each starts at position 0, so none sees another).
+            b, h, s, d = query.shape
+            query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], b * s, d) for t in (query, key, value))
+            kwargs["position_ids"] = positions.reshape(1, b * s)
+            out, weights = core(kernel_module, query, key, value, None, *args, **kwargs)
+            out = out.reshape(b, s, h, d)
         else:
-            mask = document_mask(positions)
-        out, weights = core(kernel_module, query, key, value, mask, *args, **kwargs)
+            out, weights = core(kernel_module, query, key, value, mask, *args, **kwargs)
         # [B, S, H/N, D] -> [B, s, H, D]
         return _AllToAll.apply(out.contiguous(), 1, 2, group), weights
 

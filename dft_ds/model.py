@@ -239,20 +239,28 @@ class _TiledMLP(torch.autograd.Function):
         return grad_x.view_as(x), None, None, None
 
 
+def mlp_modules(model) -> list:
+    """The `mlp` of every decoder layer (what model.tiled_mlp wraps); [] for a model without them."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None) or []
+    return [layer.mlp for layer in layers if getattr(layer, "mlp", None) is not None]
+
+
 def apply_tiled_mlp(model, tiles: int) -> int:
     """model.tiled_mlp: every decoder layer's `mlp` runs through _TiledMLP; returns how many were wrapped.
     The MLP must map each token on its own (every family of families.py does)."""
-    layers = getattr(model.get_decoder(), "layers", None)
-    if tiles < 1 or layers is None:
+    if tiles < 2:
         return 0
     count = 0
-    for layer in layers:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
+    for mlp in mlp_modules(model):
         original = mlp.forward
 
         def tiled(x, _mlp=mlp, _forward=original):
+            if not x.requires_grad and torch.is_grad_enabled() and any(p.requires_grad for p in _mlp.parameters()):
+                # The first layer's MLP under LoRA with frozen embeddings: x needs no gradient but the
+                # weights do, and an autograd function's output requires one only through its inputs.
+                # (Passing the weights as inputs breaks ZeRO-3, whose partitioned weights are empty.)
+                x = x.detach().requires_grad_(True)
             return _TiledMLP.apply(x, _mlp, _forward, tiles)
 
         mlp.forward = tiled

@@ -218,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         print(warning, file=sys.stderr)
     world = args.nodes * args.gpus_per_node
     sp = args.sequence_parallel
-    heads = getattr(config, "num_attention_heads", 0)
-    if world % sp or (heads and heads % sp):
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", 0) or 0
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if world % sp or (heads and heads % sp) or (kv and kv % sp and sp % kv):
         print(f"dft-plan: error: --sequence-parallel {sp}: it must divide the {world} GPUs and the model's {heads} "
-              "attention heads", file=sys.stderr)
+              f"attention heads, and divide or be a multiple of its {kv} key/value heads", file=sys.stderr)
         return 2
     try:
         rows = plan(config, world, args.gpu_memory, args.max_length, lora_rank=args.lora_rank,

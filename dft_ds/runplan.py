@@ -279,6 +279,9 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     fused = choose_fused_head(cfg, model, warnings.append)
     attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
     check_sequence_parallel(cfg, model_config, attention)
+    if cfg.model.tiled_mlp > 1 and not mdl.mlp_modules(model):
+        raise ConfigError(f"model.tiled_mlp={cfg.model.tiled_mlp}: this model ({type(model).__name__}) has no decoder "
+                          "layers with an `mlp` to tile; set model.tiled_mlp=0")
     n_params = count_parameters(model)
     targets, trainable = [], None
     if cfg.model.lora:
@@ -306,13 +309,14 @@ def check_sequence_parallel(cfg: Config, model_config, attention: str) -> None:
     if heads % n:
         problems.append(f"train.sequence_parallel: the model has {heads} attention heads, which {n} does not divide; "
                         f"use a divisor of {heads}")
-    elif kv % n and n % kv:
+    if kv % n and n % kv:
         problems.append(f"train.sequence_parallel: the model has {kv} key/value heads; {n} must divide them or be a "
                         f"multiple of them (then they are replicated); use a divisor or multiple of {kv}")
     if attention not in SEQUENCE_PARALLEL_ATTENTION:
+        why = ("eager would hold a full [row x row] score matrix per head" if attention == "eager" else
+               f"{attention}'s block mask is built for a rank's slice, not the whole row")
         problems.append(f"model.attn_implementation: {attention} cannot run sequence parallel (train.sequence_parallel="
-                        f"{n}): eager would hold a full [row x row] score matrix per head; set "
-                        "model.attn_implementation=sdpa (or flash_attention_2 on CUDA)")
+                        f"{n}): {why}; set model.attn_implementation=sdpa (or flash_attention_2 on CUDA)")
     if cfg.loss.normalize == "micro_batch_mean":
         problems.append("loss.normalize=micro_batch_mean divides by each rank's own targets, which sequence "
                         "parallelism splits; set loss.normalize=step with train.sequence_parallel > 1")

@@ -582,3 +582,16 @@ def test_counts_in_messages_agree_in_number():
 
     assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
     assert counted(1, "rank") == "1 rank" and counted(3, "entry", "entries") == "3 entries"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.tiled_mlp=4", "model.lora=true", "model.lora_dropout=0.1"],
+     "model.tiled_mlp: expected 0 with model.lora_dropout=0.1"),
+    (["model.offload_activations=true"], "model.offload_activations: expected false without "
+                                         "model.gradient_checkpointing=true"),
+    (["model.tiled_mlp=-1"], "model.tiled_mlp: expected an integer >= 0"),
+    (["train.sequence_parallel=0"], "train.sequence_parallel: expected an integer >= 1"),
+])
+def test_long_row_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

@@ -164,3 +164,12 @@ def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_bloc
         assert torch.equal(got, want)
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = before
+
+
+def test_document_mask_with_a_sliding_window():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1]])
+    mask = engine.document_mask(pos, window=2)[0, 0]
+    for q in range(7):
+        for k in range(7):
+            same_doc = (q < 5) == (k < 5)
+            assert bool(mask[q, k]) == (same_doc and 0 <= q - k < 2), (q, k)

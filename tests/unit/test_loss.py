@@ -421,3 +421,40 @@ def test_tiled_mlp_matches_the_mlp_in_value_and_gradients(tiles, shape):
     for a, b in zip([x.grad] + [p.grad for p in mlp.parameters()], want_grads):
         torch.testing.assert_close(a, b)
     assert all(p.ds_grad_is_ready for p in mlp.parameters())
+
+
+def test_tiled_mlp_trains_its_weights_when_its_input_needs_no_gradient():
+    """The first layer's MLP under LoRA with frozen embeddings: x has no gradient, the weights still get theirs."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from dft_ds.model import apply_tiled_mlp, mlp_modules
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=16, intermediate_size=40, num_attention_heads=2, num_key_value_heads=2))
+    x = torch.randn(2, 6, 16)
+    mlp(x).square().sum().backward()
+    want = [p.grad.clone() for p in mlp.parameters()]
+    mlp.zero_grad()
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module()])
+            self.layers[0].mlp = mlp
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+
+        def get_decoder(self):
+            return self.decoder
+
+    model = Model()
+    assert mlp_modules(model) == [mlp] and apply_tiled_mlp(model, 1) == 0 and apply_tiled_mlp(model, 4) == 1
+    out = mlp(x)
+    assert out.requires_grad
+    out.square().sum().backward()
+    for got, ref in zip([p.grad for p in mlp.parameters()], want):
+        torch.testing.assert_close(got, ref)

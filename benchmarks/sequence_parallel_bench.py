@@ -1,0 +1,125 @@
+"""Sequence parallelism on this machine: per-rank peak memory and tokens/s against row length, at
+N = 1 and N = 2 (train.sequence_parallel), and N = 2 with the tiled MLP.
+
+    .venv/bin/python benchmarks/sequence_parallel_bench.py [--lengths 1024,2048,4096] [--long 8192]
+        [--steps 2] [--model-size small|100m] [--out DIR]
+
+Every cell is a real `torchrun --nproc-per-node 2 -m dft_ds.train` run: ZeRO-3, fp32, fused head,
+gradient checkpointing, sdpa, rows packed to the row length, one row per rank-group per step. At
+N = 1 the two ranks each hold a whole row (global batch 2 rows); at N = 2 they share one row
+(global batch 1), so each holds half its tokens. The weights, gradients and optimizer states are the
+same in both (ZeRO-3 over 2 ranks), so the difference in peak memory is the activations'.
+
+Per cell: the peak RSS of the largest rank, minus that of the same configuration at rows of 128
+tokens (the activations and buffers a long row adds), and the training tokens/s of the last step
+(the first includes set-up). One unmeasured warm-up run goes first. `--long` lengths run only at N = 2: they show how long a row the same
+per-rank memory holds when it is shared. The three contenders of one length run one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.common import free_port, run_peak_rss  # noqa: E402
+
+CONTENDERS = {
+    "N=1": ["train.sequence_parallel=1", "train.global_batch_size=2"],
+    "N=2": ["train.sequence_parallel=2", "train.global_batch_size=1"],
+    "N=2, tiled MLP x4": ["train.sequence_parallel=2", "train.global_batch_size=1", "model.tiled_mlp=4"],
+}
+SIZES = {"small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, heads=8),
+         "100m": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, heads=12)}
+
+
+def build_model(work: str, size: str) -> tuple[str, int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dft_ds import synthetic
+
+    shape = dict(SIZES[size])
+    heads = shape.pop("heads")
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
+    config = synthetic.tiny_model_config(len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    config.num_attention_heads = config.num_key_value_heads = heads
+    config.head_dim = config.hidden_size // heads
+    config.max_position_embeddings = 32768
+    torch.manual_seed(0)
+    path = os.path.join(work, f"llama-{size}")
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, sum(p.numel() for p in model.parameters())
+
+
+def cell(model: str, length: int, contender: str, steps: int, out: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "-m", "dft_ds.train", f"train.output_dir={out}", f"model.name_or_path={model}",
+           f"data.max_length={length}", "data.packing=true", f"data.synthetic_size={max(200, length // 20)}",
+           "train.micro_batch_size=1", "train.gradient_accumulation_steps=1", f"train.max_steps={steps}",
+           "train.precision=fp32", "model.gradient_checkpointing=true", "model.attn_implementation=sdpa",
+           "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
+           "checkpoint.save_final=false", *CONTENDERS[contender]]
+    proc, rss = run_peak_rss(cmd)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
+    return {"rss_mib": rss / 2**20, "tokens_per_s": rows[-1]["tokens_per_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--long", default="8192", help="lengths run at N = 2 only (comma separated; '' for none)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--model-size", choices=tuple(SIZES), default="small")
+    parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    args = parser.parse_args()
+    work = args.out or tempfile.mkdtemp(prefix="sp-bench-")
+    os.makedirs(work, exist_ok=True)
+    model, n_params = build_model(work, args.model_size)
+    print(f"model: Llama {args.model_size}, {n_params / 1e6:.1f}M parameters; 2 ranks, ZeRO-3, fp32, checkpointing, "
+          f"sdpa, packed rows; {args.steps} steps per cell", flush=True)
+    # The first run after a fresh install peaks higher (one-time set-up): warm up once, unmeasured.
+    cell(model, 128, "N=2", 1, os.path.join(work, "warm-up"))
+    base = {c: cell(model, 128, c, args.steps, os.path.join(work, f"{i}-128")) for i, c in enumerate(CONTENDERS)}
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    longs = [int(x) for x in args.long.split(",") if x]
+    results = []
+    for length in lengths + longs:
+        for i, contender in enumerate(CONTENDERS):
+            if length in longs and contender == "N=1":
+                continue
+            r = cell(model, length, contender, args.steps, os.path.join(work, f"{i}-{length}"))
+            if "error" not in r and "error" not in base[contender]:
+                r["added_mib"] = r["rss_mib"] - base[contender]["rss_mib"]
+            results.append((length, contender, r))
+            print(f"  {length:>6} {contender:<18} {json.dumps(r)}", flush=True)
+    print("\n| row tokens | contender | tokens per rank | peak RSS MiB (largest rank) | added over 128-token rows MiB "
+          "| added / N=1's | tokens/s |\n|---|---|---|---|---|---|---|")
+    n1 = {length: r.get("added_mib") for length, c, r in results if c == "N=1"}
+    for length, contender, r in results:
+        if "error" in r:
+            print(f"| {length} | {contender} | | {r['error']} | | | |")
+            continue
+        per_rank = length if contender == "N=1" else length // 2
+        ratio = (f"{r['added_mib'] / n1[length]:.2f}" if n1.get(length) and r.get("added_mib") is not None else "")
+        added = f"{r['added_mib']:.0f}" if r.get("added_mib") is not None else ""
+        print(f"| {length} | {contender} | {per_rank} | {r['rss_mib']:.0f} | {added} | {ratio} | "
+              f"{r['tokens_per_s']:.0f} |")
+    json.dump({"base": base, "results": results}, open(os.path.join(work, "results.json"), "w"), indent=1)
+    print(f"\nruns and results.json: {work}")
+
+
+if __name__ == "__main__":
+    main()
