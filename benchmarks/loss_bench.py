@@ -141,30 +141,35 @@ def main() -> None:
     if args.family:
         return family(args)
 
-    n_for = {int(k): int(v) for k, v in (kv.split("=") for kv in args.n_for.split(",") if kv)}
     variants = (args.variants or ",".join(VARIANTS)).split(",")
     gib = 1 << 30
     print(f"{'V':>7} {'dtype':>5} {'N':>5} {'variant':>7} {'time s':>8} {'peak GiB':>9} "
           f"{'t/ce':>6} {'m/ce':>6} {'t/dft':>6} {'m/dft':>6} {'t/floor':>7}", flush=True)
+    for vocab, dtype, n in _grid(args):
+        res = {}
+        for variant in variants:
+            res[variant], note = _cell(args, variant, vocab, dtype, n)
+            r = res[variant]
+            if r is None:
+                print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>7}  {note}", flush=True)
+                continue
+
+            def ratio(other, key):
+                o = res.get(other)
+                return f"{r[key] / o[key]:.2f}" if o and o[key] > 0 else "-"
+
+            print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>7} {r['seconds']:>8.2f} "
+                  f"{r['peak_bytes'] / gib:>9.3f} {ratio('ce', 'seconds'):>6} {ratio('ce', 'peak_bytes'):>6} "
+                  f"{ratio('dft', 'seconds'):>6} {ratio('dft', 'peak_bytes'):>6} {ratio('floor', 'seconds'):>7}",
+                  flush=True)
+
+
+def _grid(args):
+    """(vocab, dtype, tokens) of every cell: --vocabs x --dtypes, with --n-for's token counts."""
+    n_for = {int(k): int(v) for k, v in (kv.split("=") for kv in args.n_for.split(",") if kv)}
     for vocab in (int(v) for v in args.vocabs.split(",")):
-        n = n_for.get(vocab, args.n)
         for dtype in args.dtypes.split(","):
-            res = {}
-            for variant in variants:
-                res[variant], note = _cell(args, variant, vocab, dtype, n)
-                r = res[variant]
-                if r is None:
-                    print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>7}  {note}", flush=True)
-                    continue
-
-                def ratio(other, key):
-                    o = res.get(other)
-                    return f"{r[key] / o[key]:.2f}" if o and o[key] > 0 else "-"
-
-                print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>7} {r['seconds']:>8.2f} "
-                      f"{r['peak_bytes'] / gib:>9.3f} {ratio('ce', 'seconds'):>6} {ratio('ce', 'peak_bytes'):>6} "
-                      f"{ratio('dft', 'seconds'):>6} {ratio('dft', 'peak_bytes'):>6} {ratio('floor', 'seconds'):>7}",
-                      flush=True)
+            yield vocab, dtype, n_for.get(vocab, args.n)
 
 
 def family(args) -> None:
@@ -176,31 +181,28 @@ def family(args) -> None:
     # --variants picks some (fused, the baseline, always runs); the default list is the other mode's.
     picked = [v for v in (args.variants or "").split(",") if v in FAMILY]
     names = ["fused"] + [v for v in (picked or FAMILY) if v != "fused"]
-    n_for = {int(k): int(v) for k, v in (kv.split("=") for kv in args.n_for.split(",") if kv)}
     gib = 1 << 30
     print(f"{'V':>7} {'dtype':>5} {'N':>5} {'variant':>16} {'median s':>9} {'runs s':>20} {'peak GiB':>9} "
           f"{'t/dft':>6} {'m/dft':>6}", flush=True)
-    for vocab in (int(v) for v in args.vocabs.split(",")):
-        n = n_for.get(vocab, args.n)
-        for dtype in args.dtypes.split(","):
-            runs = {v: [] for v in names}
-            for _ in range(args.rounds):
-                for variant in names:
-                    r, note = _cell(args, variant, vocab, dtype, n)
-                    if r is None:
-                        print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16}  {note}", flush=True)
-                        continue
-                    runs[variant].append(r)
-            med = {v: statistics.median(x["seconds"] for x in rs) for v, rs in runs.items() if rs}
-            peak = {v: max(x["peak_bytes"] for x in rs) for v, rs in runs.items() if rs}
+    for vocab, dtype, n in _grid(args):
+        runs = {v: [] for v in names}
+        for _ in range(args.rounds):
             for variant in names:
-                if variant not in med:
+                r, note = _cell(args, variant, vocab, dtype, n)
+                if r is None:
+                    print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16}  {note}", flush=True)
                     continue
-                times = ",".join(f"{x['seconds']:.2f}" for x in runs[variant])
-                t = f"{med[variant] / med['fused']:.3f}" if "fused" in med else "-"
-                m = f"{peak[variant] / peak['fused']:.3f}" if peak.get("fused") else "-"
-                print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16} {med[variant]:>9.2f} {times:>20} "
-                      f"{peak[variant] / gib:>9.3f} {t:>6} {m:>6}", flush=True)
+                runs[variant].append(r)
+        med = {v: statistics.median(x["seconds"] for x in rs) for v, rs in runs.items() if rs}
+        peak = {v: max(x["peak_bytes"] for x in rs) for v, rs in runs.items() if rs}
+        for variant in names:
+            if variant not in med:
+                continue
+            times = ",".join(f"{x['seconds']:.2f}" for x in runs[variant])
+            t = f"{med[variant] / med['fused']:.3f}" if "fused" in med else "-"
+            m = f"{peak[variant] / peak['fused']:.3f}" if peak.get("fused") else "-"
+            print(f"{vocab:>7} {dtype:>5} {n:>5} {variant:>16} {med[variant]:>9.2f} {times:>20} "
+                  f"{peak[variant] / gib:>9.3f} {t:>6} {m:>6}", flush=True)
 
 
 if __name__ == "__main__":
