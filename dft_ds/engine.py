@@ -646,12 +646,12 @@ def document_mask(position_ids: torch.Tensor, window: Optional[int] = None) -> t
     return (doc[:, :, None] == doc[:, None, :]).logical_and_(causal)[:, None]
 
 
-def _gathered_positions(sp: SequenceGroup, local: torch.Tensor, window, attention: str):
-    """(the whole rows' position ids, the sdpa mask or None) for this slice's position ids.
+def _gathered_positions(sp: SequenceGroup, local: torch.Tensor):
+    """(the whole rows' position ids, each row's documents as (start, end) spans) for this slice's ids.
 
-    Every layer gets the same position-id tensor, so one all-gather and one mask per micro-batch
-    serve them all (and the layers run again in the backward): the result is kept, with a strong
-    reference to the tensor it was made for, until the training block ends or the next micro-batch.
+    Every layer gets the same position-id tensor, so one all-gather per micro-batch serves them all
+    (and the layers run again in the backward): the result is kept, with a strong reference to the
+    tensor it was made for, until the training block ends or the next micro-batch comes.
     """
     import torch.distributed as tdist
 
@@ -659,14 +659,20 @@ def _gathered_positions(sp: SequenceGroup, local: torch.Tensor, window, attentio
     if cache is None or cache[0] is not local:
         gathered = [torch.empty_like(local) for _ in range(sp.size)]
         tdist.all_gather(gathered, local.contiguous(), group=sp.group)
-        cache = _SP_STATE["positions"] = (local, torch.cat(gathered, dim=1), {})
-    _, positions, masks = cache
-    if attention == "flash_attention_2":
-        return positions, None
-    if window not in masks:  # Gemma 3 alternates windowed and full layers: one mask each
-        one_document = bool((positions == torch.arange(positions.shape[1], device=positions.device)).all())
-        masks[window] = document_mask(positions, window) if window or not one_document else None
-    return positions, masks[window]
+        positions = torch.cat(gathered, dim=1)
+        cache = _SP_STATE["positions"] = (local, positions, document_spans(positions))
+    return cache[1], cache[2]
+
+
+def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Each row's documents as [start, end) spans: a document starts where its position is 0."""
+    spans = []
+    for row in position_ids.tolist():
+        starts = [i for i, p in enumerate(row) if p == 0]
+        if not starts or starts[0] != 0:
+            starts.insert(0, 0)
+        spans.append(list(zip(starts, starts[1:] + [len(row)])))
+    return spans
 
 
 def install_sequence_parallel(attention: str) -> None:
@@ -698,18 +704,30 @@ def install_sequence_parallel(attention: str) -> None:
             raise RuntimeError("sequence parallelism needs position_ids in the attention call; this model does "
                                "not pass them (train.sequence_parallel=1 runs it)")
         window = kwargs.get("sliding_window")  # Mistral, and Gemma 3's local layers
-        positions, mask = _gathered_positions(sp, local, window, attention)
+        positions, spans = _gathered_positions(sp, local)
         kwargs["position_ids"] = positions
-        if attention == "flash_attention_2" and query.shape[0] > 1:
-            # transformers reads packed documents from position ids only in a batch of one row: lay the
-            # rows end to end (each starts at position 0, so none sees another).
+        if attention == "flash_attention_2":
+            # Variable-length sequences from the position ids. transformers reads packed documents
+            # from them only in a batch of one row: lay the rows end to end (each starts at 0).
             b, h, s, d = query.shape
             query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], b * s, d) for t in (query, key, value))
             kwargs["position_ids"] = positions.reshape(1, b * s)
             out, weights = core(kernel_module, query, key, value, None, *args, **kwargs)
             out = out.reshape(b, s, h, d)
         else:
-            out, weights = core(kernel_module, query, key, value, mask, *args, **kwargs)
+            # sdpa, one document at a time with the kernel's own causal mask: no [row x row] mask,
+            # and no scores across documents, so memory grows with the documents, not the row.
+            rows, weights = [], None
+            for i, row_spans in enumerate(spans):
+                parts = []
+                for start, end in row_spans:
+                    pos = positions[i:i + 1, start:end]
+                    mask = document_mask(pos, window) if window and end - start > window else None
+                    part, weights = core(kernel_module, query[i:i + 1, :, start:end], key[i:i + 1, :, start:end],
+                                         value[i:i + 1, :, start:end], mask, *args, **{**kwargs, "position_ids": pos})
+                    parts.append(part)
+                rows.append(torch.cat(parts, dim=1))
+            out = torch.cat(rows, dim=0)
         # [B, S, H/N, D] -> [B, s, H, D]
         return _AllToAll.apply(out.contiguous(), 1, 2, group), weights
 

@@ -126,3 +126,14 @@ def test_tiled_mlp_and_offloaded_activations_keep_the_gradient(tmp_path):
     tiled = probe(tmp_path, "tiled", 2, 2, "train.gradient_accumulation_steps=2", "model.tiled_mlp=3",
                   "model.offload_activations=true", "model.gradient_checkpointing=true")
     assert_same_step(tiled, one)
+
+
+@pytest.mark.slow
+def test_sliding_window_layers_keep_their_window(tmp_path, family_dir):
+    """Gemma 3 (tiny, window 32, local and global layers alternating; documents longer than the window):
+    N = 2 on 2 ranks against 1 rank, with GQA key/value heads (replicated when fewer than N)."""
+    model = family_dir("gemma3")
+    extra = [f"model.name_or_path={model}", "loss.type=sft", "train.gradient_accumulation_steps=2"]  # random init: dft weights ~1/V
+    one = probe(tmp_path, "g1", 1, 1, *extra)
+    two = probe(tmp_path, "g2", 2, 2, *extra)
+    assert_same_step(two, one)
