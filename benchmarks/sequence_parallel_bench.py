@@ -5,7 +5,9 @@ N = 1 and N = 2 (train.sequence_parallel), and N = 2 with the tiled MLP.
         [--steps 2] [--model-size small|100m] [--out DIR]
 
 Every cell is a real `torchrun --nproc-per-node 2 -m dft_ds.train` run: ZeRO-3, fp32, fused head,
-gradient checkpointing, sdpa, rows packed to the row length, one row per rank-group per step. At
+gradient checkpointing, sdpa, one row per rank-group per step. Each row is one long document of
+exactly the row length (a generated worked solution, truncated): the long reasoning trace that
+sequence parallelism is for, on the same attention kernel at N = 1 and 2 (causal, no mask). At
 N = 1 the two ranks each hold a whole row (global batch 2 rows); at N = 2 they share one row
 (global batch 1), so each holds half its tokens. The weights, gradients and optimizer states are the
 same in both (ZeRO-3 over 2 ranks), so the difference in peak memory is the activations'.
@@ -62,10 +64,32 @@ def build_model(work: str, size: str) -> tuple[str, int]:
     return path, sum(p.numel() for p in model.parameters())
 
 
-def cell(model: str, length: int, contender: str, steps: int, out: str) -> dict:
+def long_documents(work: str, model: str, length: int, count: int = 8) -> str:
+    """A JSON-lines file of `count` samples, each longer than `length` tokens: a short prompt and a long
+    worked solution of numbered additions (different per sample)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.join(work, f"long-{length}.jsonl")
+    if os.path.exists(path):
+        return path
+    tok = AutoTokenizer.from_pretrained(model)
+    with open(path, "w", encoding="utf-8") as fh:
+        for k in range(count):
+            lines, total, i = [], 0, 0
+            while total < length + 64:
+                line = f"Step {i}: {k + i} + {2 * i + 1} = {3 * i + k + 1}."
+                lines.append(line)
+                total += len(tok(line + "\n", add_special_tokens=False)["input_ids"])
+                i += 1
+            fh.write(json.dumps({"prompt": f"Add the numbers of problem {k}, one step at a time.",
+                                 "response": "\n".join(lines)}) + "\n")
+    return path
+
+
+def cell(model: str, data: str, length: int, contender: str, steps: int, out: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            "-m", "dft_ds.train", f"train.output_dir={out}", f"model.name_or_path={model}",
-           f"data.max_length={length}", "data.packing=true", f"data.synthetic_size={max(200, length // 20)}",
+           f"data.max_length={length}", "data.packing=false", f"data.source={data}", "data.overlong=truncate",
            "train.micro_batch_size=1", "train.gradient_accumulation_steps=1", f"train.max_steps={steps}",
            "train.precision=fp32", "model.gradient_checkpointing=true", "model.attn_implementation=sdpa",
            "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
@@ -88,19 +112,21 @@ def main() -> None:
     work = args.out or tempfile.mkdtemp(prefix="sp-bench-")
     os.makedirs(work, exist_ok=True)
     model, n_params = build_model(work, args.model_size)
-    print(f"model: Llama {args.model_size}, {n_params / 1e6:.1f}M parameters; 2 ranks, ZeRO-3, fp32, checkpointing, "
-          f"sdpa, packed rows; {args.steps} steps per cell", flush=True)
-    # The first run after a fresh install peaks higher (one-time set-up): warm up once, unmeasured.
-    cell(model, 128, "N=2", 1, os.path.join(work, "warm-up"))
-    base = {c: cell(model, 128, c, args.steps, os.path.join(work, f"{i}-128")) for i, c in enumerate(CONTENDERS)}
     lengths = [int(x) for x in args.lengths.split(",") if x]
     longs = [int(x) for x in args.long.split(",") if x]
+    print(f"model: Llama {args.model_size}, {n_params / 1e6:.1f}M parameters; 2 ranks, ZeRO-3, fp32, checkpointing, "
+          f"sdpa, rows of one document; {args.steps} steps per cell", flush=True)
+    # The first run after a fresh install peaks higher (one-time set-up): warm up once, unmeasured.
+    data = {n: long_documents(work, model, n) for n in [128] + lengths + longs}
+    cell(model, data[128], 128, "N=2", 1, os.path.join(work, "warm-up"))
+    base = {c: cell(model, data[128], 128, c, args.steps, os.path.join(work, f"{i}-128"))
+            for i, c in enumerate(CONTENDERS)}
     results = []
     for length in lengths + longs:
         for i, contender in enumerate(CONTENDERS):
             if length in longs and contender == "N=1":
                 continue
-            r = cell(model, length, contender, args.steps, os.path.join(work, f"{i}-{length}"))
+            r = cell(model, data[length], length, contender, args.steps, os.path.join(work, f"{i}-{length}"))
             if "error" not in r and "error" not in base[contender]:
                 r["added_mib"] = r["rss_mib"] - base[contender]["rss_mib"]
             results.append((length, contender, r))
