@@ -632,7 +632,7 @@ def sequence_parallel_active(sp: SequenceGroup):
         yield
     finally:
         _SP_STATE["active"] = before
-        _SP_STATE["positions"] = None  # the cached gather and mask of the block's micro-batch
+        _SP_STATE["positions"] = None  # the cached gather and spans of the block's micro-batch
 
 
 def document_mask(position_ids: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
@@ -675,6 +675,24 @@ def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return spans
 
 
+def _per_document(core, module, query, key, value, positions, spans, args, kwargs):
+    """sdpa one document at a time, with the kernel's own causal mask: no [row x row] mask and no scores
+    across documents, so memory grows with the documents, not the row. A sliding window (Mistral,
+    Gemma 3's local layers) gets a windowed mask in each document longer than it."""
+    window = kwargs.get("sliding_window")
+    rows, weights = [], None
+    for i, row_spans in enumerate(spans):
+        parts = []
+        for start, end in row_spans:
+            pos = positions[i:i + 1, start:end]
+            mask = document_mask(pos, window) if window and end - start > window else None
+            cut = (slice(i, i + 1), slice(None), slice(start, end))
+            part, weights = core(module, query[cut], key[cut], value[cut], mask, *args, **{**kwargs, "position_ids": pos})
+            parts.append(part)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), weights
+
+
 def install_sequence_parallel(attention: str) -> None:
     """Wrap transformers' `attention` kernel (sdpa or flash_attention_2) so that, while
     sequence_parallel_active, it runs Ulysses over the group. Idempotent per process."""
@@ -688,8 +706,6 @@ def install_sequence_parallel(attention: str) -> None:
         sp = _SP_STATE["active"]
         if sp is None:
             return core(module, query, key, value, attention_mask, *args, **kwargs)
-        import torch.distributed as tdist
-
         n, group = sp.size, sp.group
         heads, kv_heads = query.shape[1], key.shape[1]
         kernel_module = module
@@ -703,31 +719,17 @@ def install_sequence_parallel(attention: str) -> None:
         if local is None:
             raise RuntimeError("sequence parallelism needs position_ids in the attention call; this model does "
                                "not pass them (train.sequence_parallel=1 runs it)")
-        window = kwargs.get("sliding_window")  # Mistral, and Gemma 3's local layers
         positions, spans = _gathered_positions(sp, local)
-        kwargs["position_ids"] = positions
         if attention == "flash_attention_2":
             # Variable-length sequences from the position ids. transformers reads packed documents
             # from them only in a batch of one row: lay the rows end to end (each starts at 0).
             b, h, s, d = query.shape
             query, key, value = (t.transpose(0, 1).reshape(1, t.shape[1], b * s, d) for t in (query, key, value))
-            kwargs["position_ids"] = positions.reshape(1, b * s)
-            out, weights = core(kernel_module, query, key, value, None, *args, **kwargs)
+            out, weights = core(kernel_module, query, key, value, None, *args,
+                                **{**kwargs, "position_ids": positions.reshape(1, b * s)})
             out = out.reshape(b, s, h, d)
         else:
-            # sdpa, one document at a time with the kernel's own causal mask: no [row x row] mask,
-            # and no scores across documents, so memory grows with the documents, not the row.
-            rows, weights = [], None
-            for i, row_spans in enumerate(spans):
-                parts = []
-                for start, end in row_spans:
-                    pos = positions[i:i + 1, start:end]
-                    mask = document_mask(pos, window) if window and end - start > window else None
-                    part, weights = core(kernel_module, query[i:i + 1, :, start:end], key[i:i + 1, :, start:end],
-                                         value[i:i + 1, :, start:end], mask, *args, **{**kwargs, "position_ids": pos})
-                    parts.append(part)
-                rows.append(torch.cat(parts, dim=1))
-            out = torch.cat(rows, dim=0)
+            out, weights = _per_document(core, kernel_module, query, key, value, positions, spans, args, kwargs)
         # [B, S, H/N, D] -> [B, s, H, D]
         return _AllToAll.apply(out.contiguous(), 1, 2, group), weights
 

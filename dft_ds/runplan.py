@@ -135,6 +135,8 @@ class RunPlan:
         if not self.cfg.data.packing:
             return f"{self.attention} (one document per row){more}"
         how = PACKED_ISOLATION.get(self.attention, "position ids")
+        if self.cfg.train.sequence_parallel > 1 and self.attention == "sdpa":
+            how = "running attention one document at a time over the gathered row"
         return f"{self.attention} (packed documents kept apart by {how}){more}"
 
     def heldout_line(self) -> str:
