@@ -1,7 +1,7 @@
 """Sequence parallelism on this machine: per-rank peak memory and tokens/s against row length, at
 N = 1 and N = 2 (train.sequence_parallel), and N = 2 with the tiled MLP.
 
-    .venv/bin/python benchmarks/sequence_parallel_bench.py [--lengths 1024,2048,4096] [--long 8192]
+    .venv/bin/python benchmarks/sequence_parallel_bench.py [--lengths 2048,4096,8192] [--long 16384]
         [--steps 2] [--model-size small|100m] [--out DIR]
 
 Every cell is a real `torchrun --nproc-per-node 2 -m dft_ds.train` run: ZeRO-3, fp32, fused head,
@@ -12,10 +12,18 @@ N = 1 the two ranks each hold a whole row (global batch 2 rows); at N = 2 they s
 (global batch 1), so each holds half its tokens. The weights, gradients and optimizer states are the
 same in both (ZeRO-3 over 2 ranks), so the difference in peak memory is the activations'.
 
-Per cell: the peak RSS of the largest rank, minus that of the same configuration at rows of 128
-tokens (the activations and buffers a long row adds), and the training tokens/s of the last step
-(the first includes set-up). One unmeasured warm-up run goes first. `--long` lengths run only at N = 2: they show how long a row the same
-per-rank memory holds when it is shared. The three contenders of one length run one after another.
+Per cell, two memory figures and a speed:
+- "activation peak": the most bytes a training micro-batch holds at once (everything allocated since
+  its forward began), from PyTorch's CPU allocator under the profiler (benchmarks/activation_peak.py),
+  the largest over ranks and micro-batches. It is what a GPU's max_memory_allocated would show over
+  the weights, and it does not depend on the machine's load.
+- the peak RSS of the largest rank, and that minus the same configuration's at rows of 128 tokens.
+  glibc keeps freed blocks, more when gloo's threads free them, so RSS overstates what N = 2 needs.
+- the training tokens/s of the last step (the first includes set-up).
+One unmeasured warm-up run goes first. `--long` lengths run only at N = 2: they show how long a row
+the same per-rank memory holds when it is shared, and the script interpolates the row length at
+which N = 2's activation peak reaches N = 1's at its longest row. The contenders of one length run
+one after another.
 """
 
 from __future__ import annotations
@@ -87,8 +95,10 @@ def long_documents(work: str, model: str, length: int, count: int = 8) -> str:
 
 
 def cell(model: str, data: str, length: int, contender: str, steps: int, out: str) -> dict:
+    prefix = os.path.join(out + "-alloc")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "-m", "dft_ds.train", f"train.output_dir={out}", f"model.name_or_path={model}",
+           os.path.join(REPO, "benchmarks", "activation_peak.py"), prefix,
+           f"train.output_dir={out}", f"model.name_or_path={model}",
            f"data.max_length={length}", "data.packing=false", f"data.source={data}", "data.overlong=truncate",
            "train.micro_batch_size=1", "train.gradient_accumulation_steps=1", f"train.max_steps={steps}",
            "train.precision=fp32", "model.gradient_checkpointing=true", "model.attn_implementation=sdpa",
@@ -98,13 +108,33 @@ def cell(model: str, data: str, length: int, contender: str, steps: int, out: st
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
-    return {"rss_mib": rss / 2**20, "tokens_per_s": rows[-1]["tokens_per_s"]}
+    peaks = []
+    for rank in range(2):
+        with open(f"{prefix}.rank{rank}.json", encoding="utf-8") as fh:
+            peaks += [mb["peak"] for mb in json.load(fh)["micro_batches"]]
+    return {"rss_mib": rss / 2**20, "activation_mib": max(peaks) / 2**20, "tokens_per_s": rows[-1]["tokens_per_s"]}
+
+
+def longest_row(results: list, contender: str) -> str:
+    """The row length at which `contender`'s activation peak reaches N = 1's at N = 1's longest row,
+    interpolated linearly between the two lengths that bracket it."""
+    n1 = [(length, r["activation_mib"]) for length, c, r in results if c == "N=1" and "error" not in r]
+    points = sorted((length, r["activation_mib"]) for length, c, r in results if c == contender and "error" not in r)
+    if not n1:
+        return ""
+    length1, budget = max(n1)
+    for (a, pa), (b, pb) in zip(points, points[1:]):
+        if pa <= budget <= pb and pb > pa:
+            reach = a + (budget - pa) / (pb - pa) * (b - a)
+            return (f"{contender}: about {reach:.0f} tokens in N=1's {budget:.0f} MiB at {length1} tokens, "
+                    f"{reach / length1:.2f}x")
+    return f"{contender}: N=1's {budget:.0f} MiB at {length1} tokens is outside the lengths run"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="1024,2048,4096")
-    parser.add_argument("--long", default="8192", help="lengths run at N = 2 only (comma separated; '' for none)")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--long", default="16384", help="lengths run at N = 2 only (comma separated; '' for none)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--model-size", choices=tuple(SIZES), default="small")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
@@ -131,18 +161,27 @@ def main() -> None:
                 r["added_mib"] = r["rss_mib"] - base[contender]["rss_mib"]
             results.append((length, contender, r))
             print(f"  {length:>6} {contender:<18} {json.dumps(r)}", flush=True)
-    print("\n| row tokens | contender | tokens per rank | peak RSS MiB (largest rank) | added over 128-token rows MiB "
-          "| added / N=1's | tokens/s |\n|---|---|---|---|---|---|---|")
-    n1 = {length: r.get("added_mib") for length, c, r in results if c == "N=1"}
+    print("\n| row tokens | contender | tokens per rank | activation peak MiB | / N=1's | peak RSS MiB | "
+          "RSS over 128-token rows MiB | / N=1's | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    n1 = {length: r for length, c, r in results if c == "N=1" and "error" not in r}
+
+    def ratio(r, length, key):
+        base = n1.get(length, {}).get(key)
+        return f"{r[key] / base:.2f}" if base and r.get(key) is not None else ""
+
     for length, contender, r in results:
         if "error" in r:
-            print(f"| {length} | {contender} | | {r['error']} | | | |")
+            print(f"| {length} | {contender} | | {r['error']} | | | | | |")
             continue
         per_rank = length if contender == "N=1" else length // 2
-        ratio = (f"{r['added_mib'] / n1[length]:.2f}" if n1.get(length) and r.get("added_mib") is not None else "")
         added = f"{r['added_mib']:.0f}" if r.get("added_mib") is not None else ""
-        print(f"| {length} | {contender} | {per_rank} | {r['rss_mib']:.0f} | {added} | {ratio} | "
+        print(f"| {length} | {contender} | {per_rank} | {r['activation_mib']:.0f} | "
+              f"{ratio(r, length, 'activation_mib')} | {r['rss_mib']:.0f} | {added} | {ratio(r, length, 'added_mib')} | "
               f"{r['tokens_per_s']:.0f} |")
+    print()
+    for contender in CONTENDERS:
+        if contender != "N=1":
+            print("longest row, same activation memory per rank:", longest_row(results, contender))
     json.dump({"base": base, "results": results}, open(os.path.join(work, "results.json"), "w"), indent=1)
     print(f"\nruns and results.json: {work}")
 
