@@ -331,11 +331,31 @@ def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float) -> 
 # Engine
 
 
+def rows_end_to_end(attention: str, batch_rows: int) -> bool:
+    """Whether a micro-batch runs as one row of its rows laid end to end.
+
+    flash_attention_2 reads documents from position-id restarts only in a batch of one row (at more
+    rows transformers runs each row as one causal sequence, across its documents). Laid end to end,
+    each row starts at position 0, so the rows stay apart as well. Under sequence parallelism the
+    exchange does this itself, over the whole rows."""
+    return attention == "flash_attention_2" and batch_rows > 1 and _SP_STATE["active"] is None
+
+
 def _forward(ds, device, batch: dict[str, torch.Tensor], head_loss=None):
     kwargs = {} if head_loss is None else {"head_loss": head_loss}
     # No attention_mask: the model builds a block-diagonal causal mask from position_ids restarts.
-    return ds(input_ids=batch["input_ids"].to(device, non_blocking=True),
-              position_ids=batch["position_ids"].to(device, non_blocking=True), use_cache=False, **kwargs)
+    input_ids, positions = batch["input_ids"], batch["position_ids"]
+    rows, width = input_ids.shape
+    flat = rows_end_to_end(getattr(ds.module.config, "_attn_implementation", None), rows)
+    if flat:
+        input_ids, positions = input_ids.reshape(1, -1), positions.reshape(1, -1)
+        if head_loss is not None:
+            kwargs["head_loss"] = lambda hidden, *rest: head_loss(hidden.view(rows, width, -1), *rest)
+    out = ds(input_ids=input_ids.to(device, non_blocking=True),
+             position_ids=positions.to(device, non_blocking=True), use_cache=False, **kwargs)
+    if flat and head_loss is None:
+        out.logits = out.logits.view(rows, width, -1)
+    return out
 
 
 def reference_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:

@@ -61,9 +61,10 @@ def load_model_config(cfg: ModelConfig, tokenizer):
 
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 # How each kernel keeps packed documents apart. Rows carry no attention_mask, only position_ids that
-# restart at 0 for every document: flash-attention reads the restarts as variable-length sequences;
+# restart at 0 for every document: flash-attention reads the restarts as variable-length sequences
+# (in one row: engine._forward lays a micro-batch's rows end to end);
 # for the others transformers builds a block-diagonal causal mask from the same restarts.
-PACKED_ISOLATION = {"flash_attention_2": "variable-length sequences from position ids",
+PACKED_ISOLATION = {"flash_attention_2": "variable-length sequences from position ids, rows laid end to end",
                     "sdpa": "a block mask from position ids", "eager": "a block mask from position ids",
                     "flex_attention": "a block mask from position ids"}
 

@@ -44,3 +44,33 @@ def test_fused_head_on_cuda_bf16_matches_fp64_reference():
         assert got.loss.item() == pytest.approx(ref.loss.item(), rel=1e-4)
         torch.testing.assert_close(hc.grad.double().cpu(), hd.grad, rtol=2e-2, atol=1e-5)
         torch.testing.assert_close(wc.grad.double().cpu(), wd.grad, rtol=2e-2, atol=1e-5)
+
+
+def test_flash_attention_keeps_packed_documents_apart_in_a_batch_of_rows():
+    """flash_attention_2 on two packed rows: each document's logits equal the document run alone
+    (engine._forward lays the rows end to end; transformers alone would attend across documents)."""
+    pytest.importorskip("flash_attn")
+    from transformers import AutoModelForCausalLM
+
+    from dft_ds import engine, synthetic
+
+    torch.manual_seed(0)
+    config = synthetic.tiny_model_config(64, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=256)
+    config._attn_implementation = "flash_attention_2"
+    model = AutoModelForCausalLM.from_config(config).cuda().bfloat16().eval()
+
+    class Wrapped:
+        module = model
+
+        def __call__(self, **kwargs):
+            return model(**kwargs)
+
+    ids = torch.randint(4, 64, (2, 12))
+    positions = torch.tensor([list(range(5)) + list(range(7)), list(range(8)) + list(range(4))])
+    with torch.no_grad():
+        got = engine._forward(Wrapped(), torch.device("cuda"), {"input_ids": ids, "position_ids": positions}).logits
+        for row, cut in ((0, 5), (1, 8)):
+            for doc in (slice(0, cut), slice(cut, 12)):
+                alone = model(input_ids=ids[row:row + 1, doc].cuda()).logits
+                torch.testing.assert_close(got[row:row + 1, doc].float(), alone.float(), atol=2e-2, rtol=2e-2)

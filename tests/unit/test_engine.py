@@ -173,3 +173,56 @@ def test_document_mask_with_a_sliding_window():
         for k in range(7):
             same_doc = (q < 5) == (k < 5)
             assert bool(mask[q, k]) == (same_doc and 0 <= q - k < 2), (q, k)
+
+
+def _llama_on(attention: str):
+    from transformers import AutoModelForCausalLM
+
+    from dft_ds import synthetic
+
+    torch.manual_seed(0)
+    config = synthetic.tiny_model_config(64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=48)
+    config._attn_implementation = attention
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+class _Wrapped:
+    """What _forward needs of a DeepSpeed engine: `module`, and calling it runs the model."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_flash_attention_micro_batches_run_as_one_row_end_to_end():
+    assert engine.rows_end_to_end("flash_attention_2", 2)
+    assert not engine.rows_end_to_end("flash_attention_2", 1)
+    assert not engine.rows_end_to_end("sdpa", 4)
+    with engine.sequence_parallel_active(engine.SequenceGroup(2, 0, 0)):  # the exchange lays rows out itself
+        assert not engine.rows_end_to_end("flash_attention_2", 2)
+
+
+def test_rows_laid_end_to_end_give_each_row_and_document_its_own_outputs(monkeypatch):
+    """Two packed rows (documents of 3 + 2 + padding 1, and 4 + 2), laid end to end as flash-attention
+    runs them: the logits and the hidden states a head loss gets come back per row, equal to the
+    rows run as a batch, and each document's equal to the document run alone."""
+    from dft_ds.model import attach_head_loss
+
+    model = _llama_on("sdpa")
+    attach_head_loss(model)
+    ids = torch.randint(4, 64, (2, 6))
+    batch = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])}
+    with torch.no_grad():
+        want = engine._forward(_Wrapped(model), torch.device("cpu"), batch).logits
+        monkeypatch.setattr(engine, "rows_end_to_end", lambda attention, rows: True)
+        got = engine._forward(_Wrapped(model), torch.device("cpu"), batch).logits
+        hidden = engine._forward(_Wrapped(model), torch.device("cpu"), batch, head_loss=lambda h, w, c: h)
+        head = model.get_output_embeddings().weight
+        alone = model(input_ids=ids[1:, 4:]).logits
+    assert got.shape == want.shape == (2, 6, 64) and hidden.shape == (2, 6, 32)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:, 4:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden @ head.T, want, atol=1e-5, rtol=1e-5)
