@@ -2,21 +2,22 @@
 N = 1 and N = 2 (train.sequence_parallel), and N = 2 with the tiled MLP.
 
     .venv/bin/python benchmarks/sequence_parallel_bench.py [--lengths 2048,4096,8192] [--long 16384]
-        [--steps 2] [--model-size small|100m] [--out DIR]
+        [--steps 2] [--model-size small|100m] [--out DIR] [--report DIR]
 
-Every cell is a real `torchrun --nproc-per-node 2 -m dft_ds.train` run: ZeRO-3, fp32, fused head,
-gradient checkpointing, sdpa, one row per rank-group per step. Each row is one long document of
-exactly the row length (a generated worked solution, truncated): the long reasoning trace that
-sequence parallelism is for, on the same attention kernel at N = 1 and 2 (causal, no mask). At
-N = 1 the two ranks each hold a whole row (global batch 2 rows); at N = 2 they share one row
-(global batch 1), so each holds half its tokens. The weights, gradients and optimizer states are the
-same in both (ZeRO-3 over 2 ranks), so the difference in peak memory is the activations'.
+Every cell is a real 2-rank `dft_ds.train` run (under benchmarks/activation_peak.py): ZeRO-3, fp32,
+fused head, gradient checkpointing, sdpa, one row per rank-group per step. Each row is one long
+document of exactly the row length (a generated worked solution, truncated): the long reasoning
+trace that sequence parallelism is for, on the same attention kernel at N = 1 and 2 (causal, no
+mask). At N = 1 the two ranks each hold a whole row (global batch 2 rows); at N = 2 they share one
+row (global batch 1), so each holds half its tokens. The weights, gradients and optimizer states
+are the same in both (ZeRO-3 over 2 ranks), so the difference in peak memory is the activations'.
 
 Per cell, two memory figures and a speed:
 - "activation peak": the most bytes a training micro-batch holds at once (everything allocated since
   its forward began), from PyTorch's CPU allocator under the profiler (benchmarks/activation_peak.py),
-  the largest over ranks and micro-batches. It is what a GPU's max_memory_allocated would show over
-  the weights, and it does not depend on the machine's load.
+  the largest over ranks, in the first micro-batch (see `activation_mib` for why not the later ones).
+  It is what a GPU's max_memory_allocated would show over the weights, and it does not depend on
+  the machine's load.
 - the peak RSS of the largest rank, and that minus the same configuration's at rows of 128 tokens.
   glibc keeps freed blocks, more when gloo's threads free them, so RSS overstates what N = 2 needs.
 - the training tokens/s of the last step (the first includes set-up).
@@ -108,11 +109,22 @@ def cell(model: str, data: str, length: int, contender: str, steps: int, out: st
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"), encoding="utf-8")]
-    peaks = []
+    return {"rss_mib": rss / 2**20, **activation_mib(prefix), "tokens_per_s": rows[-1]["tokens_per_s"]}
+
+
+def activation_mib(prefix: str) -> dict:
+    """The largest rank's activation peak in the first micro-batch ("activation_mib") and in the later
+    ones ("later_activation_mib"). From the second step on, ZeRO-3 has recorded the order in which the
+    layers use their parameters and keeps the gathered parameters of the next layers ready: about the
+    whole model on a model this small, at every row length and N alike. The first micro-batch's peak is
+    the activations without them."""
+    first, later = [], []
     for rank in range(2):
         with open(f"{prefix}.rank{rank}.json", encoding="utf-8") as fh:
-            peaks += [mb["peak"] for mb in json.load(fh)["micro_batches"]]
-    return {"rss_mib": rss / 2**20, "activation_mib": max(peaks) / 2**20, "tokens_per_s": rows[-1]["tokens_per_s"]}
+            peaks = [mb["peak"] / 2**20 for mb in json.load(fh)["micro_batches"]]
+        first.append(peaks[0])
+        later += peaks[1:]
+    return {"activation_mib": max(first), "later_activation_mib": max(later, default=None)}
 
 
 def longest_row(results: list, contender: str) -> str:
@@ -131,6 +143,41 @@ def longest_row(results: list, contender: str) -> str:
     return f"{contender}: N=1's {budget:.0f} MiB at {length1} tokens is outside the lengths run"
 
 
+def report(results: list) -> None:
+    """The markdown table of (length, contender, cell) results, and the longest-row estimates."""
+    print("\n| row tokens | contender | tokens per rank | activation peak MiB | / N=1's | peak RSS MiB | "
+          "RSS over 128-token rows MiB | / N=1's | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    n1 = {length: r for length, c, r in results if c == "N=1" and "error" not in r}
+
+    def ratio(r, length, key):
+        base = n1.get(length, {}).get(key)
+        return f"{r[key] / base:.2f}" if base and r.get(key) is not None else ""
+
+    for length, contender, r in results:
+        if "error" in r:
+            print(f"| {length} | {contender} | | {r['error']} | | | | | |")
+            continue
+        per_rank = length if contender == "N=1" else length // 2
+        added = f"{r['added_mib']:.0f}" if r.get("added_mib") is not None else ""
+        print(f"| {length} | {contender} | {per_rank} | {r['activation_mib']:.0f} | "
+              f"{ratio(r, length, 'activation_mib')} | {r['rss_mib']:.0f} | {added} | "
+              f"{ratio(r, length, 'added_mib')} | {r['tokens_per_s']:.0f} |")
+    print()
+    for contender in CONTENDERS:
+        if contender != "N=1":
+            print("longest row, same activation memory per rank:", longest_row(results, contender))
+
+
+def reread(work: str) -> list:
+    """A finished run's results, with the activation figures read again from its profiler files."""
+    with open(os.path.join(work, "results.json"), encoding="utf-8") as fh:
+        results = json.load(fh)["results"]
+    for length, contender, r in results:
+        if "error" not in r:
+            r.update(activation_mib(os.path.join(work, f"{list(CONTENDERS).index(contender)}-{length}-alloc")))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="2048,4096,8192")
@@ -138,7 +185,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--model-size", choices=tuple(SIZES), default="small")
     parser.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--report", metavar="DIR", help="print the table of a finished run's --out again, and stop")
     args = parser.parse_args()
+    if args.report:
+        report(reread(args.report))
+        return
     work = args.out or tempfile.mkdtemp(prefix="sp-bench-")
     os.makedirs(work, exist_ok=True)
     model, n_params = build_model(work, args.model_size)
@@ -161,27 +212,7 @@ def main() -> None:
                 r["added_mib"] = r["rss_mib"] - base[contender]["rss_mib"]
             results.append((length, contender, r))
             print(f"  {length:>6} {contender:<18} {json.dumps(r)}", flush=True)
-    print("\n| row tokens | contender | tokens per rank | activation peak MiB | / N=1's | peak RSS MiB | "
-          "RSS over 128-token rows MiB | / N=1's | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
-    n1 = {length: r for length, c, r in results if c == "N=1" and "error" not in r}
-
-    def ratio(r, length, key):
-        base = n1.get(length, {}).get(key)
-        return f"{r[key] / base:.2f}" if base and r.get(key) is not None else ""
-
-    for length, contender, r in results:
-        if "error" in r:
-            print(f"| {length} | {contender} | | {r['error']} | | | | | |")
-            continue
-        per_rank = length if contender == "N=1" else length // 2
-        added = f"{r['added_mib']:.0f}" if r.get("added_mib") is not None else ""
-        print(f"| {length} | {contender} | {per_rank} | {r['activation_mib']:.0f} | "
-              f"{ratio(r, length, 'activation_mib')} | {r['rss_mib']:.0f} | {added} | {ratio(r, length, 'added_mib')} | "
-              f"{r['tokens_per_s']:.0f} |")
-    print()
-    for contender in CONTENDERS:
-        if contender != "N=1":
-            print("longest row, same activation memory per rank:", longest_row(results, contender))
+    report(results)
     json.dump({"base": base, "results": results}, open(os.path.join(work, "results.json"), "w"), indent=1)
     print(f"\nruns and results.json: {work}")
 
