@@ -756,6 +756,19 @@ def install_sequence_parallel(attention: str) -> None:
     ulysses._dft_sequence_parallel = True
     ALL_ATTENTION_FUNCTIONS[attention] = ulysses
 
+    # The model builds its attention mask before the layers run, from a rank's slice of positions. A
+    # slice holding more than one document (or the padding document shard_rows adds) would get an
+    # [s x s] block mask, kept for the whole step by checkpointing, that the exchange above never reads:
+    # it masks each document itself, over the whole row.
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    build_mask = ALL_MASK_ATTENTION_FUNCTIONS[attention]
+
+    def mask_outside_sequence_parallel(*args, **kwargs):
+        return None if _SP_STATE["active"] is not None else build_mask(*args, **kwargs)
+
+    ALL_MASK_ATTENTION_FUNCTIONS[attention] = mask_outside_sequence_parallel
+
 
 def build_engines(plan, dist: DistInfo) -> tuple["Engine", Optional[ReferenceEngine]]:
     """The policy engine of a RunPlan (dft_ds.runplan), and asft's frozen reference when the loss uses one.

@@ -146,9 +146,10 @@ def test_document_mask_is_causal_within_documents_only():
 
 
 def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_block():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    before, mask_before = ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     try:
         engine.install_sequence_parallel("sdpa")
         wrapped = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -162,8 +163,15 @@ def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_bloc
         got, _ = wrapped(Module(), q, q, q, None, position_ids=torch.arange(5)[None])
         want, _ = before(Module(), q, q, q, None, position_ids=torch.arange(5)[None])
         assert torch.equal(got, want)
+        # The model's own mask: built outside the block; inside it the exchange masks each document.
+        packed = lambda b, h, q_idx, kv_idx: kv_idx <= q_idx  # noqa: E731
+        args = dict(batch_size=1, q_length=4, kv_length=4, mask_function=packed, allow_is_causal_skip=False)
+        outside = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args)
+        assert torch.equal(outside, mask_before(**args)) and outside.shape[-1] == 4
+        with engine.sequence_parallel_active(engine.SequenceGroup(2, 0, 0)):
+            assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args) is None
     finally:
-        ALL_ATTENTION_FUNCTIONS["sdpa"] = before
+        ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = before, mask_before
 
 
 def test_document_mask_with_a_sliding_window():
