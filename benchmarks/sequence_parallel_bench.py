@@ -140,6 +140,10 @@ def longest_row(results: list, contender: str) -> str:
             reach = a + (budget - pa) / (pb - pa) * (b - a)
             return (f"{contender}: about {reach:.0f} tokens in N=1's {budget:.0f} MiB at {length1} tokens, "
                     f"{reach / length1:.2f}x")
+    if points and points[-1][1] < budget:
+        longest = points[-1][0]
+        return (f"{contender}: more than {longest} tokens in N=1's {budget:.0f} MiB at {length1} tokens "
+                f"(its longest row run, {points[-1][1]:.0f} MiB), more than {longest / length1:.2f}x")
     return f"{contender}: N=1's {budget:.0f} MiB at {length1} tokens is outside the lengths run"
 
 
