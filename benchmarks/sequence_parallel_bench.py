@@ -95,8 +95,13 @@ def long_documents(work: str, model: str, length: int, count: int = 8) -> str:
     return path
 
 
+def run_dir(work: str, contender: str, length: int) -> str:
+    """A cell's run directory; its profiler files are that path + "-alloc.rank<R>.json"."""
+    return os.path.join(work, f"{list(CONTENDERS).index(contender)}-{length}")
+
+
 def cell(model: str, data: str, length: int, contender: str, steps: int, out: str) -> dict:
-    prefix = os.path.join(out + "-alloc")
+    prefix = out + "-alloc"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            os.path.join(REPO, "benchmarks", "activation_peak.py"), prefix,
            f"train.output_dir={out}", f"model.name_or_path={model}",
@@ -178,7 +183,7 @@ def reread(work: str) -> list:
         results = json.load(fh)["results"]
     for length, contender, r in results:
         if "error" not in r:
-            r.update(activation_mib(os.path.join(work, f"{list(CONTENDERS).index(contender)}-{length}-alloc")))
+            r.update(activation_mib(run_dir(work, contender, length) + "-alloc"))
     return results
 
 
@@ -204,14 +209,13 @@ def main() -> None:
     # The first run after a fresh install peaks higher (one-time set-up): warm up once, unmeasured.
     data = {n: long_documents(work, model, n) for n in [128] + lengths + longs}
     cell(model, data[128], 128, "N=2", 1, os.path.join(work, "warm-up"))
-    base = {c: cell(model, data[128], 128, c, args.steps, os.path.join(work, f"{i}-128"))
-            for i, c in enumerate(CONTENDERS)}
+    base = {c: cell(model, data[128], 128, c, args.steps, run_dir(work, c, 128)) for c in CONTENDERS}
     results = []
     for length in lengths + longs:
-        for i, contender in enumerate(CONTENDERS):
+        for contender in CONTENDERS:
             if length in longs and contender == "N=1":
                 continue
-            r = cell(model, data[length], length, contender, args.steps, os.path.join(work, f"{i}-{length}"))
+            r = cell(model, data[length], length, contender, args.steps, run_dir(work, contender, length))
             if "error" not in r and "error" not in base[contender]:
                 r["added_mib"] = r["rss_mib"] - base[contender]["rss_mib"]
             results.append((length, contender, r))
