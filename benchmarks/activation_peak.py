@@ -102,6 +102,8 @@ def main(argv: list[str]) -> int:
 
     from dft_ds import engine, train
 
+    if not argv or "=" in argv[0]:
+        sys.exit("usage: python -m torch.distributed.run ... benchmarks/activation_peak.py OUT_PREFIX [settings...]")
     prefix, settings = argv[0], argv[1:]
     for name in ("forward", "backward"):
         def traced(self, *args, _inner=getattr(engine.Engine, name), _name=name, **kwargs):

@@ -179,6 +179,8 @@ def report(results: list) -> None:
 
 def reread(work: str) -> list:
     """A finished run's results, with the activation figures read again from its profiler files."""
+    if not os.path.exists(os.path.join(work, "results.json")):
+        sys.exit(f"--report {work}: no results.json there; give the --out directory of a finished run")
     with open(os.path.join(work, "results.json"), encoding="utf-8") as fh:
         results = json.load(fh)["results"]
     for length, contender, r in results:
