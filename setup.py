@@ -36,7 +36,7 @@ setup(
                     "trackers": ["wandb>=0.19,<1", "mlflow-skinny>=2.16,<4"],
                     # model.lora: adapters are injected with peft, and dft-convert writes peft's adapter format.
                     "lora": ["peft>=0.17,<1"]},
-    entry_points={"console_scripts": ["dft-train=dft_ds.train:main", "dft-convert=dft_ds.convert:main",
+    entry_points={"console_scripts": ["dft-train=dft_ds.train:cli", "dft-convert=dft_ds.convert:main",
                                       "dft-eval=dft_ds.eval.cli:main", "dft-launch=dft_ds.launch:main",
                                       "dft-plan=dft_ds.plan:main", "dft-sample=dft_ds.sample.cli:main"]},
 )

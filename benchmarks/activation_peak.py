@@ -124,4 +124,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from dft_ds.engine import exit_rank
+
+    exit_rank(main(sys.argv[1:]))  # the rank joined a process group: see engine.exit_rank

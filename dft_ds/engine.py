@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -28,6 +28,8 @@ from dft_ds.net import free_port
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 TEMPLATES = ("zero2", "zero3", "zero3_offload")
+# Set by init_distributed: the program must end through exit_rank.
+_JOINED_PROCESS_GROUP = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +169,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
+    global _JOINED_PROCESS_GROUP
+    _JOINED_PROCESS_GROUP = True
     with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    verbose=False, timeout=timedelta(seconds=timeout_s))
@@ -174,11 +178,45 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    # Without this, a gloo process was seen to abort at interpreter exit (rc -6) after a good run.
+    """Leave the process group. A program that joined one ends through `exit_rank`, not a plain return."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a program that has used a process group with `code`, without the interpreter's teardown.
+
+    A gloo worker thread drops each finished collective a moment after the caller has seen it
+    finish. Where that drop frees a tensor whose Python object was let go meanwhile, the thread
+    needs the GIL. Once the interpreter is finalizing, CPython ends such a thread with
+    pthread_exit, and its unwind through the work's (noexcept) destructor calls std::terminate:
+    the rank aborts with rc -6, "terminate called without an active exception", after a run
+    that finished. A barrier and destroy_process_group before exit only narrow the window. A core
+    dump of it (tests/distributed/exit_race.py) shows ~AsyncAllgatherWork -> decref_pyobject ->
+    take_gil -> pthread_exit -> std::terminate on a `runLoop` thread.
+
+    So: non-daemon threads are joined and the atexit handlers run (logging, trackers), as at a
+    normal exit, while the interpreter is whole; then the streams are flushed and the process
+    ends at once. A process that never joined a process group exits the ordinary way.
+    """
+    import atexit
+    import threading
+
+    import torch.distributed as dist
+
+    if not (_JOINED_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())):
+        sys.exit(code)
+    shutdown_distributed()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def barrier(world_size: int) -> None:

@@ -96,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
 
 
+def cli() -> None:
+    """The program (`dft-train`, `python -m dft_ds.train`): main(), then the rank ends through exit_rank."""
+    from dft_ds.engine import exit_rank
+
+    try:
+        code = main()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001  (a traceback and 1, as Python's own exit would give)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_rank(code)
+
+
 def world_size_from_env() -> int:
     from dft_ds.engine import map_launcher_env
 
@@ -306,4 +322,4 @@ def export_hf(plan, engine, root: str, tag: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -234,3 +234,16 @@ def test_rows_laid_end_to_end_give_each_row_and_document_its_own_outputs(monkeyp
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1:, 4:], alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hidden @ head.T, want, atol=1e-5, rtol=1e-5)
+
+
+def test_exit_rank_without_a_process_group_is_an_ordinary_exit(monkeypatch):
+    """Only a program that joined a process group skips the interpreter's teardown
+    (tests/distributed/test_exit.py runs the other case in real ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("this pytest process holds a process group")  # exit_rank would end it
+    monkeypatch.setattr(engine, "_JOINED_PROCESS_GROUP", False)
+    with pytest.raises(SystemExit) as exc:
+        engine.exit_rank(3)
+    assert exc.value.code == 3
