@@ -137,8 +137,12 @@ def write_state(tag_dir: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def hash_own_shards(tag_dir: str, rank: int) -> dict[str, str]:
-    """Every rank, right after its save: the hashes of the files it wrote, kept in hashes/rank<R>.json."""
-    mine = {rel: file_hash(os.path.join(tag_dir, rel)) for rel in file_manifest(tag_dir) if rank_of(rel) == rank}
+    """Every rank, right after its save: the hashes of the files it wrote, kept in hashes/rank<R>.json.
+
+    Only this rank's own files are opened or sized. The peers are still writing theirs, and their
+    temporary files (hashes/rank<R>.json.tmp-<pid>) vanish when renamed: sizing every file, as
+    file_manifest does, once failed a save with ENOENT on a 2-rank run."""
+    mine = {rel: file_hash(os.path.join(tag_dir, rel)) for rel in own_files(tag_dir, rank)}
     os.makedirs(os.path.join(tag_dir, HASH_DIR), exist_ok=True)
     write_atomic(os.path.join(tag_dir, HASH_DIR, f"rank{rank}.json"), json.dumps(mine))
     return mine
@@ -157,6 +161,17 @@ def merge_hashes(tag_dir: str) -> dict[str, str]:
         if rel not in hashes:
             hashes[rel] = file_hash(os.path.join(tag_dir, rel))
     return dict(sorted(hashes.items()))
+
+
+def own_files(tag_dir: str, rank: int) -> list[str]:
+    """The files of a checkpoint that `rank` writes (relative paths), found by name alone."""
+    found = []
+    for dirpath, _, names in os.walk(tag_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), tag_dir)
+            if rank_of(rel) == rank:
+                found.append(rel)
+    return sorted(found)
 
 
 def file_manifest(tag_dir: str) -> dict[str, int]:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from dft_ds.checkpoint import (HASH_DIR, LATEST, STATE_FILE, file_hash, file_manifest, find_damage, find_resume,
+                               own_files,
                                hash_own_shards, merge_hashes, rank_of, read_state, tag_for, write_atomic, write_state,
                                CheckpointError)
 
@@ -47,6 +48,26 @@ def save_like_two_ranks(root, step: int) -> str:
     write_state(tag_dir, state)
     write_atomic(os.path.join(root, LATEST), tag_for(step) + "\n")
     return tag_dir
+
+
+def test_a_rank_hashes_its_files_while_a_peer_renames_its_temporary_ones(tmp_path):
+    """Rank 0 hashes its shards while rank 1 is still writing: rank 1's hashes/rank1.json.tmp-<pid>
+    can vanish between the directory listing and a look at it (a dangling link here, deterministic).
+    That failed a checkpoint save in CI with ENOENT; only rank 0's own files may be touched."""
+    tag_dir = tmp_path / "step-3"
+    (tag_dir / "rng").mkdir(parents=True)
+    (tag_dir / HASH_DIR).mkdir()
+    for rel in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "rng/rank0.pt", OPTIM):
+        (tag_dir / rel).write_bytes(os.urandom(500))
+    os.symlink(tag_dir / HASH_DIR / "gone", tag_dir / HASH_DIR / "rank1.json.tmp-4242")  # renamed away meanwhile
+    with pytest.raises(FileNotFoundError):
+        file_manifest(str(tag_dir))  # what the hashing used to size: every file, the vanished one too
+    mine = hash_own_shards(str(tag_dir), 0)
+    assert sorted(mine) == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank0.pt",
+                            "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    assert all(mine[rel] == file_hash(tag_dir / rel) for rel in mine)
+    assert own_files(str(tag_dir), 1) == [OPTIM]
 
 
 def test_each_file_is_hashed_by_the_rank_that_wrote_it_and_all_are_recorded(tmp_path):
