@@ -194,8 +194,8 @@ def exit_rank(code: int) -> NoReturn:
     pthread_exit, and its unwind through the work's (noexcept) destructor calls std::terminate:
     the rank aborts with rc -6, "terminate called without an active exception", after a run
     that finished. A barrier and destroy_process_group before exit only narrow the window. A core
-    dump of it (tests/distributed/exit_race.py) shows ~AsyncAllgatherWork -> decref_pyobject ->
-    take_gil -> pthread_exit -> std::terminate on a `runLoop` thread.
+    dump of such an abort shows ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit
+    -> std::terminate on a gloo `runLoop` thread; tests/distributed/exit_race.py provokes it.
 
     So: non-daemon threads are joined and the atexit handlers run (logging, trackers), as at a
     normal exit, while the interpreter is whole; then the streams are flushed and the process
