@@ -35,7 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import xxhash
@@ -163,27 +163,22 @@ def merge_hashes(tag_dir: str) -> dict[str, str]:
     return dict(sorted(hashes.items()))
 
 
-def own_files(tag_dir: str, rank: int) -> list[str]:
-    """The files of a checkpoint that `rank` writes (relative paths), found by name alone."""
-    found = []
+def _relative_files(tag_dir: str) -> Iterator[str]:
+    """Every file under a checkpoint directory, as a path relative to it; nothing is opened or sized."""
     for dirpath, _, names in os.walk(tag_dir):
         for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), tag_dir)
-            if rank_of(rel) == rank:
-                found.append(rel)
-    return sorted(found)
+            yield os.path.relpath(os.path.join(dirpath, name), tag_dir)
+
+
+def own_files(tag_dir: str, rank: int) -> list[str]:
+    """The files of a checkpoint that `rank` writes (relative paths), found by name alone."""
+    return sorted(rel for rel in _relative_files(tag_dir) if rank_of(rel) == rank)
 
 
 def file_manifest(tag_dir: str) -> dict[str, int]:
     """Size of every file of a checkpoint (relative paths), recorded in its state file when it is complete."""
-    sizes = {}
-    for dirpath, _, names in os.walk(tag_dir):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, tag_dir)
-            if rel != STATE_FILE:
-                sizes[rel] = os.path.getsize(path)
-    return dict(sorted(sizes.items()))
+    return {rel: os.path.getsize(os.path.join(tag_dir, rel))
+            for rel in sorted(_relative_files(tag_dir)) if rel != STATE_FILE}
 
 
 def expected_shard_files(zero_stage: int, world_size: int) -> list[str]:

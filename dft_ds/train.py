@@ -102,9 +102,7 @@ def cli() -> None:
 
     try:
         code = main()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException:  # noqa: BLE001  (a traceback and 1, as Python's own exit would give)
+    except Exception:  # noqa: BLE001  (a traceback and 1, as Python's own exit would give)
         import traceback
 
         traceback.print_exc()
