@@ -6,7 +6,8 @@ for every one and checks the sums. `return` ends rank 0 the ordinary way, throug
 teardown, while gloo's threads still free finished work (that needs the GIL); `exit_rank` ends it
 through dft_ds.engine.exit_rank. Rank 0 also leaves an unflushed line, an atexit handler and a
 non-daemon thread under exit_rank, which it must not lose, and an object that reports the
-interpreter's teardown, which exit_rank must skip.
+interpreter's teardown (in both modes): the ordinary ending shows it (or aborts in it), exit_rank must
+skip it.
 """
 
 import atexit
@@ -49,6 +50,7 @@ def main(mode: str) -> None:
         atexit.register(lambda: os.write(1, b"rank 0: atexit handler ran\n"))
         threading.Thread(target=lambda: (time.sleep(0.3), os.write(1, b"rank 0: thread finished\n"))).start()
         print("rank 0: unflushed line")  # stdout is a file here: block-buffered
+    if rank == 0:
         global TEARDOWN
         TEARDOWN = Teardown()
     if mode == "exit_rank":

@@ -3,10 +3,10 @@
 Ending through the interpreter's teardown while gloo's threads still free finished collectives
 aborts the rank: "terminate called without an active exception", rc -6, after a run that finished
 (seen in CI on a gradient probe, after its barrier and destroy_process_group). exit_race.py
-provokes that on purpose: the ordinary ending must show the abort (so the script does reach the
-race), exit_rank must not, and must keep what a normal exit does (the code, buffered output,
-atexit handlers, non-daemon threads, and every collective its peer waits for) while skipping the
-teardown itself.
+provokes that on purpose. The ordinary ending is the control: it reaches the teardown (and aborts
+there, or, on a torch without the race, says so from an object's finaliser). exit_rank must not
+abort, must skip the teardown, and must keep what a normal exit does: the code, buffered output,
+atexit handlers, non-daemon threads, and every collective its peer waits for.
 """
 
 import os
@@ -39,12 +39,14 @@ def two_ranks(mode: str, tmp_path, attempt: int) -> list[tuple[int, str]]:
 
 
 def test_exit_rank_ends_cleanly_where_the_interpreters_teardown_aborts(tmp_path):
-    ordinary = [two_ranks("return", tmp_path, i)[0] for i in range(3)]
-    # The race is real: 10 of 10 ordinary endings aborted when this test was written; one in three is asked.
-    aborted = [out for code, out in ordinary if code == -signal.SIGABRT and ABORT in out]
-    assert aborted, f"the script no longer provokes the abort: {ordinary}"
+    # The control: the ordinary ending goes through the interpreter's teardown, where the abort happens
+    # (10 of 10 ordinary endings aborted when this test was written; a torch that fixes the race runs the
+    # teardown to its end instead). Either way the teardown is reached, so the marker below can tell.
+    (code, out), _ = two_ranks("return", tmp_path, 0)
+    aborted = code == -signal.SIGABRT and ABORT in out
+    assert aborted or (code == 0 and "rank 0: interpreter teardown ran" in out), (code, out)
 
-    for attempt in range(3):
+    for attempt in range(2):
         (code0, out0), (code1, out1) = two_ranks("exit_rank", tmp_path, attempt)
         assert ABORT not in out0 + out1
         assert code0 == 7, out0  # its own code, not -6

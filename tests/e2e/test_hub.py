@@ -103,9 +103,17 @@ def test_probe_is_not_asked_when_nothing_needs_the_hub(tmp_path):
 
 
 def test_probe_answer_online_lets_names_through(monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    check_hub_names(load_config(None, ["model.name_or_path=org/model"]), probe=lambda: None)  # no error
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored afterwards, whatever the code sets
+    asked = []
+    # Neither name is cached: online, that is no error (the libraries download them), and nothing goes offline.
+    check_hub_names(load_config(None, ["model.name_or_path=org/model", "data.source=org/data"]),
+                    probe=lambda: asked.append(1))
+    assert asked == [1]  # one probe for both names
+    assert "HF_HUB_OFFLINE" not in os.environ and constants.HF_HUB_OFFLINE is False
 
 
 def test_is_cached_reads_the_cache_layout(tmp_path, monkeypatch, family_dir):

@@ -37,7 +37,9 @@ def test_eaft_logs_its_entropy_and_weight(tmp_path):
 def test_only_top_p_gates_exactly_the_low_probability_tokens(tmp_path):
     out, stdout = train(tmp_path, "top", "loss.type=only_top_p", "loss.threshold=0.1", "loss.threshold_base=sft")
     assert "loss: only_top_p sft weight where p > 0.1, else 0 (fused head)" in stdout
-    for r in read_metrics(out):
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
         # The gate drops p < 0.1: the share the run also logs as low_prob_share.
         assert r["zero_weight_share"] == pytest.approx(r["low_prob_share"])
         assert r["zero_weight_share"] > 0.5  # a fresh model: most targets are unlikely
@@ -45,7 +47,9 @@ def test_only_top_p_gates_exactly_the_low_probability_tokens(tmp_path):
         assert "mean_entropy" not in r
     # dft, for comparison: no token at weight 0, the mean weight is the mean probability.
     out, _ = train(tmp_path, "dft", "loss.type=dft", "loss.prob_floor=0")
-    for r in read_metrics(out):
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
         assert r["zero_weight_share"] == 0 and r["mean_weight"] == pytest.approx(r["mean_token_prob"])
 
 

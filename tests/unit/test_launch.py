@@ -341,9 +341,13 @@ def test_arguments_pass_through_as_single_argv_entries(fake_slurm):
 
 @pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT, 1, 0])
 def test_exit_code_of_the_training_is_dft_launch_s(fake_slurm, code):
-    env, _ = fake_slurm
+    env, out = fake_slurm
     env["FAKE_EXIT"] = str(code)
-    assert cli(["x=1"], env).returncode == code
+    proc = cli(["x=1"], env)
+    assert proc.returncode == code, proc.stderr
+    # The training ran and its code was passed on: not dft-launch refusing (2), crashing (1) or never starting (0).
+    assert json.load(open(out + ".argv"))["argv"] == ["x=1"]
+    assert "dft-launch: error:" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sigusr1_to_dft_launch_reaches_srun_and_the_training_exits_75(fake_slurm):

@@ -175,12 +175,29 @@ def test_peak_memory_on_cpu_is_the_host_rss_peak():
     assert 0.01 < peak < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
-def test_peak_memory_on_an_accelerator_is_its_max_allocated(monkeypatch):
-    import types
+def test_peak_memory_on_cpu_rises_by_what_was_touched():
+    """A fresh process touches 512 MiB: its peak rises by that much, in GiB (a wrong unit is off by 1024)."""
+    code = ("import torch; from dft_ds.metrics import peak_memory_gib; cpu = torch.device('cpu'); "
+            "before = peak_memory_gib(cpu); block = bytearray(512 * 2**20); block[::4096] = b'x' * (len(block) // 4096); "
+            "print(before, peak_memory_gib(cpu))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = map(float, out.stdout.split())
+    assert 0.45 < after - before < 0.75, (before, after)
 
+
+@pytest.mark.gpu
+def test_peak_memory_on_an_accelerator_is_its_max_allocated():
+    """A real allocation on the GPU: the peak holds it, and stays after it is freed (a peak, not the current)."""
     import torch
 
-    seen = []
-    monkeypatch.setattr(torch.accelerator, "max_memory_allocated", lambda d: seen.append(d) or 3 * 2**30)
-    device = types.SimpleNamespace(type="cuda", index=0)
-    assert peak_memory_gib(device) == 3.0 and seen == [device]
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    block = torch.empty(768 * 2**20, dtype=torch.uint8, device=device)
+    peak = peak_memory_gib(device)
+    assert peak == pytest.approx((base + block.numel()) / 2**30, abs=0.05)
+    del block
+    torch.cuda.synchronize(device)
+    assert peak_memory_gib(device) == peak and torch.cuda.memory_allocated(device) == base

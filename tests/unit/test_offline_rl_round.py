@@ -100,6 +100,7 @@ def test_selection_flags_and_knobs_reach_dft_sample(tmp_path):
                           "--benchmark", "train=data/t.jsonl", "--benchmark", "synthetic-train",
                           "--max-new-tokens", "512", "--prompt", "chat", "--max-per-problem", "2",
                           "--drop-all-correct", "--drop-all-wrong", "--dedup", "--keep-unfinished", "--limit", "10"]
+    assert len(cmds) == 9 and [step(ev) for ev in cmds[5:8]] == ["eval"] * 3
     for ev in cmds[5:8]:  # evaluation prompts and generates as sampling did
         assert ev[ev.index("--prompt") + 1] == "chat" and ev[ev.index("--max-new-tokens") + 1] == "512"
         assert ev[ev.index("--samples") + 1] == "2" and ev[ev.index("--backend") + 1] == "vllm"

@@ -24,9 +24,9 @@ def test_every_preset_is_tested():
 def test_largest_micro_batch_fits_and_one_more_does_not():
     config = load_config("llama-3.1-8b")
     n = count_parameters(config)
-    for row in plan(config, 8, 80.0, 2048):
-        if not row.max_micro_batch:
-            continue
+    rows = [row for row in plan(config, 8, 80.0, 2048) if row.max_micro_batch]
+    assert len(rows) >= 2  # an 8B model fits 8 x 80 GiB under several strategies
+    for row in rows:
         stage = 2 if row.strategy == "ZeRO-2" else 3
         offload = "offload" in row.strategy
 

@@ -91,7 +91,7 @@ def test_greedy_tokens_match_transformers(vllm_runs, converted_family, name):
     out, requests = vllm_runs
     result = json.loads((out / f"{name}.json").read_text())
     assert "error" not in result, f"vLLM did not start {name}: {result.get('error')}"
-    for prompt, got in zip(requests[name], result["greedy"]):
+    for prompt, got in zip(requests[name], result["greedy"], strict=True):
         assert got == hf_greedy(converted_family(name), prompt, MAX_TOKENS)
 
 
