@@ -1,12 +1,31 @@
-"""Shared test settings: no hub access, and GPU-only tests skipped where no GPU exists."""
+"""Shared test settings: no hub access, one asset cache for the session, and GPU-only tests skipped
+where no GPU exists."""
 
+import logging
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The embedded default's tokenizer (dft_ds.synthetic.ensure_assets) is built once for the session and
+# every process it starts, in a folder of its own (never the user's ~/.cache/dft_ds). Tests of the
+# cache itself point DFT_DS_CACHE elsewhere. Worker processes of pytest-xdist inherit the folder.
+_OWN_CACHE = None
+if not os.environ.get("DFT_DS_TEST_CACHE"):
+    _OWN_CACHE = tempfile.mkdtemp(prefix="dft_ds-test-cache-")
+    os.environ["DFT_DS_TEST_CACHE"] = _OWN_CACHE
+os.environ["DFT_DS_CACHE"] = os.environ["DFT_DS_TEST_CACHE"]
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -77,3 +96,59 @@ def converted_family(tmp_path_factory, family_probe):
         return done[name]
 
     return get
+
+
+@pytest.fixture
+def dft_train(monkeypatch, capsys):
+    """dft_train(*argv, env={...}) -> subprocess.CompletedProcess of `dft-train ARGV` run in this process.
+
+    For tests of what the command says and returns (`--check`, bad input): dft_ds.train.main takes
+    the arguments as the program does and returns its exit code, without an interpreter start and
+    the imports of torch, transformers and DeepSpeed per call. The rank variables are cleared and
+    `env` set for the call; the stop signals' handlers are put back after it. The real program's
+    exit (train.cli, exit_rank) is tested by the tests that start it.
+    """
+    import signal
+    import subprocess
+
+    from dft_ds import train
+
+    def call(*argv, env=None):
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, str(value))
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        capsys.readouterr()
+        # The libraries' log handlers keep the stream they were made with, perhaps an earlier test's
+        # closed capture: for the call they write to this one's, as the program's go to its stderr.
+        streams = _point_log_handlers_at(sys.stderr)
+        try:
+            code = train.main([str(a) for a in argv])
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for handler, stream, flush in streams:
+                handler.stream = stream
+                if flush is not None:
+                    handler.flush = flush
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["dft-train", *map(str, argv)], code, out.out, out.err)
+
+    return call
+
+
+def _point_log_handlers_at(stream) -> list:
+    """Every console log handler (not a file's) writes to `stream`; returns [(handler, its old stream,
+    its own flush or None)]."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    old = []
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is not stream:
+                old.append((handler, handler.stream, handler.__dict__.get("flush")))
+                handler.stream = stream  # not setStream: it flushes the old one, which may be closed
+                if "flush" in handler.__dict__:  # transformers binds its handler's flush to that stream's
+                    handler.flush = stream.flush
+    return old

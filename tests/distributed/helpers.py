@@ -14,13 +14,18 @@ QUICK = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_si
          "logging.progress_bar=false"]
 
 
+def asset_cache(tmp_path) -> str:
+    """The session's asset cache (tests/conftest.py: the tokenizer built once), else one under tmp_path."""
+    return os.environ.get("DFT_DS_TEST_CACHE") or str(tmp_path / "cache")
+
+
 def clean_env(tmp_path) -> dict:
-    """No inherited rank variables; a private cache for the tokenizer; no hub access."""
+    """No inherited rank variables; the session's asset cache for the tokenizer; no hub access."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
            and not k.startswith("SLURM_")}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               DFT_DS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+               DFT_DS_CACHE=asset_cache(tmp_path), PYTHONUNBUFFERED="1")
     # DeepSpeed JIT-builds a small CPU comm op; one build per venv, not one per checkout sharing ~/.cache.
     env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     return env

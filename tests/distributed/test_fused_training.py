@@ -31,7 +31,7 @@ def tied_model_dir(tmp_path):
 
     from dft_ds import synthetic
 
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     torch.manual_seed(3)
     config = synthetic.tiny_model_config(len(tok), num_hidden_layers=2)
     config.tie_word_embeddings = True

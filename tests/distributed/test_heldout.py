@@ -42,7 +42,7 @@ def test_heldout_loss_on_two_ranks_equals_transformers_on_the_export(tmp_path):
     # The same rows, scored by transformers on the final weights (step 4 is the last step).
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(str(tmp_path / "cache")))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     cfg = load_config(None, settings)
     _, heldout = build_datasets(cfg.data, tok, cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(out / "hf", torch_dtype=torch.float32).eval()
@@ -64,7 +64,7 @@ def test_heldout_loss_on_two_ranks_equals_transformers_on_the_export(tmp_path):
 
 
 def test_eval_fraction_holds_samples_out_of_training(tmp_path):
-    tok = synthetic.ensure_assets(str(tmp_path / "cache"))
+    tok = synthetic.ensure_assets()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok)

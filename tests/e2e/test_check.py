@@ -1,4 +1,6 @@
-"""`dft-train --check`: validates everything a run checks before training, prints the plan, writes nothing."""
+"""`dft-train --check`: validates everything a run checks before training, prints the plan, writes nothing.
+
+The default plan runs the real program; the rest call its main in-process (the dft_train fixture)."""
 
 import json
 import subprocess
@@ -12,14 +14,10 @@ from tests.distributed.helpers import clean_env
 pytestmark = pytest.mark.slow
 
 
-def check(tmp_path, *args):
-    cmd = [sys.executable, "-m", "dft_ds.train", "--check", *args]
-    return subprocess.run(cmd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
-
-
 def test_default_plan_is_printed_and_nothing_written(tmp_path):
     out = tmp_path / "run"
-    proc = check(tmp_path, "--world-size", "2", f"train.output_dir={out}")
+    cmd = [sys.executable, "-m", "dft_ds.train", "--check", "--world-size", "2", f"train.output_dir={out}"]
+    proc = subprocess.run(cmd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert "dft-train --check: OK" in text and f"{out} (new)" in text
@@ -30,34 +28,37 @@ def test_default_plan_is_printed_and_nothing_written(tmp_path):
     assert not out.exists()
 
 
-def test_steps_follow_world_size(tmp_path):
-    one = check(tmp_path, "--world-size", "1", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
-    two = check(tmp_path, "--world-size", "2", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
+def test_steps_follow_world_size(tmp_path, dft_train):
+    one = dft_train("--check", "--world-size", "1", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
+    two = dft_train("--check", "--world-size", "2", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
     assert one.returncode == two.returncode == 0
     assert "accumulation 2 x world 1 = global 8" in one.stdout
     assert "accumulation 1 x world 2 = global 8" in two.stdout
 
 
-def test_bad_data_line_is_reported_with_exit_2(tmp_path):
+def test_bad_data_line_is_reported_with_exit_2(tmp_path, dft_train):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n{broken\n")
-    proc = check(tmp_path, f"data.source={data}", f"train.output_dir={tmp_path / 'run'}")
+    proc = dft_train("--check", f"data.source={data}", f"train.output_dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     assert f"{data}:2" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_foreign_output_dir_is_reported(tmp_path):
+def test_foreign_output_dir_is_reported(tmp_path, dft_train):
     out = tmp_path / "theirs"
     out.mkdir()
     (out / "notes.txt").write_text("not a run")
-    proc = check(tmp_path, f"train.output_dir={out}")
+    proc = dft_train("--check", f"train.output_dir={out}")
     assert proc.returncode == 2 and "not a dft_ds run" in proc.stderr
     assert (out / "notes.txt").read_text() == "not a run"
 
 
-def test_world_size_that_does_not_divide_the_global_batch(tmp_path):
-    proc = check(tmp_path, "--world-size", "3", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
-    assert proc.returncode == 2 and "train.global_batch_size" in proc.stderr
+def test_world_size_that_does_not_divide_the_global_batch(tmp_path, dft_train):
+    proc = dft_train("--check", "--world-size", "3", "train.global_batch_size=8", f"train.output_dir={tmp_path / 'r'}")
+    assert proc.returncode == 2, proc.stdout
+    assert "train.global_batch_size: 8 is not divisible by micro_batch_size 4 x world size 3 = 12; the nearest " \
+           "valid values are train.global_batch_size=12 (multiples of 12)" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_memory_estimate_shards_as_zero_does():

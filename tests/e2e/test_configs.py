@@ -30,7 +30,7 @@ def model_stand_in(tmp_path, name: str) -> str:
     from transformers import AutoConfig, AutoTokenizer
 
     family = "qwen2" if "qwen2" in name.lower() else "llama"
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     config = AutoConfig.for_model(family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
@@ -60,7 +60,6 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_config_passes_check(tmp_path, monkeypatch, capsys, path):
-    monkeypatch.setenv("DFT_DS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = load_config(path)
     world = 8

@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("convert")
     train(tmp, tmp / "untied")
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp / "cache"))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     torch.manual_seed(3)
     tied = AutoModelForCausalLM.from_config(synthetic.tiny_model_config(
         len(tok), num_hidden_layers=2, tie_word_embeddings=True))

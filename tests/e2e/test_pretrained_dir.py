@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def test_first_step_nll_matches_the_saved_weights(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path / "cache"))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     torch.manual_seed(7)
     model = AutoModelForCausalLM.from_config(synthetic.tiny_model_config(len(tok), num_hidden_layers=2))
     model_dir = tmp_path / "model"

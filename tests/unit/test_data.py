@@ -34,7 +34,7 @@ from dft_ds.errors import DataError
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path_factory.mktemp("dft_ds_cache")))
+    return AutoTokenizer.from_pretrained(synthetic.ensure_assets())
 
 
 @pytest.fixture(scope="session")

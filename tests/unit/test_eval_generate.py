@@ -82,7 +82,7 @@ def tiny_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("tiny")
-    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp / "cache"))
+    tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(synthetic.tiny_model_config(
         len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,

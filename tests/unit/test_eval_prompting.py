@@ -25,7 +25,7 @@ DROPS_SYSTEM = ("{% for m in messages %}{% if m['role'] != 'system' %}<{{ m['rol
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path_factory.mktemp("cache")))
+    return AutoTokenizer.from_pretrained(synthetic.ensure_assets())
 
 
 def with_template(tok, template):

@@ -20,6 +20,7 @@ import pytest
 
 from dft_ds import launch
 from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, UserError, report_exit_code
+from tests.distributed.helpers import asset_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCHER = os.path.join(REPO, "launcher", "dft-launch")
@@ -429,7 +430,7 @@ def test_exit_75_comes_back_through_real_torchrun(fake_slurm):
 
 @pytest.mark.slow
 def test_bad_override_exits_2_through_real_deepspeed(tmp_path):
-    env = base_env(HF_HUB_OFFLINE="1", DFT_DS_CACHE=str(tmp_path / "cache"))
+    env = base_env(HF_HUB_OFFLINE="1", DFT_DS_CACHE=asset_cache(tmp_path))
     proc = cli(["--via", "deepspeed", "--nproc-per-node", "1", "train.no_such_key=1",
                 f"train.output_dir={tmp_path / 'run'}"], env, timeout=300)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -441,7 +442,7 @@ def test_bad_override_exits_2_through_real_deepspeed(tmp_path):
 def test_sigusr1_to_dft_launch_checkpoints_real_training_through_deepspeed(tmp_path):
     """The real launcher and trainer: the ranks (not the launcher) get the signal, save, and 75 comes back."""
     out = tmp_path / "run"
-    env = base_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DFT_DS_CACHE=str(tmp_path / "cache"),
+    env = base_env(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DFT_DS_CACHE=asset_cache(tmp_path),
                    OMP_NUM_THREADS="1")
     args = ["--via", "deepspeed", "--nproc-per-node", "2", "data.synthetic_size=300", "data.max_length=192",
             "train.micro_batch_size=2", "logging.progress_bar=false", "train.max_steps=500", f"train.output_dir={out}"]

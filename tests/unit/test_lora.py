@@ -14,6 +14,7 @@ from dft_ds.errors import ConfigError, ModelError
 from dft_ds.loss import compute_loss, fused_linear_loss, token_weight
 from dft_ds.memory import estimate_memory, meta_model
 from dft_ds.model import adapters_off, apply_lora, lora_parameter_count, lora_targets
+from tests.distributed.helpers import asset_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALL = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -152,7 +153,7 @@ def test_memory_counts_only_trainable_state():
 
 
 def run_cli(tmp_path, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DFT_DS_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DFT_DS_CACHE": asset_cache(tmp_path)}
     return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -87,7 +87,7 @@ def test_a_row_carries_the_prompt_as_sampled_and_its_provenance():
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(synthetic.ensure_assets(tmp_path_factory.mktemp("dft_ds_cache")))
+    return AutoTokenizer.from_pretrained(synthetic.ensure_assets())
 
 
 def test_kept_rows_round_trip_through_the_data_loader_prompt_masked_completion_target(tmp_path, tok, monkeypatch):
