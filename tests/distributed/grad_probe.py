@@ -4,8 +4,14 @@ Started by tests under torchrun with different (ranks x accumulation) splits of 
 batch: `python -m torch.distributed.run --nproc-per-node N grad_probe.py OUT.pt [overrides...]`.
 The gradient is read with DeepSpeed's safe_get_full_grad at the accumulation boundary, just
 before the optimizer consumes it.
+
+Several probes in one launch (what tests that only compare numbers use, tests/distributed/helpers.py
+run_probes): `grad_probe.py --many SPEC.json`, SPEC a list of {"out": OUT.pt, "overrides": [...],
+"rows": DFT_PROBE_ROWS or null}; each probe builds its own engines on the one process group.
 """
 
+import gc
+import json
 import os
 import sys
 
@@ -69,9 +75,25 @@ def main(out_path: str, overrides: list[str]) -> None:
     engine.barrier()  # nobody tears down gloo while another rank is still in a collective
 
 
+def main_many(spec_path: str) -> None:
+    """Every probe of the spec in turn, each with its own DFT_PROBE_ROWS; the engines of one are let go
+    before the next is built."""
+    with open(spec_path, encoding="utf-8") as fh:
+        probes = json.load(fh)
+    for probe in probes:
+        os.environ.pop("DFT_PROBE_ROWS", None)
+        if probe.get("rows"):
+            os.environ["DFT_PROBE_ROWS"] = probe["rows"]
+        main(probe["out"], probe["overrides"])
+        gc.collect()
+
+
 if __name__ == "__main__":
     try:
-        main(sys.argv[1], sys.argv[2:])
+        if sys.argv[1] == "--many":
+            main_many(sys.argv[2])
+        else:
+            main(sys.argv[1], sys.argv[2:])
     finally:
         shutdown_distributed()
     exit_rank(0)  # not a plain return: see engine.exit_rank

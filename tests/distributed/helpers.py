@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 from dft_ds.net import free_port  # noqa: F401  (tests import it from here)
 
@@ -39,3 +40,25 @@ def run(cmd: list[str], env: dict, timeout: int = 600, cwd: str = REPO) -> subpr
 def read_metrics(out_dir) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+
+
+PROBE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grad_probe.py")
+
+
+def run_probes(tmp_path, ranks: int, probes: dict, rows: Optional[dict] = None, timeout: int = 900) -> dict:
+    """One torchrun launch of grad_probe.py over several probes: {name: overrides} -> {name: result}.
+
+    Each probe is one optimizer step of the real trainer with its full gradient (grad_probe.main);
+    `rows` gives a probe its DFT_PROBE_ROWS. One launch pays the start-up (interpreter, imports,
+    rendezvous) once for all of them."""
+    spec = [{"out": str(tmp_path / f"grad-{name}.pt"), "overrides": list(overrides), "rows": (rows or {}).get(name)}
+            for name, overrides in probes.items()]
+    spec_path = tmp_path / f"probes-{ranks}-{len(os.listdir(tmp_path))}.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
+           PROBE, "--many", str(spec_path)]
+    proc = run(cmd, clean_env(tmp_path), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    import torch
+
+    return {name: torch.load(item["out"]) for name, item in zip(probes, spec)}

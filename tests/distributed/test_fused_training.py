@@ -8,20 +8,19 @@ One optimizer step of the real trainer (tests/distributed/grad_probe.py) with lo
   reference engine (whose head is gathered for the fused call) and the KL term is not zero;
 - ZeRO-2, mix half-way through its schedule;
 - ZeRO-3, eaft (top-5 entropy, alpha 0.5) on packed rows.
-Then a few steps of the embedded default run both ways log the same losses.
+All eight steps run in one 2-rank launch (grad_probe.py --many). Then a few steps of the embedded
+default run both ways log the same losses.
 """
 
-import os
 import sys
 
 import pytest
 import torch
 
-from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics, run
+from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics, run, run_probes
 
 pytestmark = pytest.mark.slow
 
-PROBE = os.path.join(os.path.dirname(__file__), "grad_probe.py")
 BASE = ["data.synthetic_size=64", "data.max_length=128", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.max_grad_norm=0", "logging.tensorboard=false", "loss.prob_floor=0"]
 
@@ -43,15 +42,6 @@ def tied_model_dir(tmp_path):
     return path
 
 
-def probe(tmp_path, name: str, overrides: list[str], run_dir) -> dict:
-    out = tmp_path / f"{name}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           PROBE, str(out), f"train.output_dir={run_dir}", *BASE, *overrides]
-    proc = run(cmd, clean_env(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
-
-
 CASES = {
     "tied-zero3-ckpt": lambda tmp: [f"model.name_or_path={tied_model_dir(tmp)}", "model.gradient_checkpointing=true",
                                     "data.packing=true", "loss.type=dft"],
@@ -62,23 +52,34 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory) -> dict:
+    """{(case, "fused" or "full"): probe result}: every case both ways, in one 2-rank launch."""
+    tmp = tmp_path_factory.mktemp("fused")
+    probes = {}
+    for case, make in CASES.items():
+        overrides = make(tmp)
+        run_dir = tmp / "unused"
+        if case.startswith("asft"):
+            # At step 0 the policy IS the reference and the KL term vanishes; train 2 steps, then probe
+            # the resumed step 3, where it does not.
+            run_dir = tmp / "moved"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+                   "-m", "dft_ds.train", f"train.output_dir={run_dir}", *BASE, *overrides, "train.max_steps=2",
+                   "train.lr=1e-2", "train.warmup_ratio=0", "logging.progress_bar=false"]
+            proc = run(cmd, clean_env(tmp), timeout=300)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            assert read_metrics(run_dir)[-1]["kl_ref"] > 1e-4
+            overrides = overrides + ["train.max_steps=4", "train.lr=1e-2", "train.warmup_ratio=0"]
+        for way, fused in (("fused", "true"), ("full", "false")):
+            probes[f"{case}-{way}"] = [f"train.output_dir={run_dir}", *BASE, *overrides, f"loss.fused={fused}"]
+    got = run_probes(tmp, 2, probes)
+    return {(case, way): got[f"{case}-{way}"] for case in CASES for way in ("fused", "full")}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_step_equals_full_logits_step(tmp_path, case):
-    overrides = CASES[case](tmp_path)
-    run_dir = tmp_path / "unused"
-    if case.startswith("asft"):
-        # At step 0 the policy IS the reference and the KL term vanishes; train 2 steps, then probe
-        # the resumed step 3, where it does not.
-        run_dir = tmp_path / "moved"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               "-m", "dft_ds.train", f"train.output_dir={run_dir}", *BASE, *overrides, "train.max_steps=2",
-               "train.lr=1e-2", "train.warmup_ratio=0", "logging.progress_bar=false"]
-        proc = run(cmd, clean_env(tmp_path), timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert read_metrics(run_dir)[-1]["kl_ref"] > 1e-4
-        overrides = overrides + ["train.max_steps=4", "train.lr=1e-2", "train.warmup_ratio=0"]
-    fused = probe(tmp_path, "fused", overrides + ["loss.fused=true"], run_dir)
-    full = probe(tmp_path, "full", overrides + ["loss.fused=false"], run_dir)
+def test_fused_step_equals_full_logits_step(steps, case):
+    fused, full = steps[case, "fused"], steps[case, "full"]
     assert fused["fused"] is True and full["fused"] is False
     assert fused["targets"] == full["targets"] > 0
     assert fused["loss"] == pytest.approx(full["loss"], rel=1e-6)
@@ -90,6 +91,12 @@ def test_fused_step_equals_full_logits_step(tmp_path, case):
     assert norm > 1e-3
     for name, grad in full["grads"].items():
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_cases_are_different_steps(steps):
+    """One launch, separate runs: each case's step is its own (its loss differs from every other's)."""
+    losses = [steps[case, "full"]["loss"] for case in CASES]
+    assert len({round(x, 9) for x in losses}) == len(CASES), losses
 
 
 def test_default_run_logs_the_same_losses_fused_and_not(tmp_path):

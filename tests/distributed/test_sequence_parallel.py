@@ -3,6 +3,7 @@
 Real DeepSpeed ZeRO-3 engines on gloo, one optimizer step of the real trainer (grad_probe.py) on the
 same global batch, the full gradient read at the accumulation boundary. Rows are packed: several
 documents to a row, documents cut by the slice boundary, and a row length that N does not divide.
+The steps compared run in three launches of grad_probe.py (1, 2 and 4 ranks, several probes each).
 """
 
 import os
@@ -13,21 +14,37 @@ import pytest
 import torch
 
 from dft_ds.errors import EXIT_PREEMPTED
-from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics, run
+from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics, run_probes
 
-PROBE = os.path.join(os.path.dirname(__file__), "grad_probe.py")
 COMMON = ["data.synthetic_size=96", "data.packing=true", "data.max_length=203", "train.micro_batch_size=1",
           "train.global_batch_size=2", "train.max_grad_norm=0", "loss.prob_floor=0", "logging.tensorboard=false",
           "model.attn_implementation=sdpa"]
 
 
-def probe(tmp_path, name: str, ranks: int, sp: int, *extra: str) -> dict:
-    out = tmp_path / f"grad-{name}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
-           PROBE, str(out), f"train.output_dir={tmp_path / name}", f"train.sequence_parallel={sp}", *COMMON, *extra]
-    proc = run(cmd, clean_env(tmp_path), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out)
+def probe_args(tmp_path, name: str, sp: int, *extra: str) -> list[str]:
+    return [f"train.output_dir={tmp_path / name}", f"train.sequence_parallel={sp}", *COMMON, *extra]
+
+
+ACCUM2 = "train.gradient_accumulation_steps=2"
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory, family_dir) -> dict:
+    """{name: probe result}: every step the tests compare, in three launches (1, 2 and 4 ranks); one
+    1-rank baseline serves the N = 2 runs and the tiled MLP alike."""
+    tmp = tmp_path_factory.mktemp("sp")
+    gemma = [f"model.name_or_path={family_dir('gemma3')}", "loss.type=sft", ACCUM2]  # random init: dft weights ~1/V
+    tiled = [ACCUM2, "model.tiled_mlp=3", "model.offload_activations=true", "model.gradient_checkpointing=true"]
+    mixed = ["loss.type=dft", "train.global_batch_size=4", "model.gradient_checkpointing=true"]
+    one = run_probes(tmp, 1, {"n1-dft": probe_args(tmp, "n1-dft", 1, "loss.type=dft", ACCUM2),
+                              "n1-sft": probe_args(tmp, "n1-sft", 1, "loss.type=sft", ACCUM2),
+                              "g1": probe_args(tmp, "g1", 1, *gemma)})
+    two = run_probes(tmp, 2, {"n2-dft": probe_args(tmp, "n2-dft", 2, "loss.type=dft", ACCUM2),
+                              "n2-sft": probe_args(tmp, "n2-sft", 2, "loss.type=sft", ACCUM2),
+                              "tiled": probe_args(tmp, "tiled", 2, *tiled),
+                              "g2": probe_args(tmp, "g2", 2, *gemma)})
+    four = run_probes(tmp, 4, {"dp4": probe_args(tmp, "dp4", 1, *mixed), "dp2sp2": probe_args(tmp, "dp2sp2", 2, *mixed)})
+    return {**one, **two, **four}
 
 
 def assert_same_step(got: dict, want: dict) -> None:
@@ -42,20 +59,24 @@ def assert_same_step(got: dict, want: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dft", "sft"])
-def test_two_ranks_sharing_rows_equal_one_rank(tmp_path, loss):
-    one = probe(tmp_path, "n1", 1, 1, f"loss.type={loss}", "train.gradient_accumulation_steps=2")
-    two = probe(tmp_path, "n2", 2, 2, f"loss.type={loss}", "train.gradient_accumulation_steps=2")
-    assert_same_step(two, one)
+def test_two_ranks_sharing_rows_equal_one_rank(steps, loss):
+    assert_same_step(steps[f"n2-{loss}"], steps[f"n1-{loss}"])
 
 
 @pytest.mark.slow
-def test_two_by_two_equals_four_data_parallel_ranks(tmp_path):
+def test_two_by_two_equals_four_data_parallel_ranks(steps):
     """4 ranks as 2 data-parallel x 2 sequence-parallel against 4 x 1; checkpointed layers run again in
     the backward (inside the exchange) on both sides."""
-    extra = ["loss.type=dft", "train.global_batch_size=4", "model.gradient_checkpointing=true"]
-    plain = probe(tmp_path, "dp4", 4, 1, *extra)
-    mixed = probe(tmp_path, "dp2sp2", 4, 2, *extra)
-    assert_same_step(mixed, plain)
+    assert_same_step(steps["dp2sp2"], steps["dp4"])
+
+
+@pytest.mark.slow
+def test_the_probes_of_a_launch_are_separate_steps(steps):
+    """Several probes share a launch: each is its own step (DFT's loss is not SFT's, the 1-rank ones included)."""
+    for n in ("n1", "n2"):
+        assert steps[f"{n}-dft"]["targets"] == steps[f"{n}-sft"]["targets"]
+        assert steps[f"{n}-dft"]["loss"] < 0.1 * steps[f"{n}-sft"]["loss"]
+    assert steps["n1-dft"]["world_size"] == 1 and steps["n2-dft"]["world_size"] == 2 and steps["dp4"]["world_size"] == 4
 
 
 # ---------------------------------------------------------------- real runs: train, log, convert, resume
@@ -109,31 +130,23 @@ def test_embedded_default_at_n2_trains_logs_converts_and_resumes_at_n1(tmp_path)
     (["--world-size", "2", "train.sequence_parallel=2", "loss.normalize=micro_batch_mean"],
      "set loss.normalize=step with train.sequence_parallel > 1"),
 ])
-def test_what_cannot_run_sequence_parallel_exits_2(tmp_path, extra, message):
-    cmd = [sys.executable, "-m", "dft_ds.train", "--check", *extra, f"train.output_dir={tmp_path / 'run'}",
-           "data.synthetic_size=64"]
-    proc = run(cmd, clean_env(tmp_path), timeout=300)
+def test_what_cannot_run_sequence_parallel_exits_2(tmp_path, dft_train, extra, message):
+    proc = dft_train("--check", *extra, f"train.output_dir={tmp_path / 'run'}", "data.synthetic_size=64")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.slow
-def test_tiled_mlp_and_offloaded_activations_keep_the_gradient(tmp_path):
+def test_tiled_mlp_and_offloaded_activations_keep_the_gradient(steps):
     """model.tiled_mlp (3 tiles, exactly 3 MLP calls per rank each way under ZeRO-3, whatever a rank
-    holds) and model.offload_activations, with checkpointing, at N = 2: the gradient of the plain run."""
-    one = probe(tmp_path, "plain", 1, 1, "train.gradient_accumulation_steps=2")
-    tiled = probe(tmp_path, "tiled", 2, 2, "train.gradient_accumulation_steps=2", "model.tiled_mlp=3",
-                  "model.offload_activations=true", "model.gradient_checkpointing=true")
-    assert_same_step(tiled, one)
+    holds) and model.offload_activations, with checkpointing, at N = 2: the gradient of the plain run
+    (1 rank, DFT, the same baseline as the N = 2 comparison)."""
+    assert_same_step(steps["tiled"], steps["n1-dft"])
 
 
 @pytest.mark.slow
-def test_sliding_window_layers_keep_their_window(tmp_path, family_dir):
+def test_sliding_window_layers_keep_their_window(steps):
     """Gemma 3 (tiny, window 32, local and global layers alternating; documents longer than the window):
     N = 2 on 2 ranks against 1 rank, with GQA key/value heads (replicated when fewer than N)."""
-    model = family_dir("gemma3")
-    extra = [f"model.name_or_path={model}", "loss.type=sft", "train.gradient_accumulation_steps=2"]  # random init: dft weights ~1/V
-    one = probe(tmp_path, "g1", 1, 1, *extra)
-    two = probe(tmp_path, "g2", 2, 2, *extra)
-    assert_same_step(two, one)
+    assert_same_step(steps["g2"], steps["g1"])
