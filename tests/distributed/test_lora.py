@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.helpers import clean_env, free_port, read_metrics, run
+from tests.distributed.helpers import clean_env, free_port, read_metrics, run, run_probes
 from tests.distributed.test_fused_training import tied_model_dir
 
 pytestmark = pytest.mark.slow
@@ -86,14 +86,26 @@ FUSED_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def adapter_steps(tmp_path_factory) -> dict:
+    """{(case, "fused" or "full"): probe result}: each case trained 2 steps (A and B both nonzero, so
+    both have gradients), then its resumed step both ways, the four steps in one launch."""
+    tmp = tmp_path_factory.mktemp("lora-fused")
+    probes = {}
+    for case, make in FUSED_CASES.items():
+        overrides = make(tmp)
+        run_dir = tmp / f"moved-{case}"
+        train(tmp, run_dir, *overrides, "train.max_steps=2")
+        for way, fused in (("fused", "true"), ("full", "false")):
+            probes[f"{case}-{way}"] = [f"train.output_dir={run_dir}", *BASE, *overrides, "train.max_steps=4",
+                                       f"loss.fused={fused}"]
+    got = run_probes(tmp, 2, probes)
+    return {(case, way): got[f"{case}-{way}"] for case in FUSED_CASES for way in ("fused", "full")}
+
+
 @pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_fused_step_equals_full_logits_step_on_adapters(tmp_path, case):
-    overrides = FUSED_CASES[case](tmp_path)
-    run_dir = tmp_path / "moved"
-    train(tmp_path, run_dir, *overrides, "train.max_steps=2")  # A and B both nonzero, so both have gradients
-    later = [*overrides, "train.max_steps=4"]
-    fused = probe(tmp_path, "grad_probe.py", "fused", run_dir, *later, "loss.fused=true")
-    full = probe(tmp_path, "grad_probe.py", "full", run_dir, *later, "loss.fused=false")
+def test_fused_step_equals_full_logits_step_on_adapters(adapter_steps, case):
+    fused, full = adapter_steps[case, "fused"], adapter_steps[case, "full"]
     assert fused["fused"] is True and full["fused"] is False
     assert fused["targets"] == full["targets"] > 0
     assert fused["loss"] == pytest.approx(full["loss"], rel=1e-6)
@@ -119,7 +131,7 @@ def snapshot(root) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_exact_resume_and_refused_changes(tmp_path):
+def test_exact_resume_and_refused_changes(tmp_path, dft_train):
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ["train.max_steps=6", "checkpoint.every_steps=3", "model.lora_dropout=0.1"]
     train(tmp_path, whole, *common)
@@ -135,12 +147,13 @@ def test_exact_resume_and_refused_changes(tmp_path):
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
     before = snapshot(split)
-    for change, key in (("model.lora_rank=8", "model.lora_rank"), ("model.lora_targets=q_proj,v_proj",
-                                                                   "model.lora_targets")):
-        proc = train(tmp_path, split, *common, "train.max_steps=9", change, rc=2)
-        assert "cannot resume" in proc.stderr and key in proc.stderr, proc.stderr[-2000:]
-    check = run([sys.executable, "-m", "dft_ds.train", "--check", "--world-size", "1", f"train.output_dir={split}",
-                 *BASE, *common], clean_env(tmp_path))
+    # Through torchrun, then as each rank of a 2-rank start plans it (main in-process, before any rendezvous).
+    proc = train(tmp_path, split, *common, "train.max_steps=9", "model.lora_rank=8", rc=2)
+    assert "cannot resume" in proc.stderr and "model.lora_rank" in proc.stderr, proc.stderr[-2000:]
+    proc = dft_train(f"train.output_dir={split}", *BASE, *common, "train.max_steps=9",
+                     "model.lora_targets=q_proj,v_proj", env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "model.lora_targets" in proc.stderr, proc.stderr
+    check = dft_train("--check", "--world-size", "1", f"train.output_dir={split}", *BASE, *common)
     assert check.returncode == 2 and "resume on 2 ranks" in check.stderr, check.stderr[-2000:]
     assert snapshot(split) == before
 
