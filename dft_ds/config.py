@@ -183,7 +183,7 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (the latest complete checkpoint in output_dir, or a fresh start), none, or a checkpoint directory path."""
     save_final: bool = True
-    """Save a checkpoint when training ends."""
+    """Save a checkpoint when training ends (export.hf=true saves it anyway: the export is converted from it)."""
     verify: str = "hash"
     """What a resume (and dft-convert) checks of a checkpoint first: hash (every file's content against the xxh3 hashes recorded at save time), size (file sizes and shard count only) or off."""
 

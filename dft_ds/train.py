@@ -240,7 +240,7 @@ def train_locked(plan, dist, stop) -> int:
         metrics.close("failed")
         print(f"dft-train: error: {advice}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
-    if summary.preempted or cfg.checkpoint.save_final:
+    if summary.preempted or cfg.checkpoint.save_final or cfg.export.hf:  # export.hf converts the final checkpoint
         saver.save(summary.steps)
     metrics.close("stopped" if summary.preempted else "finished")
     stop.uninstall()

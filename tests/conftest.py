@@ -28,9 +28,23 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+# Tests that must share one pytest-xdist worker (make test runs two, --dist loadgroup): those of a
+# session fixture that is costly to build twice (the model-family launch, which vLLM's tests convert),
+# and those that start machine-wide things: Slurm daemons, network namespaces and bridges, /etc/hosts
+# entries. Within a group they run one after another, as without xdist.
+XDIST_GROUPS = {"family_probe": "families", "converted_family": "families", "vllm_runs": "families",
+                "local_slurm": "machine", "cluster": "machine", "hosts": "machine"}
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        groups = {XDIST_GROUPS[name] for name in item.fixturenames if name in XDIST_GROUPS}
+        if "tests/netns/" in item.nodeid or "tests/slurm/test_two_nodes" in item.nodeid:
+            groups.add("machine")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

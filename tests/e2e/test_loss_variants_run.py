@@ -23,15 +23,53 @@ def train(tmp_path, name, *extra, check=False):
 
 
 def test_eaft_logs_its_entropy_and_weight(tmp_path):
-    out, stdout = train(tmp_path, "eaft", "loss.type=eaft")
-    assert "loss: eaft w=(H_20/ln 20)^1 (fused head)" in stdout
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        assert 0 < r["mean_entropy"] < 1
-        assert r["mean_weight"] == pytest.approx(r["mean_entropy"], rel=1e-9)  # alpha = 1: w is the entropy
-        assert r["zero_weight_share"] == 0
-        assert 0 < r["loss"] < r["nll"]  # every weight below 1
+    """The logged entropy, weight and loss of step 1 against the same figures computed here, in float64,
+    from the model and rows of that step: one step over all 8 rows, the weights read back from the export
+    (a learning rate of 1e-12 leaves them as they were for the step). alpha 0.5, so the weight is not
+    the entropy itself."""
+    settings = SETTINGS + ["data.synthetic_size=8", "data.packing=false", "train.global_batch_size=8",
+                           "train.max_steps=1", "train.lr=1e-12", "train.warmup_ratio=0", "export.hf=true",
+                           "loss.prob_floor=0"]
+    out, stdout = train(tmp_path, "eaft", *settings, "loss.type=eaft", "loss.alpha=0.5")
+    assert "loss: eaft w=(H_20/ln 20)^0.5 (fused head)" in stdout
+    (row,) = read_metrics(out)
+    assert row["step"] == 1 and 0 < row["loss"] < row["nll"] and row["zero_weight_share"] == 0
+
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dft_ds import synthetic
+    from dft_ds.config import load_config
+    from dft_ds.data import IGNORE_INDEX, build_datasets
+
+    cfg = load_config(None, settings)
+    rows, _ = build_datasets(cfg.data, AutoTokenizer.from_pretrained(synthetic.ensure_assets()), cfg.train.seed)
+    assert len(rows.rows) == 8
+    model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float64).eval()
+    nll = entropy = weight = loss = 0.0
+    targets = 0
+    with torch.no_grad():
+        for (ids, labels), in rows.rows.docs:
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            lab = torch.tensor(labels)
+            keep = lab != IGNORE_INDEX
+            logp = torch.log_softmax(logits[keep], -1).gather(1, lab[keep].unsqueeze(1)).squeeze(1)
+            top = torch.log_softmax(logits[keep].topk(20, dim=-1).values, -1)
+            h = -(top.exp() * top).sum(-1) / math.log(20)
+            nll -= float(logp.sum())
+            entropy += float(h.sum())
+            weight += float(h.sqrt().sum())
+            loss -= float((h.sqrt() * logp).sum())
+            targets += int(keep.sum())
+    assert row["target_tokens"] == targets
+    assert row["nll"] == pytest.approx(nll / targets, rel=1e-4)
+    assert row["mean_entropy"] == pytest.approx(entropy / targets, rel=2e-5)
+    assert row["mean_weight"] == pytest.approx(weight / targets, rel=2e-5)
+    assert row["loss"] == pytest.approx(loss / targets, rel=1e-4)
+    # A fresh model's entropies are near 1, so sqrt(H) and H are close: still 20 tolerances apart.
+    assert abs(row["mean_weight"] - row["mean_entropy"]) > 4e-4
 
 
 def test_only_top_p_gates_exactly_the_low_probability_tokens(tmp_path):
