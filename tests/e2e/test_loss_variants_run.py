@@ -32,6 +32,8 @@ def test_eaft_logs_its_entropy_and_weight(tmp_path):
                            "loss.prob_floor=0"]
     out, stdout = train(tmp_path, "eaft", *settings, "loss.type=eaft", "loss.alpha=0.5")
     assert "loss: eaft w=(H_20/ln 20)^0.5 (fused head)" in stdout
+    # SETTINGS say checkpoint.save_final=false: export.hf saves the checkpoint it converts all the same.
+    assert (out / "checkpoints" / "step-1").is_dir() and (out / "hf" / "config.json").is_file()
     (row,) = read_metrics(out)
     assert row["step"] == 1 and 0 < row["loss"] < row["nll"] and row["zero_weight_share"] == 0
 
