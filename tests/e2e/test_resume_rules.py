@@ -73,10 +73,13 @@ def test_a_finished_run_started_again_unchanged_is_complete_and_untouched(tmp_pa
 @pytest.mark.parametrize("override, key", [("loss.type=sft", "loss.type changed from 'dft' to 'sft'"),
                                            ("loss.prob_floor=0.3", "loss.prob_floor changed from 0.1 to 0.3"),
                                            ("train.seed=7", "train.seed changed from 42 to 7")])
-def test_a_setting_that_changes_what_the_weights_mean_is_refused(tmp_path, copy, override, key):
+def test_a_setting_that_changes_what_the_weights_mean_is_refused(tmp_path, copy, dft_train, override, key):
     before = snapshot(copy)
-    for check in (True, False):  # --check says what the run says
-        proc = train(tmp_path, copy, "train.max_steps=6", override, check=check)
+    args = [*ARGS, f"train.output_dir={copy}", "train.max_steps=6", override]
+    # --check says what the run says: the real program for the first setting, main in-process for the others.
+    runs = [train(tmp_path, copy, "train.max_steps=6", override)] if override.startswith("loss.type") else \
+        [dft_train(*args)]
+    for proc in [dft_train("--check", *args), *runs]:
         assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert f"dft-train: error: cannot resume {copy} from {copy / 'checkpoints' / 'step-3'}" in proc.stderr
         assert key in proc.stderr and "set a new train.output_dir" in proc.stderr and "Traceback" not in proc.stderr
@@ -100,11 +103,9 @@ def batch_line(text: str) -> str:
     return line.split("; loss: ")[0]  # the run prints the loss line after it on the same line
 
 
-def test_check_predicts_the_resume_on_another_world_size(tmp_path, copy):
-    check = train(tmp_path, copy, "train.max_steps=6", check=True)
-    check2 = subprocess.run([sys.executable, "-m", "dft_ds.train", "--check", "--world-size", "2"] + ARGS +
-                            [f"train.output_dir={copy}", "train.max_steps=6"], env=clean_env(tmp_path),
-                            capture_output=True, text=True, timeout=600)
+def test_check_predicts_the_resume_on_another_world_size(tmp_path, copy, dft_train):
+    check = dft_train("--check", *ARGS, f"train.output_dir={copy}", "train.max_steps=6")
+    check2 = dft_train("--check", "--world-size", "2", *ARGS, f"train.output_dir={copy}", "train.max_steps=6")
     assert check.returncode == 0 and check2.returncode == 0, check2.stderr[-3000:]
     assert batch_line(check.stdout).startswith("batch: micro 4 x accumulation 1 x world 1 = global 4 rows;")
     predicted = batch_line(check2.stdout)
@@ -122,11 +123,9 @@ def test_check_predicts_the_resume_on_another_world_size(tmp_path, copy):
     assert state["world_size"] == 2 and state["global_batch_size"] == 4
 
 
-def test_a_world_size_that_cannot_share_the_saved_batch_is_refused_by_check_and_run(tmp_path, copy):
+def test_a_world_size_that_cannot_share_the_saved_batch_is_refused_by_check_and_run(tmp_path, copy, dft_train):
     before = snapshot(copy)
-    check = subprocess.run([sys.executable, "-m", "dft_ds.train", "--check", "--world-size", "3"] + ARGS +
-                           [f"train.output_dir={copy}", "train.max_steps=6"], env=clean_env(tmp_path),
-                           capture_output=True, text=True, timeout=600)
+    check = dft_train("--check", "--world-size", "3", *ARGS, f"train.output_dir={copy}", "train.max_steps=6")
     run = train(tmp_path, copy, "train.max_steps=6", ranks=3)
     expected = "a global batch of 4 rows, which 3 ranks cannot share evenly"
     assert check.returncode == 2 and expected in check.stderr
