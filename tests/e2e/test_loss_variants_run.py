@@ -13,9 +13,9 @@ SETTINGS = ["data.synthetic_size=64", "data.max_length=128", "train.micro_batch_
             "train.max_steps=3", "logging.progress_bar=false", "checkpoint.save_final=false", "loss.fused=true"]
 
 
-def train(tmp_path, name, *extra, check=False):
+def train(tmp_path, name, *extra):
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "dft_ds.train", *(["--check"] if check else []), *SETTINGS,
+    cmd = [sys.executable, "-m", "dft_ds.train", *SETTINGS,
            f"train.output_dir={out}", *extra]
     proc = subprocess.run(cmd, env=clean_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -93,10 +93,15 @@ def test_only_top_p_gates_exactly_the_low_probability_tokens(tmp_path):
         assert r["zero_weight_share"] == 0 and r["mean_weight"] == pytest.approx(r["mean_token_prob"])
 
 
-def test_micro_batch_mean_is_named_and_warned_in_the_plan(tmp_path):
-    _, stdout = train(tmp_path, "mbm", "loss.normalize=micro_batch_mean", check=True)
+def test_micro_batch_mean_is_named_and_warned_in_the_plan(tmp_path, dft_train):
+    def check(*extra):
+        proc = dft_train("--check", *SETTINGS, f"train.output_dir={tmp_path / 'run'}", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    stdout = check("loss.normalize=micro_batch_mean")
     assert "micro-batch means (loss.normalize)" in stdout
     assert "warning: loss.normalize=micro_batch_mean" in stdout
     assert "the 2 micro-batches of a step summed" in stdout and "depends on how the batch is split" in stdout
-    _, stdout = train(tmp_path, "step", check=True)
+    stdout = check()
     assert "loss.normalize=micro_batch_mean" not in stdout and "micro-batch means" not in stdout

@@ -157,11 +157,10 @@ def run_cli(tmp_path, *args):
     return subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def test_check_reports_lora_and_its_smaller_memory(tmp_path):
+def test_check_reports_lora_and_its_smaller_memory(tmp_path, dft_train):
     out = f"train.output_dir={tmp_path / 'run'}"
-    full = run_cli(tmp_path, "-m", "dft_ds.train", "--check", "--world-size", "2", out)
-    lora = run_cli(tmp_path, "-m", "dft_ds.train", "--check", "--world-size", "2", out, "model.lora=true",
-                   "model.lora_rank=8")
+    full = dft_train("--check", "--world-size", "2", out)
+    lora = dft_train("--check", "--world-size", "2", out, "model.lora=true", "model.lora_rank=8")
     assert full.returncode == lora.returncode == 0, lora.stderr
     assert "LoRA r=8 alpha=32 on " + ",".join(ALL) in lora.stdout
     assert not (tmp_path / "run").exists()
@@ -169,7 +168,7 @@ def test_check_reports_lora_and_its_smaller_memory(tmp_path):
     def optimizer_gib(text):
         return float(text.split("optimizer ")[1].split()[0])
     assert optimizer_gib(lora.stdout) < optimizer_gib(full.stdout) / 5 or optimizer_gib(full.stdout) < 0.01
-    bad = run_cli(tmp_path, "-m", "dft_ds.train", "--check", out, "model.lora=true", "model.lora_targets=qkv")
+    bad = dft_train("--check", out, "model.lora=true", "model.lora_targets=qkv")
     assert bad.returncode == 2 and "qkv is not a linear layer" in bad.stderr and "q_proj" in bad.stderr
 
 

@@ -134,14 +134,10 @@ def test_racing_starts_get_exactly_one_lock(tmp_path):
     assert not os.path.exists(os.path.join(run, LOCK_FILE))
 
 
-def test_check_reports_a_live_holder(tmp_path):
-    from tests.distributed.helpers import clean_env
-
+def test_check_reports_a_live_holder(tmp_path, dft_train):
     run = tmp_path / "run"
     fake_holder(str(run), host=socket.gethostname(), pid=os.getpid(), slurm_job_id="55")
-    proc = subprocess.run([sys.executable, "-m", "dft_ds.train", "--check", f"train.output_dir={run}",
-                           "data.synthetic_size=64"], env=clean_env(tmp_path), capture_output=True, text=True,
-                          timeout=300)
+    proc = dft_train("--check", f"train.output_dir={run}", "data.synthetic_size=64")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"'{run}' is locked by a live run (host {socket.gethostname()} pid {os.getpid()}, Slurm job 55" in proc.stdout
     assert sorted(os.listdir(run)) == [LOCK_FILE]
