@@ -49,8 +49,14 @@ run: venv
 	$(BIN)/deepspeed --log_level warning --num_gpus $(NPROC) --module dft_ds.train train.output_dir=$(OUT)
 	@echo "results: $(OUT) (metrics.jsonl, tensorboard/, checkpoints/, config.yaml, summary.json)"
 
+# The suite runs on TEST_WORKERS pytest-xdist workers: most of its time is processes starting
+# (interpreter, imports, rendezvous) and waiting, which a second worker fills on 2 cores. Tests that
+# share a costly fixture or a machine-wide daemon keep to one worker (tests/conftest.py XDIST_GROUPS).
+# TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: venv venv-vllm
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 test-families: venv
 	$(BIN)/python -m pytest -q -ra -m families

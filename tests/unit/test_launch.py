@@ -270,8 +270,12 @@ def test_dry_run_single_node_and_bad_option_exit_codes():
     proc = cli(["--dry-run", "--nproc-per-node", "2"], base_env())
     assert proc.returncode == 0 and proc.stdout.count("\nnode 0: ") == 1, proc.stdout
     proc = cli(["--dry-run", "--nnodes", "3"], base_env())
-    assert proc.returncode == EXIT_BAD_INPUT and "dft-launch: error:" in proc.stderr
-    assert cli(["--via", "mpi"], base_env()).returncode == EXIT_BAD_INPUT
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "dft-launch: error: --nnodes 3 with --via torchrun needs this node's rank: pass --node-rank" in proc.stderr
+    proc = cli(["--via", "mpi"], base_env())
+    assert proc.returncode == EXIT_BAD_INPUT
+    assert "--via: invalid choice: 'mpi'" in proc.stderr  # argparse's words; the choices' quoting varies by Python
+    assert all(choice in proc.stderr.split("invalid choice")[1] for choice in ("torchrun", "deepspeed", "srun"))
 
 
 def test_help_documents_every_option():
