@@ -31,7 +31,8 @@ def pytest_unconfigure(config):
 # Tests that must share one pytest-xdist worker (make test runs two, --dist loadgroup): those of a
 # session fixture that is costly to build twice (the model-family launch, which vLLM's tests convert),
 # and those that start machine-wide things: Slurm daemons, network namespaces and bridges, /etc/hosts
-# entries. Within a group they run one after another, as without xdist.
+# entries. Within a group they run one after another, as without xdist. The tests of a file with a
+# module-scoped fixture (a reference run, say) share a worker too, so that it is built once.
 XDIST_GROUPS = {"family_probe": "families", "converted_family": "families", "vllm_runs": "families",
                 "local_slurm": "machine", "cluster": "machine", "hosts": "machine"}
 
@@ -39,12 +40,22 @@ XDIST_GROUPS = {"family_probe": "families", "converted_family": "families", "vll
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    group_of = {}
     for item in items:
         groups = {XDIST_GROUPS[name] for name in item.fixturenames if name in XDIST_GROUPS}
         if "tests/netns/" in item.nodeid or "tests/slurm/test_two_nodes" in item.nodeid:
             groups.add("machine")
         if groups:
-            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
+            group_of[item.nodeid] = sorted(groups)[-1]  # "machine" before "families": the daemons are shared
+        elif _uses_a_module_fixture(item):  # built once per worker: the file's tests stay on one
+            group_of[item.nodeid] = item.nodeid.split("::")[0]
+        if item.nodeid in group_of:
+            item.add_marker(pytest.mark.xdist_group(group_of[item.nodeid]))
+    if getattr(config.option, "numprocesses", None):
+        # The long groups first, one per worker, so that neither is left for the end of the run; the
+        # rest fills in around them. Within a group the order stays as collected.
+        first = {"machine": 0, "families": 1}
+        items.sort(key=lambda item: first.get(group_of.get(item.nodeid), 2))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -166,3 +177,12 @@ def _point_log_handlers_at(stream) -> list:
                 if "flush" in handler.__dict__:  # transformers binds its handler's flush to that stream's
                     handler.flush = stream.flush
     return old
+
+
+def _uses_a_module_fixture(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    for name in item.fixturenames:
+        defs = info.name2fixturedefs.get(name) if info is not None else None
+        if defs and defs[-1].scope in ("module", "class", "package"):
+            return True
+    return False
