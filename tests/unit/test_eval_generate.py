@@ -52,9 +52,13 @@ def test_top_p_never_samples_outside_the_nucleus():
 
 def test_each_row_has_its_own_stream():
     logits = torch.zeros(2, 50)
-    a = SeededSampler([1, 2], 1.0, 1.0, "cpu")
-    b = SeededSampler([2, 1], 1.0, 1.0, "cpu")
-    assert torch.equal(a(None, logits)[0], b(None, logits)[1])
+    a = SeededSampler([1, 2], 1.0, 1.0, "cpu")(None, logits)
+    b = SeededSampler([2, 1], 1.0, 1.0, "cpu")(None, logits)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])  # the row's seed decides, not its place
+    assert not torch.equal(a[0], a[1])  # two seeds, two streams: real noise, not the logits passed through
+    # Gumbel noise -log(-log u) from u ~ U(0, 1) of the seed's own generator.
+    u = torch.empty(50).uniform_(generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a[0], -torch.log(-torch.log(u)))
 
 
 def test_eos_ids_merge_tokenizer_and_generation_config():
