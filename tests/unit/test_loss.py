@@ -415,11 +415,23 @@ def test_tiled_mlp_matches_the_mlp_in_value_and_gradients(tiles, shape):
     want_grads = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
     x.grad = None
     mlp.zero_grad()
-    got = _TiledMLP.apply(x, mlp, mlp.forward, tiles)
+    calls = []  # per MLP call: grad mode, and whether ZeRO was told each weight's gradient is ready
+
+    def counted(part):
+        calls.append((torch.is_grad_enabled(), [getattr(p, "ds_grad_is_ready", None) for p in mlp.parameters()]))
+        return mlp.forward(part)
+
+    got = _TiledMLP.apply(x, mlp, counted, tiles)
+    assert [mode for mode, _ in calls] == [False] * tiles  # the forward: one call per tile, nothing stored
+    del calls[:]
     got.backward(g)
     torch.testing.assert_close(got, want)
     for a, b in zip([x.grad] + [p.grad for p in mlp.parameters()], want_grads):
         torch.testing.assert_close(a, b)
+    # The backward: exactly `tiles` calls again, whatever the number of tokens, and a weight's gradient
+    # is reported ready only at the last one (after every slice has added to it).
+    assert [mode for mode, _ in calls] == [True] * tiles
+    assert [ready for _, ready in calls] == [[False] * 3] * (tiles - 1) + [[True] * 3]
     assert all(p.ds_grad_is_ready for p in mlp.parameters())
 
 
