@@ -1,6 +1,8 @@
 """Shared test settings: no hub access, one asset cache for the session, and GPU-only tests skipped
 where no GPU exists."""
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -28,6 +30,48 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+# Under pytest-xdist, a launch that needs most of the machine's memory runs alone: the model-family
+# probe (each rank holds the families' real vocabularies, up to 262144 embedding rows, with their
+# gradients and full logits: about 7 GiB a rank, seen) takes the machine lock exclusively, and every
+# other test holds it shared from its setup to its teardown. A turnstile lets a waiting exclusive
+# taker in before the next shared one.
+ALONE_FIXTURES = {"family_probe", "converted_family", "vllm_runs"}
+
+
+@contextlib.contextmanager
+def _machine_lock(exclusive: bool):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    turnstile = os.open(os.path.join(os.environ["DFT_DS_TEST_CACHE"], "turnstile.lock"), os.O_RDWR | os.O_CREAT)
+    lock = os.open(os.path.join(os.environ["DFT_DS_TEST_CACHE"], "machine.lock"), os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if exclusive:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the turnstile stays shut until this is done
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(lock)
+        os.close(turnstile)
+
+
+def machine_alone():
+    """The block runs with no test of another xdist worker running (a no-op without xdist)."""
+    return _machine_lock(exclusive=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if ALONE_FIXTURES & set(item.fixturenames):  # its launch takes the lock alone, inside
+        yield
+        return
+    with _machine_lock(exclusive=False):
+        yield
+
+
 # Tests that must share one pytest-xdist worker (make test runs two, --dist loadgroup): those of a
 # session fixture that is costly to build twice (the model-family launch, which vLLM's tests convert),
 # and those that start machine-wide things: Slurm daemons, network namespaces and bridges, /etc/hosts
@@ -37,6 +81,7 @@ XDIST_GROUPS = {"family_probe": "families", "converted_family": "families", "vll
                 "local_slurm": "machine", "cluster": "machine", "hosts": "machine"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -51,11 +96,19 @@ def pytest_collection_modifyitems(config, items):
             group_of[item.nodeid] = item.nodeid.split("::")[0]
         if item.nodeid in group_of:
             item.add_marker(pytest.mark.xdist_group(group_of[item.nodeid]))
-    if getattr(config.option, "numprocesses", None):
-        # The long groups first, one per worker, so that neither is left for the end of the run; the
-        # rest fills in around them. Within a group the order stays as collected.
+    if hasattr(config, "workerinput"):  # an xdist worker: the order it collects in is the order the run takes
+        # Longest first, so that nothing long is left for the end of the run: the two long groups (one
+        # per worker), then the multi-process tiers, then the unit tier to fill in around them. Within a
+        # group, and within a tier, the order stays as collected.
         first = {"machine": 0, "families": 1}
-        items.sort(key=lambda item: first.get(group_of.get(item.nodeid), 2))
+        tiers = ["tests/distributed/", "tests/faults/", "tests/vllm/", "tests/e2e/", "tests/slurm/", "tests/netns/"]
+
+        def rank(item):
+            group = first.get(group_of.get(item.nodeid))
+            if group is not None:
+                return group
+            return 2 + next((i for i, tier in enumerate(tiers) if item.nodeid.startswith(tier)), len(tiers))
+        items.sort(key=rank)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -100,7 +153,8 @@ def family_probe(tmp_path_factory, family_dir):
     specs = [f"{name}={family_dir(name)}" for name in families.FAMILIES]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
            probe, str(out), *specs, "--", *FAMILY_PROBE_SETTINGS]
-    proc = run(cmd, clean_env(out), timeout=1200)
+    with machine_alone():
+        proc = run(cmd, clean_env(out), timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
 
@@ -186,3 +240,15 @@ def _uses_a_module_fixture(item) -> bool:
         if defs and defs[-1].scope in ("module", "class", "package"):
             return True
     return False
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    """Under --dist loadgroup, xdist marks each grouped test's node id with @GROUP; a pytest that
+    ignores the mark (9.2 rebuilds node ids) would spread a group over workers unnoticed."""
+    if not (hasattr(session.config, "workerinput") and session.config.getvalue("loadgroup")):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        raise pytest.UsageError(f"pytest-xdist's groups did not take ({lost[0]} has none): pytest {pytest.__version__} "
+                                "and pytest-xdist disagree; install the test extra's pins (pip install -e '.[test]')")
