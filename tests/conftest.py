@@ -197,13 +197,14 @@ def dft_train(monkeypatch, capsys):
             monkeypatch.delenv(key, raising=False)
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, str(value))
+        args = [str(a) for a in argv]
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         capsys.readouterr()
         # The libraries' log handlers keep the stream they were made with, perhaps an earlier test's
         # closed capture: for the call they write to this one's, as the program's go to its stderr.
         streams = _point_log_handlers_at(sys.stderr)
         try:
-            code = train.main([str(a) for a in argv])
+            code = train.main(args)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -212,7 +213,7 @@ def dft_train(monkeypatch, capsys):
                 if flush is not None:
                     handler.flush = flush
         out = capsys.readouterr()
-        return subprocess.CompletedProcess(["dft-train", *map(str, argv)], code, out.out, out.err)
+        return subprocess.CompletedProcess(["dft-train", *args], code, out.out, out.err)
 
     return call
 
@@ -234,12 +235,8 @@ def _point_log_handlers_at(stream) -> list:
 
 
 def _uses_a_module_fixture(item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    for name in item.fixturenames:
-        defs = info.name2fixturedefs.get(name) if info is not None else None
-        if defs and defs[-1].scope in ("module", "class", "package"):
-            return True
-    return False
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(defs.get(name) and defs[name][-1].scope in ("module", "class", "package") for name in item.fixturenames)
 
 
 @pytest.hookimpl(trylast=True)

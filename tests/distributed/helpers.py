@@ -62,3 +62,12 @@ def run_probes(tmp_path, ranks: int, probes: dict, rows: Optional[dict] = None, 
     import torch
 
     return {name: torch.load(item["out"]) for name, item in zip(probes, spec)}
+
+
+def fused_and_full(tmp_path, ranks: int, cases: dict) -> dict:
+    """run_probes over every case twice, loss.fused=true and =false: {case: overrides} ->
+    {(case, "fused" or "full"): result}, in one launch."""
+    ways = {"fused": "true", "full": "false"}
+    got = run_probes(tmp_path, ranks, {f"{case}-{way}": [*overrides, f"loss.fused={flag}"]
+                                       for case, overrides in cases.items() for way, flag in ways.items()})
+    return {(case, way): got[f"{case}-{way}"] for case in cases for way in ways}

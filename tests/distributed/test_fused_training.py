@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics, run, run_probes
+from tests.distributed.helpers import QUICK, clean_env, free_port, fused_and_full, read_metrics, run
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ CASES = {
 def steps(tmp_path_factory) -> dict:
     """{(case, "fused" or "full"): probe result}: every case both ways, in one 2-rank launch."""
     tmp = tmp_path_factory.mktemp("fused")
-    probes = {}
+    cases = {}
     for case, make in CASES.items():
         overrides = make(tmp)
         run_dir = tmp / "unused"
@@ -71,10 +71,8 @@ def steps(tmp_path_factory) -> dict:
             assert proc.returncode == 0, proc.stderr[-4000:]
             assert read_metrics(run_dir)[-1]["kl_ref"] > 1e-4
             overrides = overrides + ["train.max_steps=4", "train.lr=1e-2", "train.warmup_ratio=0"]
-        for way, fused in (("fused", "true"), ("full", "false")):
-            probes[f"{case}-{way}"] = [f"train.output_dir={run_dir}", *BASE, *overrides, f"loss.fused={fused}"]
-    got = run_probes(tmp, 2, probes)
-    return {(case, way): got[f"{case}-{way}"] for case in CASES for way in ("fused", "full")}
+        cases[case] = [f"train.output_dir={run_dir}", *BASE, *overrides]
+    return fused_and_full(tmp, 2, cases)
 
 
 @pytest.mark.parametrize("case", list(CASES))

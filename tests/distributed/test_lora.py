@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.helpers import clean_env, free_port, read_metrics, run, run_probes
+from tests.distributed.helpers import clean_env, free_port, fused_and_full, read_metrics, run
 from tests.distributed.test_fused_training import tied_model_dir
 
 pytestmark = pytest.mark.slow
@@ -91,16 +91,13 @@ def adapter_steps(tmp_path_factory) -> dict:
     """{(case, "fused" or "full"): probe result}: each case trained 2 steps (A and B both nonzero, so
     both have gradients), then its resumed step both ways, the four steps in one launch."""
     tmp = tmp_path_factory.mktemp("lora-fused")
-    probes = {}
+    cases = {}
     for case, make in FUSED_CASES.items():
         overrides = make(tmp)
         run_dir = tmp / f"moved-{case}"
         train(tmp, run_dir, *overrides, "train.max_steps=2")
-        for way, fused in (("fused", "true"), ("full", "false")):
-            probes[f"{case}-{way}"] = [f"train.output_dir={run_dir}", *BASE, *overrides, "train.max_steps=4",
-                                       f"loss.fused={fused}"]
-    got = run_probes(tmp, 2, probes)
-    return {(case, way): got[f"{case}-{way}"] for case in FUSED_CASES for way in ("fused", "full")}
+        cases[case] = [f"train.output_dir={run_dir}", *BASE, *overrides, "train.max_steps=4"]
+    return fused_and_full(tmp, 2, cases)
 
 
 @pytest.mark.parametrize("case", list(FUSED_CASES))
