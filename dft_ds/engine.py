@@ -156,9 +156,29 @@ def map_launcher_env(env: dict[str, str] = os.environ) -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner makes on the way.
+
+    deepspeed/__init__ imports deepspeed.autotuning, which imports mlflow when it is installed (it
+    is, with the trackers extra): about 1 s on every rank's start, for a module only DeepSpeed's
+    autotuner (never run here) uses. While deepspeed is imported, mlflow reads as absent; a run
+    that logs to MLflow imports it afterwards as usual."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner expects
+    try:
+        import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group on the accelerator's backend (NCCL on CUDA, gloo or ccl on CPU)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per bucket per step.

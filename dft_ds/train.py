@@ -142,6 +142,8 @@ def run(cfg: Config) -> int:
 
     quiet_deepspeed()  # before deepspeed is first imported (by transformers too): it logs at import
     from dft_ds import engine as eng
+
+    eng.import_deepspeed()  # first, and without the MLflow import it would make (about 1 s a rank)
     from dft_ds.config import trackers
     from dft_ds.metrics import require_trackers
     from dft_ds.runplan import build_plan

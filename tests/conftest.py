@@ -24,6 +24,16 @@ if not os.environ.get("DFT_DS_TEST_CACHE"):
     os.environ["DFT_DS_TEST_CACHE"] = _OWN_CACHE
 os.environ["DFT_DS_CACHE"] = os.environ["DFT_DS_TEST_CACHE"]
 
+# One ninja for every process of the session. On the CPU accelerator DeepSpeed JIT-builds its
+# shared-memory comm op with the first `ninja` on PATH into TORCH_EXTENSIONS_DIR; the venv's ninja
+# (1.13, a DeepSpeed requirement) and an older system one (1.11 here) hash the build commands
+# differently, so every switch between them rebuilt the op: about 30 s and two compilers, seen
+# whenever a Slurm job or launcher test (the venv's bin first on PATH) ran beside a plain torchrun
+# test (PATH as pytest was started). The venv's bin goes first, as in an activated venv.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+
 
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
