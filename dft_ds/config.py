@@ -37,6 +37,8 @@ class ModelConfig:
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
     attn_implementation: str = "auto"
     """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed), else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents stay apart with each; the batch line says which runs."""
+    config_overrides: str = ""
+    """Train from scratch with another shape: comma-separated key=value pairs set on the model config before the model is built, as run_clm's --config_overrides (hidden_size=64,num_hidden_layers=2). Only with model.name_or_path=synthetic: a pretrained checkpoint's weights fix its shape. Each key must be a field of the config; its value is read as YAML (64, 1e-5, true, silu)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     tiled_mlp: int = 0
@@ -622,6 +624,9 @@ def _check_values(cfg: Config) -> list[str]:
 
     t, d = cfg.train, cfg.data
     need(bool(cfg.model.name_or_path), "model.name_or_path", "a model directory, hub name or 'synthetic'")
+    need(not cfg.model.config_overrides.strip() or cfg.model.name_or_path == SYNTHETIC, "model.config_overrides",
+         f"empty with model.name_or_path={cfg.model.name_or_path}: the overrides shape a model built from scratch "
+         "(model.name_or_path=synthetic); a pretrained checkpoint's weights fix its shape")
     need(bool(d.source), "data.source", "a file, directory, hub name or 'synthetic'")
     need(d.max_length >= 8, "data.max_length", "an integer >= 8")
     need(d.max_samples is None or d.max_samples >= 1, "data.max_samples", "null or an integer >= 1")
@@ -800,7 +805,7 @@ def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> Batch
 # directory whose config.yaml describes training its checkpoints did not have, so it is refused.
 # (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
 # resolved on the machine.) Every other setting only continues the run and may change with a warning.
-RESUME_FIXED = ("model.name_or_path", "model.tokenizer", "model.trust_remote_code", "model.lora", "model.lora_rank",
+RESUME_FIXED = ("model.name_or_path", "model.config_overrides", "model.tokenizer", "model.trust_remote_code", "model.lora", "model.lora_rank",
                 "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings", "data.*", "loss.type",
                 "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "loss.eaft_top_k",
                 "loss.threshold", "loss.threshold_base", "loss.normalize", "train.seed")

@@ -7,6 +7,7 @@ inside `deepspeed.zero.Init`: each rank only ever holds its own shard, never the
 from __future__ import annotations
 
 import contextlib
+import difflib
 from typing import Any
 
 import torch
@@ -32,15 +33,81 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "max_position_embeddings", "tie_word_embeddings")
+
+
+def config_overrides(text: str) -> dict[str, Any]:
+    """model.config_overrides as {field: value}: "a=1,b=x" pairs, each value read as YAML, each key a
+    field the embedded default's (Llama) config has. Raises ModelError naming the pair at fault."""
+    import yaml
+    from transformers import LlamaConfig
+
+    known = LlamaConfig().to_dict()
+    out: dict[str, Any] = {}
+    for pair in (p.strip() for p in str(text).split(",")):
+        if not pair:
+            continue
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
+            raise ModelError(f"model.config_overrides: '{pair}' is not key=value (expected e.g. "
+                             "hidden_size=64,num_hidden_layers=2)")
+        if key not in known or key == "vocab_size":
+            if key == "vocab_size":
+                hint = "the vocabulary is the tokenizer's"
+            else:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = (f"did you mean {close[0]}? " if close else "") + f"the shape's fields: {', '.join(SHAPE_FIELDS)}"
+            raise ModelError(f"model.config_overrides: '{key}' is not a field of the model config that can be set "
+                             f"({hint})")
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        default = known[key]
+        if isinstance(default, float) and isinstance(parsed, str):
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-6 (no dot) as text
+                parsed = float(parsed)
+        number = (int, float) if isinstance(default, float) else (int,)
+        if default is not None and (isinstance(default, bool) != isinstance(parsed, bool) or (
+                isinstance(default, (int, float)) and not isinstance(parsed, number))):
+            kind = type(default).__name__
+            raise ModelError(f"model.config_overrides: {key}={value} is not {'an' if kind == 'int' else 'a'} {kind} "
+                             f"(the default is {default!r})")
+        if key in SHAPE_FIELDS and isinstance(parsed, int) and not isinstance(parsed, bool) and parsed < 1:
+            raise ModelError(f"model.config_overrides: {key}={value}: expected an integer >= 1")
+        out[key] = float(parsed) if isinstance(default, float) and not isinstance(parsed, bool) else parsed
+    return out
+
+
+def synthetic_config(cfg: ModelConfig, tokenizer):
+    """The embedded default's config, shaped by model.config_overrides; a shape that does not add up is
+    a ModelError naming the setting."""
+    from dft_ds import synthetic
+
+    overrides = config_overrides(cfg.config_overrides)
+    try:
+        config = synthetic.tiny_model_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                             **overrides)
+    except Exception as exc:  # transformers validates its configs (heads against hidden size), its own error types
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ModelError(f"model.config_overrides: {cfg.config_overrides}: {cause}") from None
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads < 1 or kv < 1 or heads % kv:
+        raise ModelError(f"model.config_overrides: num_attention_heads={heads} must be a multiple of "
+                         f"num_key_value_heads={kv} (each key/value head serves a whole group of query heads)")
+    return config
+
+
 def load_model_config(cfg: ModelConfig, tokenizer):
     """The model's config, checked against the tokenizer before any weights are touched."""
     from transformers import AutoConfig
 
     if cfg.name_or_path == SYNTHETIC:
-        from dft_ds import synthetic
-
-        config = synthetic.tiny_model_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = synthetic_config(cfg, tokenizer)
     else:
         try:
             config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
