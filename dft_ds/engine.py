@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import importlib
 import json
 import logging
 import math
@@ -156,24 +157,46 @@ def map_launcher_env(env: dict[str, str] = os.environ) -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
-def import_deepspeed():
-    """`import deepspeed`, without the MLflow import its autotuner makes on the way.
+@contextlib.contextmanager
+def _absent(*modules: str):
+    """Within the block, importing any of `modules` not yet imported raises ImportError (DeepSpeed
+    treats each as optional); afterwards they import as usual."""
+    hidden = [m for m in modules if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None
+    try:
+        yield
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
 
-    deepspeed/__init__ imports deepspeed.autotuning, which imports mlflow when it is installed (it
-    is, with the trackers extra): about 1 s on every rank's start, for a module only DeepSpeed's
-    autotuner (never run here) uses. While deepspeed is imported, mlflow reads as absent; a run
-    that logs to MLflow imports it afterwards as usual."""
+
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import its autotuner makes on the way (deepspeed/__init__
+    imports deepspeed.autotuning, which imports mlflow where it is installed, as with the trackers
+    extra): about 1 s of every rank's start, for a module only DeepSpeed's autotuner (never run
+    here) uses. A run that logs to MLflow imports it afterwards as usual."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
-    hide = "mlflow" not in sys.modules
-    if hide:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner expects
-    try:
+    with _absent("mlflow"):
         import deepspeed
-    finally:
-        if hide and sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
     return deepspeed
+
+
+def import_muon_eager(ds_config: dict) -> None:
+    """Import DeepSpeed's Muon optimizer with its kernels left uncompiled, unless the run uses Muon.
+
+    DeepSpeed's ZeRO optimizers import that module on construction whatever the optimizer is, and
+    it decorates its kernels with torch.compile at import, which loads torch's compiler stack:
+    about 2 s of every rank's start, on any device, for kernels only Muon runs."""
+    optimizer = str((ds_config.get("optimizer") or {}).get("type", ""))
+    if "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules or "muon" in optimizer.lower():
+        return
+    from deepspeed.runtime import compiler
+
+    with _patched(compiler, "compile", lambda: compiler.dummy_decorator):
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
@@ -520,6 +543,7 @@ class Engine:
                 print(f"dft-train: note: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} read as {arch!r} "
                       "for DeepSpeed's op builds, which cannot parse architecture suffixes", file=sys.stderr)
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        import_muon_eager(ds_config)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config, lr_scheduler=schedule)

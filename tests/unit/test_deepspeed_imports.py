@@ -1,0 +1,44 @@
+"""What a rank's start skips of DeepSpeed's imports: MLflow (imported by its autotuner) and the
+torch.compile decoration of its Muon kernels (imported by every ZeRO optimizer). Each check runs in a
+fresh interpreter, where nothing is imported yet."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(code: str) -> list[str]:
+    """The lines the code prints that start with '>' (DeepSpeed prints to stdout too)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith(">")]
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_imports_after():
+    pytest.importorskip("mlflow")  # the trackers extra: without it there is nothing to skip
+    assert run("import sys\n"
+               "from dft_ds.engine import import_deepspeed\n"
+               "ds = import_deepspeed()\n"
+               "from deepspeed.autotuning import autotuner\n"
+               "print('>', ds.__name__, 'mlflow' in sys.modules, autotuner.has_mlflow)\n"
+               "import mlflow\n"
+               "print('>', mlflow.__name__, hasattr(mlflow, 'start_run'))\n") == [
+        "> deepspeed False False", "> mlflow True"]
+
+
+def test_muon_is_imported_with_eager_kernels_unless_the_run_uses_muon():
+    code = ("import sys\n"
+            "from dft_ds.engine import import_deepspeed, import_muon_eager\n"
+            "import_deepspeed()\n"
+            "import_muon_eager({'optimizer': {'type': OPTIMIZER}})\n"
+            "from deepspeed.runtime import compiler\n"
+            "print('>', 'deepspeed.runtime.zero.muon.muon_optimizer' in sys.modules, 'torch._dynamo' in sys.modules,"
+            " compiler.compile() is not compiler.dummy_decorator)\n"
+            "if 'deepspeed.runtime.zero.muon.original_muon' in sys.modules:\n"
+            "    from deepspeed.runtime.zero.muon import original_muon\n"
+            "    print('>', type(original_muon.zeropower_via_newtonschulz5).__name__)\n")
+    # Imported, the kernels plain functions, torch's compiler never loaded; compile() itself restored.
+    assert run(code.replace("OPTIMIZER", "'AdamW'")) == ["> True False True", "> function"]
+    # A run on Muon: nothing imported here, so DeepSpeed imports it compiled as it would anyway.
+    assert run(code.replace("OPTIMIZER", "'Muon'")) == ["> False False True"]
