@@ -1,8 +1,8 @@
 """Fault injection for the fault-matrix tests: DFT_DS_FAULT=<point>:<step>[:<rank>].
 
 Only the places a fault is injected at import this: the loop (kill_in_step, oom, nan_loss, nan_grad,
-memory_limit) and the checkpoint writer (kill_after_shards). Without DFT_DS_FAULT every call is one
-dictionary lookup.
+memory_limit; and DFT_DS_FAULT_STEP_SLEEP, a pause before each step) and the checkpoint writer
+(kill_after_shards). Without DFT_DS_FAULT every call is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -10,9 +10,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 # memory_limit: how much address space the rank may still map once the limit is set.
 HEADROOM_MIB = int(os.environ.get("DFT_DS_FAULT_HEADROOM_MIB", "16"))
+
+
+def pace_step() -> None:
+    """DFT_DS_FAULT_STEP_SLEEP=S: every optimizer step first waits S seconds. A test that needs a run
+    alive for a while (to signal it, start a second run beside it, or hold its lock) waits idle
+    instead of computing many steps, which leaves the CPU to the tests beside it."""
+    seconds = float(os.environ.get("DFT_DS_FAULT_STEP_SLEEP", "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def fault_here(point: str, step: int) -> bool:

@@ -20,7 +20,7 @@ import torch
 from dft_ds.config import LossConfig
 from dft_ds.data import StepSampler, TrainData, shard_rows
 from dft_ds.errors import NonFiniteStop
-from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient
+from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient, pace_step
 from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
 from dft_ds.metrics import peak_memory_gib
 
@@ -219,6 +219,7 @@ class Trainer:
 
     def train_step(self, micro_indices: list[list[int]]) -> Optional[StepSums]:
         """One optimizer step, or None (nothing done) when a stop was requested on any rank."""
+        pace_step()
         sp = self.engine.sp  # train.sequence_parallel: each rank of a group takes its slice of the same rows
         batches = [shard_rows(self.data.batch(idx), sp.rank, sp.size, self.data.pad_id) for idx in micro_indices]
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)

@@ -13,6 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Small and quick: a couple of hundred problems, short rows, a dozen steps.
 QUICK = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_size=2",
          "logging.progress_bar=false"]
+# A smaller shape of the embedded default for the tiers that test control flow (faults, locks,
+# resume, launchers), not numerics: each step costs about half the default's.
+SMALL = ["model.config_overrides=hidden_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
+         "intermediate_size=128"]
+# For a run that must stay alive a while (to be signalled, locked, started beside): each step first
+# waits idle (dft_ds/faults.py pace_step), where more steps would keep a core busy.
+PACED = {"DFT_DS_FAULT_STEP_SLEEP": "0.3"}
 
 
 def asset_cache(tmp_path) -> str:

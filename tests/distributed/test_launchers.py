@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from tests.distributed.helpers import BIN, QUICK, clean_env, free_port, read_metrics, run
+from tests.distributed.helpers import BIN, QUICK, SMALL, clean_env, free_port, read_metrics, run
 
 STEPS = 14
 
@@ -56,7 +56,7 @@ def check_run_dir(out, world_size: int, loss_type: str = "dft") -> list[dict]:
 
 
 def overrides(out, loss_type="dft") -> list[str]:
-    return QUICK + [f"train.output_dir={out}", f"train.max_steps={STEPS}", f"loss.type={loss_type}",
+    return QUICK + SMALL + [f"train.output_dir={out}", f"train.max_steps={STEPS}", f"loss.type={loss_type}",
                     "train.warmup_ratio=0.2"]
 
 

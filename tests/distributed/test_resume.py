@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dft_ds.errors import EXIT_PREEMPTED
-from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics
+from tests.distributed.helpers import PACED, QUICK, SMALL, clean_env, free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -24,7 +24,7 @@ def train(tmp_path, out, ranks: int, *extra, env_extra=None, timeout=600):
     env = clean_env(tmp_path)
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
-           "-m", "dft_ds.train"] + QUICK + [
+           "-m", "dft_ds.train"] + QUICK + SMALL + [
         f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
         "train.global_batch_size=8", "data.packing=true", "logging.tensorboard=false"] + list(extra)
     log = tmp_path / f"{os.path.basename(out)}-{len(os.listdir(tmp_path))}.log"
@@ -155,14 +155,14 @@ def test_signal_checkpoints_at_the_next_step_and_resume_matches(tmp_path, straig
     import time
 
     out, port = tmp_path / "run", free_port()
-    args = QUICK + [f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
+    args = QUICK + SMALL + [f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.micro_batch_size=2",
                     "train.global_batch_size=8", "data.packing=true", "logging.tensorboard=false",
                     "data.synthetic_size=1200"]
     procs, logs = [], [tmp_path / f"rank{r}.log" for r in range(2)]
     for rank in range(2):
         env = clean_env(tmp_path)
         env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
+                   MASTER_PORT=str(port), **PACED)  # steps left to run when the signal comes
         with open(logs[rank], "w") as fh:
             procs.append(subprocess.Popen([sys.executable, "-m", "dft_ds.train"] + args, env=env, stdout=fh,
                                           stderr=subprocess.STDOUT))

@@ -30,11 +30,11 @@ import pytest
 import torch
 
 from dft_ds.errors import EXIT_NONFINITE, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, EXIT_SAVE_FAILED
-from tests.distributed.helpers import QUICK, clean_env, free_port, read_metrics
+from tests.distributed.helpers import QUICK, SMALL, clean_env, free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 
-BASE = QUICK + ["train.micro_batch_size=2", "train.global_batch_size=8", "logging.tensorboard=false",
+BASE = QUICK + SMALL + ["train.micro_batch_size=2", "train.global_batch_size=8", "logging.tensorboard=false",
                 "train.comm_timeout_s=60"]
 
 
@@ -81,9 +81,9 @@ def steps_logged(out) -> list[int]:
     return [r["step"] for r in read_metrics(out)]
 
 
-def resume_ok(tmp_path, out, steps: int, name: str) -> str:
+def resume_ok(tmp_path, out, steps: int, name: str, *extra) -> str:
     """A normal 2-rank run in `out` to `steps` succeeds; returns its log."""
-    codes, log = run_ranks(tmp_path, out, f"train.max_steps={steps}", name=name)
+    codes, log = run_ranks(tmp_path, out, f"train.max_steps={steps}", *extra, name=name)
     assert codes == [0, 0], log[-4000:]
     assert steps_logged(out)[-1] == steps
     return log
@@ -135,7 +135,9 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], check=True)
     try:
         out = disk / "run"
-        codes, log = run_ranks(tmp_path, out, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=3")
+        # The embedded default's own shape, whose checkpoint sizes the disk above.
+        codes, log = run_ranks(tmp_path, out, "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=3",
+                               "model.config_overrides=")
         assert EXIT_SAVE_FAILED in codes and 0 not in codes, (codes, log[-4000:])
         assert "writing checkpoint" in log and "step-4" in log and "failed" in log
         assert "No space left on device" in log or "the disk is full" in log
@@ -144,7 +146,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
         assert latest(out) == "step-2"
         # More room, and the same command resumes from step-2.
         subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
-        log = resume_ok(tmp_path, out, 6, "resume")
+        log = resume_ok(tmp_path, out, 6, "resume", "model.config_overrides=")
         assert "resumed from" in log and "step-2" in log
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
@@ -226,7 +228,8 @@ def test_nan_gradient_with_a_finite_loss_exits_3_without_saving(tmp_path):
 
 def test_out_of_memory_under_a_real_address_space_limit_exits_4_and_resumes(tmp_path):
     out = tmp_path / "run"
-    args = ("train.max_steps=4", "checkpoint.every_steps=2")
+    # The embedded default's own shape: a step of it maps more than the limit's headroom.
+    args = ("train.max_steps=4", "checkpoint.every_steps=2", "model.config_overrides=")
     # Rank 1 caps its own RLIMIT_AS at step 3 (dft_ds/faults.py limit_memory says why this way);
     # the fixed mmap threshold makes each large tensor a new mapping that the limit can refuse.
     procs, logs = launch(tmp_path, out, *args, env_extra={"DFT_DS_FAULT": "memory_limit:3:1",

@@ -25,11 +25,11 @@ import pytest
 
 from dft_ds.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from dft_ds.rundir import LOCK_FILE
-from tests.distributed.helpers import QUICK, REPO, clean_env, free_port, read_metrics
+from tests.distributed.helpers import QUICK, REPO, SMALL, clean_env, free_port, read_metrics
 
 pytestmark = pytest.mark.slow
 
-BASE = QUICK + ["train.micro_batch_size=2", "train.global_batch_size=8", "logging.tensorboard=false",
+BASE = QUICK + SMALL + ["train.micro_batch_size=2", "train.global_batch_size=8", "logging.tensorboard=false",
                 "train.comm_timeout_s=60"]
 
 
@@ -125,7 +125,9 @@ def test_a_flipped_byte_in_latest_is_named_and_the_resume_falls_back(saved, tmp_
 
 def test_a_second_start_exits_2_naming_the_holder_and_touches_nothing(tmp_path):
     out = tmp_path / "run"
-    first, first_logs = start(tmp_path, out, "train.max_steps=30", "data.synthetic_size=600", ranks=1, name="first")
+    # Alive for 30 s or more (each step waits 1 s first): the second start meets it running.
+    first, first_logs = start(tmp_path, out, "train.max_steps=30", "data.synthetic_size=600", ranks=1, name="first",
+                              env_extra={"DFT_DS_FAULT_STEP_SLEEP": "1"})
     wait_for(lambda: (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 1,
              240, "first step of the first run", first_logs)
     holder = json.loads((out / LOCK_FILE).read_text())
@@ -161,7 +163,9 @@ def test_a_requeued_attempt_waits_for_its_predecessor_then_resumes_from_its_chec
     out = tmp_path / "run"
     job = {"SLURM_JOB_ID": "4711"}  # both attempts belong to one Slurm job
     args = ("train.max_steps=30", "data.synthetic_size=600")
-    before, before_logs = start(tmp_path, out, *args, ranks=1, name="attempt1", env_extra=job)
+    # The first attempt lives until its SIGTERM (each step waits 1 s first); the second does not wait.
+    before, before_logs = start(tmp_path, out, *args, ranks=1, name="attempt1",
+                                env_extra=dict(job, DFT_DS_FAULT_STEP_SLEEP="1"))
     wait_for(lambda: (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2,
              240, "second step of the first attempt", before_logs)
     after, after_logs = start(tmp_path, out, *args, ranks=1, name="attempt2", env_extra=job)
