@@ -10,9 +10,10 @@ from dft_ds.net import free_port  # noqa: F401  (tests import it from here)
 
 BIN = os.path.dirname(sys.executable)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Small and quick: a couple of hundred problems, short rows, a dozen steps.
+# Small and quick: a couple of hundred problems, short rows, a dozen steps. No training-curves plot
+# (matplotlib, about 0.75 s of CPU at each run's end); tests/e2e/test_logging.py tests the plot.
 QUICK = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_size=2",
-         "logging.progress_bar=false"]
+         "logging.progress_bar=false", "logging.plot=false"]
 # A smaller shape of the embedded default for the tiers that test control flow (faults, locks,
 # resume, launchers), not numerics: each step costs about half the default's.
 SMALL = ["model.config_overrides=hidden_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,"
