@@ -58,7 +58,7 @@ def test_tied_family_resumes_exactly(tmp_path, family_dir):
 
     from tests.distributed.test_resume import assert_preempted, losses, train
 
-    extra = [f"model.name_or_path={family_dir('qwen2')}", "train.max_steps=4", "train.global_batch_size=4",
+    extra = [f"model.name_or_path={family_dir('qwen2')}", "model.config_overrides=", "train.max_steps=4", "train.global_batch_size=4",
              "data.synthetic_size=64", "data.max_length=128", "train.lr=1e-3", "train.warmup_ratio=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     rc, log = train(tmp_path, straight, 2, *extra)
