@@ -42,3 +42,16 @@ def test_muon_is_imported_with_eager_kernels_unless_the_run_uses_muon():
     assert run(code.replace("OPTIMIZER", "'AdamW'")) == ["> True False True", "> function"]
     # A run on Muon: nothing imported here, so DeepSpeed imports it compiled as it would anyway.
     assert run(code.replace("OPTIMIZER", "'Muon'")) == ["> False False True"]
+
+
+def test_the_session_and_every_process_it_starts_use_the_venvs_ninja():
+    """tests/conftest.py puts the venv's bin first on PATH: DeepSpeed's CPU comm op is JIT-built with the
+    first ninja on PATH, and a switch between two ninja versions rebuilt it (about 30 s) each time."""
+    import os
+    import shutil
+
+    venv_ninja = os.path.join(os.path.dirname(sys.executable), "ninja")
+    if not os.path.exists(venv_ninja):
+        pytest.skip("no ninja in this environment's bin (DeepSpeed's requirement installs one)")
+    assert shutil.which("ninja") == venv_ninja
+    assert run("import shutil; print('>', shutil.which('ninja'))") == [f"> {venv_ninja}"]
