@@ -805,8 +805,9 @@ def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> Batch
 # directory whose config.yaml describes training its checkpoints did not have, so it is refused.
 # (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
 # resolved on the machine.) Every other setting only continues the run and may change with a warning.
-RESUME_FIXED = ("model.name_or_path", "model.config_overrides", "model.tokenizer", "model.trust_remote_code", "model.lora", "model.lora_rank",
-                "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings", "data.*", "loss.type",
+RESUME_FIXED = ("model.name_or_path", "model.config_overrides", "model.tokenizer", "model.trust_remote_code",
+                "model.lora", "model.lora_rank", "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings",
+                "data.*", "loss.type",
                 "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "loss.eaft_top_k",
                 "loss.threshold", "loss.threshold_base", "loss.normalize", "train.seed")
 

@@ -16,13 +16,16 @@ import time
 HEADROOM_MIB = int(os.environ.get("DFT_DS_FAULT_HEADROOM_MIB", "16"))
 
 
+# DFT_DS_FAULT_STEP_SLEEP: the pause before each optimizer step (pace_step), read once.
+STEP_SLEEP_S = float(os.environ.get("DFT_DS_FAULT_STEP_SLEEP", "0") or 0)
+
+
 def pace_step() -> None:
     """DFT_DS_FAULT_STEP_SLEEP=S: every optimizer step first waits S seconds. A test that needs a run
     alive for a while (to signal it, start a second run beside it, or hold its lock) waits idle
     instead of computing many steps, which leaves the CPU to the tests beside it."""
-    seconds = float(os.environ.get("DFT_DS_FAULT_STEP_SLEEP", "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)
+    if STEP_SLEEP_S > 0:
+        time.sleep(STEP_SLEEP_S)
 
 
 def fault_here(point: str, step: int) -> bool:
