@@ -59,7 +59,8 @@ def test_vllm_greedy_tokens_on_the_merged_model_match_transformers(lora, vllm_bi
 # vLLM with enable_lora on the base, every request with the adapter's LoRARequest (as dft-eval's
 # VLLMBackend sends them): greedy token ids, one JSON line on stdout.
 VLLM_LORA = """
-import json, sys
+import json, os, sys
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process, as dft-eval runs vLLM on CPU
 import vllm
 from vllm.lora.request import LoRARequest
 
@@ -67,7 +68,7 @@ def main():
     base, adapter, prompts, n = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     llm = vllm.LLM(model=base, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
                    kv_cache_memory_bytes=256 << 20, enable_lora=True, max_loras=1, max_lora_rank=16,
-                   enable_chunked_prefill=False)
+                   enable_chunked_prefill=False, distributed_executor_backend="uni")
     params = vllm.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
                        lora_request=LoRARequest("adapter", 1, adapter))
