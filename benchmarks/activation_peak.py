@@ -124,6 +124,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from dft_ds.engine import exit_rank
+    from dft_ds.procgroup import exit_rank
 
-    exit_rank(main(sys.argv[1:]))  # the rank joined a process group: see engine.exit_rank
+    exit_rank(main(sys.argv[1:]))  # the rank joined a process group: see procgroup.exit_rank

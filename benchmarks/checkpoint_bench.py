@@ -19,7 +19,7 @@ import torch
 from dft_ds import synthetic
 from dft_ds.checkpoint import Checkpointer, tag_for
 from dft_ds.config import load_config
-from dft_ds.engine import exit_rank, shutdown_distributed
+from dft_ds.procgroup import exit_rank, shutdown_distributed
 from dft_ds.model import save_hf_meta
 from dft_ds.rundir import checkpoints_dir
 from dft_ds.runplan import build_plan
@@ -168,4 +168,4 @@ if __name__ == "__main__":
         main()
     finally:
         shutdown_distributed()
-    exit_rank(0)  # not a plain return: see engine.exit_rank
+    exit_rank(0)  # not a plain return: see procgroup.exit_rank

@@ -183,7 +183,7 @@ def load_lazy_state_dict(ref: CheckpointRef) -> dict[str, Any]:
     """
     # DeepSpeed prints (on import too) to stdout; keep stdout for our own summary.
     with contextlib.redirect_stdout(sys.stderr):
-        from dft_ds.engine import import_deepspeed
+        from dft_ds.deepspeed_setup import import_deepspeed
 
         import_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

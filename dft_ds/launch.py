@@ -300,7 +300,7 @@ def comm_env(master_addr: str, nnodes: int, env: Mapping[str, str]) -> dict[str,
 
     TORCH_NCCL_ASYNC_ERROR_HANDLING is left alone on purpose: since torch 2.2 its default (3) already
     tears a rank down when a collective fails or times out, and torch warns about the old
-    NCCL_ASYNC_ERROR_HANDLING name. The collective timeout is set in code (dft_ds.engine).
+    NCCL_ASYNC_ERROR_HANDLING name. The collective timeout is set in code (dft_ds.procgroup.init_distributed).
     """
     added: dict[str, str] = {}
     if nnodes > 1:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -432,12 +432,65 @@ def fused_linear_loss(hidden, weight, labels, weighting: TokenWeight, *, num_tok
                                                    need_grads, ref_hidden if use_ref else None,
                                                    ref_weight if use_ref else None, float(kl_coef),
                                                    float(softcap) if softcap else None)
-    count = logps.numel() if num_tokens is None else num_tokens
-    if isinstance(count, torch.Tensor):
-        loss = total / count.clamp(min=1).to(total.dtype)
-    else:
-        loss = total / max(float(count), 1.0)
+    loss = _reduce(total, logps.numel() if num_tokens is None else num_tokens)
     return _parts(loss, total.detach(), logps, kl, weights, entropies if weighting.needs_entropy else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Heads: what a model's forward hands its last hidden states to (model.accept_head)
+
+
+class Reference(NamedTuple):
+    """The frozen reference of a step with a KL term (asft), as the fused head needs it."""
+
+    hidden: torch.Tensor  # the reference's last hidden states of the same micro-batch
+    model: Any            # has head_weight(policy_weight): a context manager giving the reference's head weight
+    kl_coef: float
+
+
+@dataclass
+class FusedHead:
+    """The output head and the loss of one micro-batch on the fused path, as one object.
+
+    The training step builds one per micro-batch and passes it to the model's forward
+    (`engine.forward(batch, head=FusedHead(...))`). The forward runs the decoder and, instead of
+    projecting every position to the vocabulary, calls `head(hidden, weight, softcap)` with its
+    last hidden states, its output-head weight (gathered by ZeRO-3 for the forward like any other
+    parameter) and its final-logit softcap (Gemma 2) or None. The head computes the loss chunk by
+    chunk (fused_linear_loss: never [tokens, vocab] logits) and returns LossParts. That value is what
+    the forward, and so the engine's forward, returns: the step back-propagates its `loss` (under
+    ZeRO-3 the returned tensors carry the engine's backward hooks, so back-propagate the returned
+    value, not another reference to it) and logs its sums.
+
+    `hidden` may come as one long row (rows laid end to end, engine.rows_end_to_end): it is viewed
+    back to the shape of `labels`, as is the reference's.
+    """
+
+    labels: torch.Tensor
+    weighting: TokenWeight
+    num_tokens: Optional[torch.Tensor] = None   # targets of the whole optimizer step (default: these)
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET_BYTES
+    reference: Optional[Reference] = None
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float] = None) -> LossParts:
+        labels = self.labels.to(hidden.device)
+        hidden = hidden.view(*labels.shape, hidden.shape[-1])
+        num_tokens = self.num_tokens.to(hidden.device) if isinstance(self.num_tokens, torch.Tensor) else self.num_tokens
+        common = dict(num_tokens=num_tokens, chunk_budget=self.chunk_budget, softcap=softcap)
+        ref = self.reference
+        if ref is None:
+            return fused_linear_loss(hidden, weight, labels, self.weighting, **common)
+        with ref.model.head_weight(weight) as ref_weight:  # a collective under ZeRO-3: every rank enters
+            return fused_linear_loss(hidden, weight, labels, self.weighting, ref_hidden=ref.hidden.view_as(hidden),
+                                     ref_weight=ref_weight, kl_coef=ref.kl_coef, **common)
+
+
+class HiddenStatesHead:
+    """The head that returns the last hidden states as they come: a frozen reference's forward on
+    the fused path, whose states FusedHead then projects chunk by chunk."""
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float] = None) -> torch.Tensor:
+        return hidden
 
 
 def fused_linear_dft_loss(hidden, weight, labels, *, num_tokens=None, ignore_index: int = IGNORE_INDEX,

@@ -336,29 +336,32 @@ def apply_tiled_mlp(model, tiles: int) -> int:
     return count
 
 
-def attach_head_loss(model) -> None:
-    """Let `model(..., head_loss=fn)` return fn(last_hidden_state, head.weight, softcap) instead of
-    logits, where softcap is the model's final-logit cap or None (see head_softcap).
+def accept_head(model) -> None:
+    """Let `model(..., head=h)` return h(last_hidden_state, head_weight, softcap) instead of logits:
+    the one way the fused loss reaches the model (loss.FusedHead says what a head does; softcap is
+    the model's final-logit cap or None, see head_softcap).
 
-    The model's own forward is unchanged without `head_loss` (generation, evaluation, export). The
-    call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head weight
-    (tied or not) is registered with ZeRO-3 as used by the whole model's forward, so it is gathered
-    for the call and its gradient, computed inside fn, is reduced like any other.
+    Without `head` the model's own forward runs unchanged (generation, evaluation, export). The call
+    still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head weight (tied
+    or not) is registered with ZeRO-3 as used by the whole model's forward, so it is gathered for
+    the call and its gradient, computed inside the head, is reduced like any other. (A wrapper
+    module would rename every parameter in checkpoints and exports; so the model keeps its class
+    and its forward takes one more keyword.)
     """
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    original = model.forward
+    decoder, output = model.get_decoder(), model.get_output_embeddings()
+    plain = model.forward
     softcap = head_softcap(model.config)
 
-    def forward(*args, head_loss=None, **kwargs):
-        if head_loss is None:
-            return original(*args, **kwargs)
-        return head_loss(decoder(*args, **kwargs).last_hidden_state, head.weight, softcap)
+    def forward(*args, head=None, **kwargs):
+        if head is None:
+            return plain(*args, **kwargs)
+        return head(decoder(*args, **kwargs).last_hidden_state, output.weight, softcap)
 
     model.forward = forward
-    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+    if hasattr(output.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-        register_external_parameter(model, head.weight)
+        register_external_parameter(model, output.weight)
 
 
 # --------------------------------------------------------------------------------------------

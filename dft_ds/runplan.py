@@ -75,7 +75,7 @@ class RunPlan:
 
     @property
     def zero_stage(self) -> int:
-        from dft_ds.engine import zero_stage
+        from dft_ds.ds_config import zero_stage
 
         return zero_stage(self.ds_config)
 
@@ -226,7 +226,8 @@ class RunPlan:
 
 def build_plan(cfg: Config, world_size: int) -> RunPlan:
     """Everything a run decides before it starts; raises UserError on bad input, having written nothing."""
-    from dft_ds import engine as eng
+    from dft_ds import ds_config as dsc
+    from dft_ds.procgroup import device
     from dft_ds import model as mdl
     from dft_ds.data import StepSampler, build_datasets
     from dft_ds.memory import count_parameters, meta_model
@@ -256,7 +257,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     data, heldout = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     warnings += data.report.warnings
     prints = rundir.fingerprints(model_config, tokenizer, data.rows)
-    precision = eng.resolve_precision(cfg.train.precision)
+    precision = dsc.resolve_precision(cfg.train.precision)
     changed: list[str] = []
     if resume is not None:
         changed = check_resume_settings(resume, cfg, precision, prints)
@@ -268,18 +269,18 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
                                            - r.dropped_no_target, batch.global_batch_size))
     steps_per_epoch = StepSampler(len(data.rows), batch, 0, cfg.train.seed).steps_per_epoch
     total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
-    on_cpu = eng.device().type == "cpu"
+    on_cpu = device().type == "cpu"
     load_universal = resume is not None and resume.world_size != world_size
     if load_universal:
         warnings.append(f"resume: world size {resume.world_size} -> {world_size}; loading through DeepSpeed's "
                         "universal checkpoint format")
     # DeepSpeed sees every rank as data-parallel (sequence parallelism is ours): its batch counts all ranks.
-    ds_config = eng.render_ds_config(cfg, BatchPlan(batch.micro_batch_size, batch.gradient_accumulation_steps,
+    ds_config = dsc.render_ds_config(cfg, BatchPlan(batch.micro_batch_size, batch.gradient_accumulation_steps,
                                                     world_size), precision, model_config.hidden_size, on_cpu,
                                      load_universal=load_universal)
     model = meta_model(model_config, cfg.model.trust_remote_code)
     fused = choose_fused_head(cfg, model, warnings.append)
-    attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, eng.device().type == "cuda")
+    attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, device().type == "cuda")
     check_sequence_parallel(cfg, model_config, attention)
     if cfg.model.tiled_mlp > 1 and not mdl.mlp_modules(model):
         raise ConfigError(f"model.tiled_mlp={cfg.model.tiled_mlp}: this model ({type(model).__name__}) has no decoder "

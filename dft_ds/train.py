@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         report_exit_code(rc, message)
         return rc
     finally:
-        from dft_ds.engine import shutdown_distributed
+        from dft_ds.procgroup import shutdown_distributed
 
         shutdown_distributed()
 
 
 def cli() -> None:
     """The program (`dft-train`, `python -m dft_ds.train`): main(), then the rank ends through exit_rank."""
-    from dft_ds.engine import exit_rank
+    from dft_ds.procgroup import exit_rank
 
     try:
         code = main()
@@ -111,7 +111,7 @@ def cli() -> None:
 
 
 def world_size_from_env() -> int:
-    from dft_ds.engine import map_launcher_env
+    from dft_ds.procgroup import map_launcher_env
 
     map_launcher_env()
     return int(os.environ["WORLD_SIZE"])
@@ -120,7 +120,7 @@ def world_size_from_env() -> int:
 def check(ns: argparse.Namespace) -> int:
     """`--check`: the plan the run would build, printed; nothing written, no process group."""
     from dft_ds.config import trackers
-    from dft_ds.engine import quiet_deepspeed
+    from dft_ds.deepspeed_setup import quiet_deepspeed
     from dft_ds.metrics import require_trackers
 
     quiet_deepspeed()
@@ -138,12 +138,12 @@ def check(ns: argparse.Namespace) -> int:
 
 
 def run(cfg: Config) -> int:
-    from dft_ds.engine import quiet_deepspeed
+    from dft_ds.deepspeed_setup import import_deepspeed, quiet_deepspeed
 
     quiet_deepspeed()  # before deepspeed is first imported (by transformers too): it logs at import
-    from dft_ds import engine as eng
+    from dft_ds import procgroup
 
-    eng.import_deepspeed()  # first, and without the MLflow import it would make (about 1 s a rank)
+    import_deepspeed()  # first, and without the MLflow import it would make (about 1 s a rank)
     from dft_ds.config import trackers
     from dft_ds.metrics import require_trackers
     from dft_ds.runplan import build_plan
@@ -156,10 +156,10 @@ def run(cfg: Config) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"dft-train: {plan.complete_message()}", flush=True)
         return 0
-    dist = eng.init_distributed(cfg.train.comm_timeout_s)
+    dist = procgroup.init_distributed(cfg.train.comm_timeout_s)
     lock = take_run_lock(plan, dist)
     try:
-        if eng.any_rank(lock is not None and lock.waited, dist.world_size):
+        if procgroup.any_rank(lock is not None and lock.waited, dist.world_size):
             # A predecessor held the directory while this start planned (a requeued attempt still saving):
             # plan again, so the resume takes the checkpoint it finished.
             plan = build_plan(cfg, dist.world_size)
@@ -177,8 +177,8 @@ def take_run_lock(plan, dist):
     """Rank 0 takes the run directory's lock before anything in it changes; when a live run holds it,
     every rank exits 2 (rundir.RunLock). A requeued attempt of the same Slurm job waits a while for
     its predecessor to finish saving, but never longer than the peers' collective can wait."""
-    from dft_ds import engine as eng
     from dft_ds import rundir
+    from dft_ds.procgroup import any_rank
 
     t = plan.cfg.train
     lock, refused = None, None
@@ -189,7 +189,7 @@ def take_run_lock(plan, dist):
                                           wait_s=wait_s)
         except rundir.RunLocked as exc:
             refused = str(exc)
-    if eng.any_rank(refused is not None, dist.world_size):
+    if any_rank(refused is not None, dist.world_size):
         if lock is not None:
             lock.release()
         raise rundir.RunLocked(refused or f"train.output_dir: '{t.output_dir}' is locked by a live run "
@@ -264,13 +264,14 @@ def build_session(plan, dist=None):
     given), the engines, and the resumed state restored (weights, optimizer, schedule, sampler
     position, RNG)."""
     from dft_ds import checkpoint as ckpt
-    from dft_ds import engine as eng
+    from dft_ds.engine import build_engines
+    from dft_ds.procgroup import init_distributed
 
     if dist is None:
-        dist = eng.init_distributed(plan.cfg.train.comm_timeout_s)
+        dist = init_distributed(plan.cfg.train.comm_timeout_s)
     if dist.world_size != plan.world_size:
         raise RuntimeError(f"planned for {plan.world_size} ranks, but the process group has {dist.world_size}")
-    engine, reference = eng.build_engines(plan, dist)
+    engine, reference = build_engines(plan, dist)
     sampler = plan.sampler(dist.rank)
     if plan.resume is not None:
         ckpt.restore(plan.resume, engine, sampler, universal=plan.load_universal, peak_lr=plan.cfg.train.lr,
@@ -311,7 +312,7 @@ def export_hf(plan, engine, root: str, tag: str) -> None:
     """`export.hf`: rank 0 converts the final checkpoint with the same code as dft-convert."""
     from dft_ds import rundir
     from dft_ds.convert import convert_checkpoint
-    from dft_ds.engine import deepspeed_prints_filtered
+    from dft_ds.deepspeed_setup import deepspeed_prints_filtered
     from dft_ds.metrics import stdout_is_terminal
 
     if engine.is_rank0:

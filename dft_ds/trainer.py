@@ -21,7 +21,8 @@ from dft_ds.config import LossConfig
 from dft_ds.data import StepSampler, TrainData, shard_rows
 from dft_ds.errors import NonFiniteStop
 from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient, pace_step
-from dft_ds.loss import HIST_BINS, IGNORE_INDEX, LossParts, TokenWeight, compute_loss, fused_linear_loss, token_weight
+from dft_ds.loss import (HIST_BINS, IGNORE_INDEX, FusedHead, LossParts, Reference, TokenWeight, compute_loss,
+                         token_weight)
 from dft_ds.metrics import peak_memory_gib
 
 
@@ -220,7 +221,7 @@ class Trainer:
     def train_step(self, micro_indices: list[list[int]]) -> Optional[StepSums]:
         """One optimizer step, or None (nothing done) when a stop was requested on any rank."""
         pace_step()
-        sp = self.engine.sp  # train.sequence_parallel: each rank of a group takes its slice of the same rows
+        sp = self.engine.sp.group  # train.sequence_parallel: each rank of a group takes its slice of the same rows
         batches = [shard_rows(self.data.batch(idx), sp.rank, sp.size, self.data.pad_id) for idx in micro_indices]
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         # Sync point: every rank learns the step's total target count before its first backward,
@@ -314,28 +315,12 @@ class Trainer:
         return loss, parts
 
     def _fused_forward(self, batch, num_tokens, weighting, ref_hidden, kl_coef):
-        """Hidden states -> chunked head + loss inside the model's forward (ZeRO-3 gathers the head)."""
-        captured = {}
-        budget = self.loss.chunk_mb << 20
-
-        def head_loss(hidden, weight, softcap):
-            labels = batch["labels"].to(hidden.device)
-            if ref_hidden is None:
-                ref_head = contextlib.nullcontext()
-            elif getattr(self.reference, "shares_head", False):  # LoRA: the base's head is the policy's, frozen
-                ref_head = contextlib.nullcontext(weight)
-            else:
-                ref_head = self.reference.gathered_head()
-            with ref_head as ref_weight:
-                captured["parts"] = fused_linear_loss(hidden, weight, labels, weighting,
-                                                      num_tokens=num_tokens.to(hidden.device), chunk_budget=budget,
-                                                      ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef,
-                                                      softcap=softcap)
-            return captured["parts"].loss
-
-        # Back-propagate what the engine returns: under ZeRO-3 it carries the backward hooks.
-        loss = self.engine.forward(batch, head_loss=head_loss)
-        return loss, captured["parts"]
+        """The chunked head and loss inside the model's forward (loss.FusedHead; ZeRO-3 gathers the head)."""
+        reference = Reference(ref_hidden, self.reference, kl_coef) if ref_hidden is not None else None
+        head = FusedHead(batch["labels"], weighting, num_tokens=num_tokens, chunk_budget=self.loss.chunk_mb << 20,
+                         reference=reference)
+        parts = self.engine.forward(batch, head=head)
+        return parts.loss, parts
 
     def maybe_log(self, step: int, window: StepSums, seconds: float, lr: float, elapsed: float = 0.0) -> dict:
         """Reduce the window's sums over ranks (all ranks take part) and hand them to rank 0's logger.

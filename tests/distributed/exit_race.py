@@ -4,7 +4,7 @@
 all-reduces and lets go of their tensors at once; rank 0 keeps no handle and leaves, rank 1 waits
 for every one and checks the sums. `return` ends rank 0 the ordinary way, through the interpreter's
 teardown, while gloo's threads still free finished work (that needs the GIL); `exit_rank` ends it
-through dft_ds.engine.exit_rank. Rank 0 also leaves an unflushed line, an atexit handler and a
+through dft_ds.procgroup.exit_rank. Rank 0 also leaves an unflushed line, an atexit handler and a
 non-daemon thread under exit_rank, which it must not lose, and an object that reports the
 interpreter's teardown (in both modes): the ordinary ending shows it (or aborts in it), exit_rank must
 skip it.
@@ -54,7 +54,7 @@ def main(mode: str) -> None:
         global TEARDOWN
         TEARDOWN = Teardown()
     if mode == "exit_rank":
-        from dft_ds.engine import exit_rank
+        from dft_ds.procgroup import exit_rank
 
         exit_rank(7 if rank == 0 else 0)
 

@@ -16,7 +16,7 @@ from grad_probe import probe_step  # this directory is on sys.path: the probe ru
 
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
-from dft_ds.engine import exit_rank, shutdown_distributed
+from dft_ds.procgroup import exit_rank, shutdown_distributed
 from dft_ds.model import save_hf_meta
 
 
@@ -67,4 +67,4 @@ if __name__ == "__main__":
         main(args[0], args[1:split], args[split + 1:])
     finally:
         shutdown_distributed()
-    exit_rank(0)  # not a plain return: see engine.exit_rank
+    exit_rank(0)  # not a plain return: see procgroup.exit_rank

@@ -19,7 +19,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from dft_ds.config import load_config
-from dft_ds.engine import exit_rank, shutdown_distributed
+from dft_ds.procgroup import exit_rank, shutdown_distributed
 from dft_ds.metrics import NullMetrics
 from dft_ds.runplan import build_plan
 from dft_ds.train import build_session, world_size_from_env
@@ -96,4 +96,4 @@ if __name__ == "__main__":
             main(sys.argv[1], sys.argv[2:])
     finally:
         shutdown_distributed()
-    exit_rank(0)  # not a plain return: see engine.exit_rank
+    exit_rank(0)  # not a plain return: see procgroup.exit_rank

@@ -1,4 +1,4 @@
-"""A rank that has used a process group ends with its own exit code (dft_ds.engine.exit_rank).
+"""A rank that has used a process group ends with its own exit code (dft_ds.procgroup.exit_rank).
 
 Ending through the interpreter's teardown while gloo's threads still free finished collectives
 aborts the rank: "terminate called without an active exception", rc -6, after a run that finished

@@ -50,7 +50,7 @@ def train_env(tmp_path) -> dict:
     # ranks, so the 1-host and 2-host runs do the same work and differ only in the link.
     env["OMP_NUM_THREADS"] = "1"
     # A rank was once seen to abort (SIGABRT, "terminate called without an active exception") at exit
-    # after a finished run on a loaded machine; engine.exit_rank now ends ranks past that (its
+    # after a finished run on a loaded machine; procgroup.exit_rank now ends ranks past that (its
     # docstring has the cause). If an abort shows up again, the log shows where.
     env["PYTHONFAULTHANDLER"] = "1"
     return env

@@ -18,7 +18,7 @@ def run(code: str) -> list[str]:
 def test_deepspeed_is_imported_without_mlflow_and_mlflow_imports_after():
     pytest.importorskip("mlflow")  # the trackers extra: without it there is nothing to skip
     assert run("import sys\n"
-               "from dft_ds.engine import import_deepspeed\n"
+               "from dft_ds.deepspeed_setup import import_deepspeed\n"
                "ds = import_deepspeed()\n"
                "from deepspeed.autotuning import autotuner\n"
                "print('>', ds.__name__, 'mlflow' in sys.modules, autotuner.has_mlflow)\n"
@@ -29,7 +29,7 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_imports_after():
 
 def test_muon_is_imported_with_eager_kernels_unless_the_run_uses_muon():
     code = ("import sys\n"
-            "from dft_ds.engine import import_deepspeed, import_muon_eager\n"
+            "from dft_ds.deepspeed_setup import import_deepspeed, import_muon_eager\n"
             "import_deepspeed()\n"
             "import_muon_eager({'optimizer': {'type': OPTIMIZER}})\n"
             "from deepspeed.runtime import compiler\n"

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from dft_ds.engine import _DropPrinted, _gpu_present, deepspeed_prints_filtered, quiet_deepspeed
+from dft_ds.deepspeed_setup import _DropPrinted, _gpu_present, deepspeed_prints_filtered, quiet_deepspeed
 
 
 def test_the_accelerator_line_at_import_is_filtered_and_other_warnings_stay():
     if _gpu_present():
         pytest.skip("with a GPU device node the accelerator line is news and is kept")
-    code = ("from dft_ds.engine import quiet_deepspeed; quiet_deepspeed()\n"
+    code = ("from dft_ds.deepspeed_setup import quiet_deepspeed; quiet_deepspeed()\n"
             "import deepspeed\n"
             "from deepspeed.utils import logger\n"
             "logger.warning('a warning the user can act on')\n")

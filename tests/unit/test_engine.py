@@ -1,11 +1,14 @@
-"""Pure parts of the DeepSpeed seam: launcher environments, config rendering, the schedule, precision."""
+"""Pure parts of the DeepSpeed seam: launcher environments (procgroup), config rendering and precision
+(ds_config), the schedule, the arch list (deepspeed_setup), sequence parallelism's masks and kernel,
+and the engine's forward over rows laid end to end."""
 
 import json
 
 import pytest
 import torch
 
-from dft_ds import engine
+from dft_ds import deepspeed_setup, ds_config, engine, procgroup, schedule
+from dft_ds.sequence_parallel import SequenceGroup, SequenceParallel, document_mask
 from dft_ds.config import BatchPlan, load_config
 from dft_ds.errors import ConfigError
 from dft_ds.train import parse_args
@@ -13,20 +16,20 @@ from dft_ds.train import parse_args
 
 def test_slurm_variables_become_torch_ranks():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
-    engine.map_launcher_env(env)
+    procgroup.map_launcher_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
     assert env["MASTER_ADDR"] == "n1"
 
 
 def test_launcher_variables_win_over_slurm():
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
-    engine.map_launcher_env(env)
+    procgroup.map_launcher_env(env)
     assert (env["RANK"], env["WORLD_SIZE"]) == ("1", "2")
 
 
 def test_plain_process_is_a_world_of_one_on_loopback():
     env = {}
-    engine.map_launcher_env(env)
+    procgroup.map_launcher_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("0", "1", "0", "127.0.0.1")
     assert 0 < int(env["MASTER_PORT"]) < 65536
 
@@ -52,7 +55,7 @@ def test_options_and_overrides_mix_in_any_order(argv):
 
 
 def render(overrides=(), on_cpu=True, precision="fp32", plan=BatchPlan(4, 2, 2), hidden=256):
-    return engine.render_ds_config(load_config(None, list(overrides)), plan, precision, hidden, on_cpu)
+    return ds_config.render_ds_config(load_config(None, list(overrides)), plan, precision, hidden, on_cpu)
 
 
 def test_auto_fields_are_filled_from_the_run_config():
@@ -83,7 +86,7 @@ def test_precision_flags(precision, bf16, fp16):
 
 
 def test_every_template_renders():
-    for name in engine.TEMPLATES:
+    for name in ds_config.TEMPLATES:
         ds = render([f"deepspeed.config={name}"])
         assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
 
@@ -99,12 +102,12 @@ def test_unknown_auto_and_unknown_template_are_config_errors(tmp_path):
 
 def test_cosine_with_warmup():
     total, warmup = 100, 10
-    lrs = [engine.cosine_with_warmup(s, total, warmup, 0.1) for s in range(total)]
+    lrs = [schedule.cosine_with_warmup(s, total, warmup, 0.1) for s in range(total)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # rising in warmup
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # falling after
-    assert engine.cosine_with_warmup(total, total, warmup, 0.1) == pytest.approx(0.1)
-    assert engine.cosine_with_warmup(55, total, warmup, 0.0) == pytest.approx(0.5)  # half way through cosine
+    assert schedule.cosine_with_warmup(total, total, warmup, 0.1) == pytest.approx(0.1)
+    assert schedule.cosine_with_warmup(55, total, warmup, 0.0) == pytest.approx(0.5)  # half way through cosine
 
 
 def test_auto_precision_is_fp32_on_cpu():
@@ -112,15 +115,15 @@ def test_auto_precision_is_fp32_on_cpu():
 
     if torch.cuda.is_available():
         pytest.skip("auto picks bf16/fp16 where a GPU exists")
-    assert engine.resolve_precision("auto") == "fp32"
-    assert engine.resolve_precision("bf16") == "bf16"
+    assert ds_config.resolve_precision("auto") == "fp32"
+    assert ds_config.resolve_precision("bf16") == "bf16"
 
 
 @pytest.mark.parametrize("value, expected", [
     ("9.0a", "9.0"), ("8.0;9.0a", "8.0;9.0"), ("9.0 9.0a 10.0f+PTX", "9.0;10.0+PTX"),
     ("8.0;9.0", None), ("9.0+PTX", None), ("", None)])
 def test_arch_list_suffixes_are_dropped_for_deepspeed(value, expected):
-    assert engine.arch_list_for_deepspeed({"TORCH_CUDA_ARCH_LIST": value}) == expected
+    assert deepspeed_setup.arch_list_for_deepspeed({"TORCH_CUDA_ARCH_LIST": value}) == expected
 
 
 def test_deepspeed_builds_its_ops_from_the_rewritten_arch_list(monkeypatch):
@@ -130,14 +133,14 @@ def test_deepspeed_builds_its_ops_from_the_rewritten_arch_list(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     with pytest.raises(ValueError, match="invalid literal"):
         FusedAdamBuilder().compute_capability_args()
-    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", engine.arch_list_for_deepspeed())
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", deepspeed_setup.arch_list_for_deepspeed())
     assert FusedAdamBuilder().compute_capability_args() == ["-gencode=arch=compute_80,code=sm_80",
                                                             "-gencode=arch=compute_90,code=sm_90"]
 
 
 def test_document_mask_is_causal_within_documents_only():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    mask = engine.document_mask(pos)[0, 0]
+    mask = document_mask(pos)[0, 0]
     want = torch.zeros(6, 6, dtype=torch.bool)
     for q in range(6):
         for k in range(q + 1):
@@ -151,10 +154,12 @@ def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_bloc
 
     before, mask_before = ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
     try:
-        engine.install_sequence_parallel("sdpa")
+        sp = SequenceParallel(SequenceGroup(2, 0, 0))
+        sp.install("sdpa")
         wrapped = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        engine.install_sequence_parallel("sdpa")  # once per process
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped and wrapped is not before
+        other = SequenceParallel(SequenceGroup(2, 0, 0))
+        other.install("sdpa")  # a second engine in the process takes the kernel over: not a second wrapping
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is wrapped and wrapped is not before and wrapped.sequence is other
         q = torch.randn(1, 2, 5, 8)
 
         class Module(torch.nn.Module):
@@ -168,15 +173,17 @@ def test_sequence_parallel_attention_is_the_plain_kernel_outside_a_training_bloc
         args = dict(batch_size=1, q_length=4, kv_length=4, mask_function=packed, allow_is_causal_skip=False)
         outside = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args)
         assert torch.equal(outside, mask_before(**args)) and outside.shape[-1] == 4
-        with engine.sequence_parallel_active(engine.SequenceGroup(2, 0, 0)):
+        with other.running():
             assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args) is None
+        with sp.running():  # not the kernel's object now
+            assert ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](**args) is not None
     finally:
         ALL_ATTENTION_FUNCTIONS["sdpa"], ALL_MASK_ATTENTION_FUNCTIONS["sdpa"] = before, mask_before
 
 
 def test_document_mask_with_a_sliding_window():
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1]])
-    mask = engine.document_mask(pos, window=2)[0, 0]
+    mask = document_mask(pos, window=2)[0, 0]
     for q in range(7):
         for k in range(7):
             same_doc = (q < 5) == (k < 5)
@@ -209,31 +216,58 @@ def test_flash_attention_micro_batches_run_as_one_row_end_to_end():
     assert engine.rows_end_to_end("flash_attention_2", 2)
     assert not engine.rows_end_to_end("flash_attention_2", 1)
     assert not engine.rows_end_to_end("sdpa", 4)
-    with engine.sequence_parallel_active(engine.SequenceGroup(2, 0, 0)):  # the exchange lays rows out itself
-        assert not engine.rows_end_to_end("flash_attention_2", 2)
+    assert not engine.rows_end_to_end("flash_attention_2", 2, sequence_parallel=True)  # the exchange does it
 
 
 def test_rows_laid_end_to_end_give_each_row_and_document_its_own_outputs(monkeypatch):
     """Two packed rows (documents of 3 + 2 + padding 1, and 4 + 2), laid end to end as flash-attention
-    runs them: the logits and the hidden states a head loss gets come back per row, equal to the
-    rows run as a batch, and each document's equal to the document run alone."""
-    from dft_ds.model import attach_head_loss
+    runs them: the logits come back per row, equal to the rows run as a batch, and each document's
+    equal to the document run alone; the fused head views the hidden states (its own and a
+    reference's) back to the rows and gives the loss and gradient of the rows run as a batch."""
+    from dft_ds.loss import FusedHead, HiddenStatesHead, Reference, token_weight
+    from dft_ds.model import accept_head
 
     model = _llama_on("sdpa")
-    attach_head_loss(model)
+    accept_head(model)
     ids = torch.randint(4, 64, (2, 6))
+    labels = torch.randint(4, 64, (2, 6))
+    labels[0, -1] = -100
     batch = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])}
+    wrapped, cpu = _Wrapped(model), torch.device("cpu")
     with torch.no_grad():
-        want = engine._forward(_Wrapped(model), torch.device("cpu"), batch).logits
-        monkeypatch.setattr(engine, "rows_end_to_end", lambda attention, rows: True)
-        got = engine._forward(_Wrapped(model), torch.device("cpu"), batch).logits
-        hidden = engine._forward(_Wrapped(model), torch.device("cpu"), batch, head_loss=lambda h, w, c: h)
-        head = model.get_output_embeddings().weight
-        alone = model(input_ids=ids[1:, 4:]).logits
-    assert got.shape == want.shape == (2, 6, 64) and hidden.shape == (2, 6, 32)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got[1:, 4:], alone, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hidden @ head.T, want, atol=1e-5, rtol=1e-5)
+        want = engine._forward(wrapped, cpu, batch).logits
+        want_hidden = engine._forward(wrapped, cpu, batch, head=HiddenStatesHead())
+    results = []
+    for end_to_end in (False, True):
+        monkeypatch.setattr(engine, "rows_end_to_end", lambda attention, rows, sp, _e=end_to_end: _e)
+        with torch.no_grad():
+            got = engine._forward(wrapped, cpu, batch).logits
+            ref = Reference(engine._forward(wrapped, cpu, batch, head=HiddenStatesHead()), _SameHead(), 0.5)
+        model.zero_grad()
+        parts = engine._forward(wrapped, cpu, batch, head=FusedHead(labels, token_weight("dft"), reference=ref))
+        parts.loss.backward()
+        results.append((got, ref.hidden.numel(), parts.loss.detach(), model.get_output_embeddings().weight.grad.clone()))
+        with torch.no_grad():
+            alone = model(input_ids=ids[1:, 4:]).logits
+    (logits, n, loss, grad), (flat_logits, flat_n, flat_loss, flat_grad) = results
+    assert flat_logits.shape == want.shape == (2, 6, 64) and want_hidden.shape == (2, 6, 32) and flat_n == n
+    torch.testing.assert_close(flat_logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_logits[1:, 4:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(want_hidden @ model.get_output_embeddings().weight.T, want, atol=1e-5, rtol=1e-5)
+    assert loss > 0
+    torch.testing.assert_close(flat_loss, loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(flat_grad, grad, atol=1e-6, rtol=1e-5)
+
+
+class _SameHead:
+    """A reference whose head is the policy's (as engine.AdapterOffReference)."""
+
+    @staticmethod
+    def head_weight(policy_weight):
+        import contextlib
+
+        return contextlib.nullcontext(policy_weight)
 
 
 def test_exit_rank_without_a_process_group_is_an_ordinary_exit(monkeypatch):
@@ -243,7 +277,7 @@ def test_exit_rank_without_a_process_group_is_an_ordinary_exit(monkeypatch):
 
     if dist.is_available() and dist.is_initialized():
         pytest.skip("this pytest process holds a process group")  # exit_rank would end it
-    monkeypatch.setattr(engine, "_JOINED_PROCESS_GROUP", False)
+    monkeypatch.setattr(procgroup, "_JOINED_PROCESS_GROUP", False)
     with pytest.raises(SystemExit) as exc:
-        engine.exit_rank(3)
+        procgroup.exit_rank(3)
     assert exc.value.code == 3

@@ -18,8 +18,8 @@ from dft_ds import families
 from dft_ds.config import DataConfig
 from dft_ds.data import RawData, build_rows, collate, tokenize_dataset
 from dft_ds.errors import DataError, ModelError
-from dft_ds.loss import IGNORE_INDEX, compute_loss, fused_linear_loss, token_weight
-from dft_ds.model import attach_head_loss, choose_attention, head_softcap
+from dft_ds.loss import IGNORE_INDEX, FusedHead, compute_loss, token_weight
+from dft_ds.model import accept_head, choose_attention, head_softcap
 
 pytestmark = pytest.mark.families
 
@@ -176,9 +176,8 @@ def test_fused_head_equals_the_models_own_logits(name, family_dir, tokenizers):
     for fused in (False, True):
         model = _model(path, "eager")
         if fused:
-            attach_head_loss(model)
-            parts = model(**inputs, head_loss=lambda h, w, cap: fused_linear_loss(
-                h, w, batch["labels"], weighting, chunk_size=17, softcap=cap))
+            accept_head(model)
+            parts = model(**inputs, head=FusedHead(batch["labels"], weighting, chunk_budget=17 * 4 * model.get_output_embeddings().weight.shape[0]))
         else:
             parts = compute_loss(weighting, model(**inputs).logits, batch["labels"], num_tokens=None)
         parts.loss.backward()

@@ -1,0 +1,138 @@
+"""The process group: joining it however the ranks were started, the rank helpers, and leaving it
+(exit_rank: how a program that joined one ends)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import NoReturn
+
+import torch
+
+from dft_ds.deepspeed_setup import deepspeed_prints_filtered, import_deepspeed, quiet_deepspeed
+from dft_ds.net import free_port
+
+# Set by init_distributed: the program must end through exit_rank.
+_JOINED_PROCESS_GROUP = False
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def map_launcher_env(env: dict[str, str] = os.environ) -> None:
+    """Give torch.distributed its RANK/WORLD_SIZE/LOCAL_RANK however the process was started.
+
+    deepspeed and torchrun set them; srun sets SLURM_*; a plain process sets nothing and becomes a
+    world of one on a free loopback port.
+    """
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "RANK" not in env:
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group on the accelerator's backend (NCCL on CUDA, gloo or ccl on CPU)."""
+    deepspeed = import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 deprecates, once per bucket per step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated")
+    quiet_deepspeed()
+    map_launcher_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    global _JOINED_PROCESS_GROUP
+    _JOINED_PROCESS_GROUP = True
+    with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                                   verbose=False, timeout=timedelta(seconds=timeout_s))
+    return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group. A program that joined one ends through `exit_rank`, not a plain return."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a program that has used a process group with `code`, without the interpreter's teardown.
+
+    A gloo worker thread drops each finished collective a moment after the caller has seen it
+    finish. Where that drop frees a tensor whose Python object was let go meanwhile, the thread
+    needs the GIL. Once the interpreter is finalizing, CPython ends such a thread with
+    pthread_exit, and its unwind through the work's (noexcept) destructor calls std::terminate:
+    the rank aborts with rc -6, "terminate called without an active exception", after a run
+    that finished. A barrier and destroy_process_group before exit only narrow the window. A core
+    dump of such an abort shows ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit
+    -> std::terminate on a gloo `runLoop` thread; tests/distributed/exit_race.py provokes it.
+
+    So: non-daemon threads are joined and the atexit handlers run (logging, trackers), as at a
+    normal exit, while the interpreter is whole; then the streams are flushed and the process
+    ends at once. A process that never joined a process group exits the ordinary way.
+    """
+    import atexit
+    import threading
+
+    import torch.distributed as dist
+
+    if not (_JOINED_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())):
+        sys.exit(code)
+    shutdown_distributed()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def barrier(world_size: int) -> None:
+    import deepspeed.comm as dist
+
+    if world_size > 1:
+        dist.barrier()
+
+
+def any_rank(flag: bool, world_size: int) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce); every rank learns the same answer."""
+    if world_size == 1:
+        return flag
+    import deepspeed.comm as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", "0"))))
