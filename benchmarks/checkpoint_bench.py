@@ -72,7 +72,7 @@ def bench(name: str, overrides: dict, root: str) -> None:
     from dft_ds.trainer import Trainer
 
     Trainer(engine, plan.data, sampler, cfg.loss, 1, 1, NullMetrics()).train()
-    saver = Checkpointer(checkpoints_dir(out), 2, engine, plan.identity(), sampler,
+    saver = Checkpointer(checkpoints_dir(out), 2, engine, plan.checkpoint_record(), sampler,
                          lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
     engine.barrier()
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """The "lora" entry of a checkpoint's dft_state.json (see RunPlan.lora_identity)."""
+    """The "lora" entry of a checkpoint's dft_state.json (see RunPlan.lora_record)."""
 
     rank: int
     alpha: float
@@ -179,7 +179,7 @@ def embedding_modules(model) -> tuple[list[str], bool]:
     return sorted({n.rsplit(".", 1)[-1] for n in names}), inp.weight is head.weight
 
 
-def meta_model(hf_config: Path):
+def meta_base_model(hf_config: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dft_ds.model import plain_model_init
@@ -195,7 +195,7 @@ def adapter_state(tensors: Mapping[str, Any], spec: LoraSpec, hf_config: Path, b
     from peft import get_peft_model, get_peft_model_state_dict
 
     pairs, full = split_checkpoint(tensors, where)
-    model = meta_model(hf_config)
+    model = meta_base_model(hf_config)
     modules, tied = embedding_modules(model) if spec.train_embeddings else ([], False)
     config = spec.peft_config(base, modules, tied)
     with warnings.catch_warnings():

@@ -260,16 +260,16 @@ def _space_note(path: str) -> str:
 class Checkpointer:
     """Saves `step-<N>` checkpoints; every rank calls save(), rank 0 finishes it.
 
-    `identity` is what every checkpoint of the run records beside its step and sampler position:
+    `record` is what every checkpoint of the run records beside its step and sampler position:
     world size, global batch, ZeRO stage, precision, fingerprints and the resolved config (see
-    RunPlan.identity). `write_hf_meta(dir)` writes config and tokenizer for dft-convert.
+    RunPlan.checkpoint_record). `write_hf_meta(dir)` writes config and tokenizer for dft-convert.
     """
 
-    def __init__(self, root: str, keep: int, engine, identity: dict[str, Any], sampler,
+    def __init__(self, root: str, keep: int, engine, record: dict[str, Any], sampler,
                  write_hf_meta: Callable[[str], None], start_step: int = 0,
                  warn: Callable[[str], None] = log.warning):
         self.root, self.keep, self.engine = root, keep, engine
-        self.identity, self.sampler, self.write_hf_meta = identity, sampler, write_hf_meta
+        self.record, self.sampler, self.write_hf_meta = record, sampler, write_hf_meta
         self.start_step, self.warn, self.saved = start_step, warn, set()
 
     def save(self, step: int) -> str:
@@ -283,7 +283,7 @@ class Checkpointer:
         tag_dir = os.path.join(self.root, tag)
         if step in self.saved or (step <= self.start_step and is_complete(tag_dir)):
             return tag_dir
-        state = {"global_step": step, "sampler": self.sampler.state_dict(), **self.identity}
+        state = {"global_step": step, "sampler": self.sampler.state_dict(), **self.record}
         if self.engine.is_rank0 and is_complete(tag_dir):
             aside = next(f"{tag_dir}.superseded{f'-{k}' if k else ''}" for k in range(1000)
                          if not os.path.exists(f"{tag_dir}.superseded{f'-{k}' if k else ''}"))

@@ -710,7 +710,7 @@ def _check_values(cfg: Config) -> list[str]:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSplit:
     """micro x accumulation x data-parallel world = global: the only place this is computed."""
 
     micro_batch_size: int
@@ -727,7 +727,7 @@ def _batch_error(message: str) -> ConfigError:
     return ConfigError(f"invalid configuration:\n  - {message}")
 
 
-def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[int] = None) -> BatchPlan:
+def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[int] = None) -> BatchSplit:
     """The batch plan over the data-parallel ranks: the world size / train.sequence_parallel."""
     n = train.sequence_parallel
     if n < 1 or world_size % n:
@@ -738,7 +738,7 @@ def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[in
 
 
 def _resolve_data_parallel(train: TrainConfig, world_size: int, saved_global: Optional[int] = None,
-                           ranks: str = "") -> BatchPlan:
+                           ranks: str = "") -> BatchSplit:
     """Fill in whichever of accumulation / global batch is null, or check that they agree.
 
     `saved_global`: the global batch of the checkpoint a run resumes from. Unless train.global_batch_size
@@ -751,7 +751,7 @@ def _resolve_data_parallel(train: TrainConfig, world_size: int, saved_global: Op
     if total is None and saved_global is not None:
         return _split_saved_batch(train, world_size, saved_global)
     if total is None:
-        return BatchPlan(micro, accum or 1, world_size)
+        return BatchSplit(micro, accum or 1, world_size)
     if total % per_step:
         raise _batch_error(f"train.global_batch_size: {total} is not divisible by micro_batch_size {micro} x "
                            f"{ranks or f'world size {world_size}'} = {per_step}; {_nearest_batches(total, micro, world_size)}")
@@ -761,7 +761,7 @@ def _resolve_data_parallel(train: TrainConfig, world_size: int, saved_global: Op
                            f"{ranks or f'world size {world_size}'} = {accum * per_step}, but train.global_batch_size is {total}; set "
                            f"train.gradient_accumulation_steps={derived} (or null, which derives it), or "
                            f"train.global_batch_size={accum * per_step}")
-    return BatchPlan(micro, derived, world_size)
+    return BatchSplit(micro, derived, world_size)
 
 
 def _nearest_batches(total: int, micro: int, world_size: int) -> str:
@@ -780,10 +780,10 @@ def _nearest_batches(total: int, micro: int, world_size: int) -> str:
     return text
 
 
-def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> BatchPlan:
+def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> BatchSplit:
     micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
     if accum is not None and micro * accum * world_size == saved:
-        return BatchPlan(micro, accum, world_size)
+        return BatchSplit(micro, accum, world_size)
     if saved % world_size:
         raise _batch_error(
             f"train.global_batch_size: the checkpoint was trained with a global batch of {saved} rows, which "
@@ -791,14 +791,14 @@ def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> Batch
             "train.global_batch_size to change the batch from here on")
     share = saved // world_size
     fit = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
-    plan = BatchPlan(fit, share // fit, world_size)
+    plan = BatchSplit(fit, share // fit, world_size)
     fresh = micro * (accum or 1) * world_size
     if plan.global_batch_size == fresh and fit == micro:
         return plan
     changed = f"micro batch {fit} (train.micro_batch_size is {micro})" if fit != micro else f"micro batch {fit}"
     note = (f"resume keeps the checkpoint's global batch of {saved} rows: {changed} x accumulation "
             f"{plan.gradient_accumulation_steps} x world {world_size}")
-    return BatchPlan(fit, plan.gradient_accumulation_steps, world_size, note)
+    return BatchSplit(fit, plan.gradient_accumulation_steps, world_size, note)
 
 
 # Settings that change what the trained weights mean. A resume with another value would leave a run

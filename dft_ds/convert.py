@@ -91,7 +91,7 @@ class TensorSpec:
 
 
 @dataclass
-class Plan:
+class ShardLayout:
     specs: dict[str, TensorSpec]
     filename_to_tensors: dict[str, list[str]]
     dropped_aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the name written
@@ -150,7 +150,7 @@ def dedupe_aliases(tensors: Mapping[str, Any], keep: Iterable[str] = ()) -> tupl
 
 
 def plan_conversion(tensors: Mapping[str, Any], dtype: torch.dtype, max_shard_bytes: int,
-                    keep: Iterable[str] = ()) -> Plan:
+                    keep: Iterable[str] = ()) -> ShardLayout:
     """Shard assignment in state-dict order, at most `max_shard_bytes` per file (a bigger tensor gets its own)."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
@@ -159,10 +159,10 @@ def plan_conversion(tensors: Mapping[str, Any], dtype: torch.dtype, max_shard_by
     # Hugging Face's own splitter, so file names and the packing rule match save_pretrained's.
     split = split_state_dict_into_shards_factory(specs, get_storage_size=lambda spec: spec.nbytes,
                                                  filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_bytes)
-    return Plan(specs, split.filename_to_tensors, dropped)
+    return ShardLayout(specs, split.filename_to_tensors, dropped)
 
 
-def index_json(plan: Plan) -> dict[str, Any]:
+def index_json(plan: ShardLayout) -> dict[str, Any]:
     """The content of model.safetensors.index.json, as transformers' save_pretrained writes it."""
     weight_map = {name: filename for filename, names in plan.filename_to_tensors.items() for name in names}
     total_parameters = sum(spec.nbytes // spec.dtype.itemsize for spec in plan.specs.values())
@@ -203,7 +203,7 @@ def materialize(tensor: Any, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def write_weights(tensors: Mapping[str, Any], plan: Plan, out_dir: Path, dtype: torch.dtype,
+def write_weights(tensors: Mapping[str, Any], plan: ShardLayout, out_dir: Path, dtype: torch.dtype,
                   progress: bool = True) -> None:
     """Write shard by shard; at most one shard's tensors are held at a time."""
     from safetensors.torch import save_file
@@ -300,7 +300,7 @@ def expected_keys(hf_config: Path) -> Optional[ModelKeys]:
     return ModelKeys(shapes, tied, [type(model).__name__])
 
 
-def check_keys(ref: CheckpointRef, plan: Plan, keys: ModelKeys) -> None:
+def check_keys(ref: CheckpointRef, plan: ShardLayout, keys: ModelKeys) -> None:
     """The names and shapes to be written must be exactly those the model class loads."""
     written = set(plan.specs)
     missing = sorted(set(keys.shapes) - written)
@@ -484,7 +484,7 @@ class Result:
     out_dir: Path
     ref: CheckpointRef
     dtype: torch.dtype
-    plan: Plan
+    plan: ShardLayout
     seconds: float
     verify: Optional[VerifyReport] = None
 
@@ -598,7 +598,7 @@ def _write_adapter_only(ref: CheckpointRef, out: Path, lora, base_dir: str, dtyp
     tensors = load_lazy_state_dict(ref)
     config, state = adapter_state(tensors, lora, ref.hf_config, base_dir, ref.path)
     specs = {n: TensorSpec(tuple(t.shape), output_dtype(t.dtype, dtype)) for n, t in state.items()}
-    plan = Plan(specs, {ADAPTER_WEIGHTS: list(specs)})
+    plan = ShardLayout(specs, {ADAPTER_WEIGHTS: list(specs)})
     with staging_dir(out) as staging:
         write_adapter(staging, config, state, ref.hf_config, dtype)
         report = None

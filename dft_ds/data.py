@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dft_ds.config import SYNTHETIC, BatchPlan, DataConfig
+from dft_ds.config import SYNTHETIC, BatchSplit, DataConfig
 from dft_ds.errors import DataError
 from dft_ds.hub import looks_like_hub_name
 from dft_ds.loss import IGNORE_INDEX
@@ -659,7 +659,7 @@ class StepSampler:
     global batch of an epoch is dropped.
     """
 
-    def __init__(self, num_rows: int, plan: BatchPlan, rank: int, seed: int):
+    def __init__(self, num_rows: int, plan: BatchSplit, rank: int, seed: int):
         self.num_rows, self.plan, self.rank, self.seed = num_rows, plan, rank, seed
         self.steps_per_epoch = num_rows // plan.global_batch_size
         if self.steps_per_epoch == 0:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dft_ds.config import BatchPlan, Config
+from dft_ds.config import BatchSplit, Config
 from dft_ds.errors import ConfigError
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -49,7 +49,7 @@ def load_template(name_or_path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}:{exc.lineno}: DeepSpeed config is not valid JSON ({exc.msg})") from None
 
 
-def render_ds_config(cfg: Config, plan: BatchPlan, precision: str, hidden_size: int, on_cpu: bool,
+def render_ds_config(cfg: Config, plan: BatchSplit, precision: str, hidden_size: int, on_cpu: bool,
                      load_universal: bool = False) -> dict[str, Any]:
     """The template with every "auto" filled from the run config; explicit values must agree with it.
 

@@ -166,11 +166,11 @@ class Engine:
         self.ds.step()
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        import deepspeed.comm as dist
+        import deepspeed.comm as comm
 
         out = values.to(self.device).clone()
         if self.dist.world_size > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM)
+            comm.all_reduce(out, op=comm.ReduceOp.SUM)
         return out.cpu()
 
     def barrier(self) -> None:

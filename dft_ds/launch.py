@@ -29,7 +29,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional
 
@@ -85,7 +84,7 @@ same command again to resume); 2 for a bad dft-launch option; 128+N when the lau
 
 
 @dataclass
-class Plan:
+class LaunchSpec:
     """Everything dft-launch decided, before anything runs."""
 
     via: str
@@ -321,7 +320,7 @@ def _positive(name: str, value: Optional[int]) -> None:
         raise UserError(f"{name} must be at least 1, got {value}")
 
 
-def make_plan(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Plan:
+def make_launch_spec(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> LaunchSpec:
     """Resolve every default and build the commands. Raises UserError on contradictory input."""
     slurm = in_slurm_allocation(env)
     via = ns.via or ("srun" if slurm and not in_slurm_task(env) else "torchrun")
@@ -344,7 +343,7 @@ def make_plan(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Pl
     node_rank = resolve_node_rank(ns, via, nnodes, env)
     allocation = SlurmHosts(env, nnodes)
     master_addr, master_port = resolve_master(ns, via, nnodes, hosts, allocation, env)
-    plan = Plan(via=via, nnodes=nnodes, nproc_per_node=resolve_nproc(ns, env), node_rank=node_rank,
+    plan = LaunchSpec(via=via, nnodes=nnodes, nproc_per_node=resolve_nproc(ns, env), node_rank=node_rank,
                 master_addr=master_addr, master_port=master_port, train_args=list(ns.train_args), command=[],
                 node_commands=[], slurm_job=env.get("SLURM_JOB_ID") or None)
     if via == "deepspeed":
@@ -363,7 +362,7 @@ def make_plan(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Pl
 PDSH_SAFE = re.compile(r"[A-Za-z0-9_@+=:,./ -]*")
 
 
-def check_pdsh_safe(plan: Plan) -> None:
+def check_pdsh_safe(plan: LaunchSpec) -> None:
     """Refuse any value that a shell would read as more than text on the ssh fan-out (exit 2, nothing run)."""
     values = [("argument", a) for a in plan.train_args] + [("master address", plan.master_addr),
                                                            ("working directory", os.getcwd()),
@@ -457,7 +456,7 @@ def resolve_master(ns: argparse.Namespace, via: str, nnodes: int, hosts: Optiona
     return addr, port
 
 
-def plan_hostfile(plan: Plan, given: Optional[str], allocation: SlurmHosts) -> None:
+def plan_hostfile(plan: LaunchSpec, given: Optional[str], allocation: SlurmHosts) -> None:
     """deepspeed needs a hostfile for several nodes; write one from the allocation when none is given."""
     if given:
         plan.hostfile = given
@@ -473,7 +472,7 @@ def plan_hostfile(plan: Plan, given: Optional[str], allocation: SlurmHosts) -> N
         plan.notes.append("hostfile names are placeholders: without ssh deepspeed uses only the slot counts")
 
 
-def build_commands(plan: Plan, module: str) -> None:
+def build_commands(plan: LaunchSpec, module: str) -> None:
     python = sys.executable
     if plan.via == "srun":
         plan.command = srun_command(plan, python, module)
@@ -497,14 +496,14 @@ def _is_loopback(addr: str) -> bool:
         return addr == "localhost"
 
 
-def torchrun_command(plan: Plan, python: str, module: str, node_rank: int) -> list[str]:
+def torchrun_command(plan: LaunchSpec, python: str, module: str, node_rank: int) -> list[str]:
     # Static rendezvous: every node is told the same master address and port and its own rank.
     return [python, "-m", "torch.distributed.run", "--nnodes", str(plan.nnodes), "--node-rank", str(node_rank),
             "--nproc-per-node", str(plan.nproc_per_node), "--master-addr", plan.master_addr,
             "--master-port", str(plan.master_port), "-m", module, *plan.train_args]
 
 
-def deepspeed_command(plan: Plan, python: str, module: str, node_rank: Optional[int]) -> list[str]:
+def deepspeed_command(plan: LaunchSpec, python: str, module: str, node_rank: Optional[int]) -> list[str]:
     script = os.path.join(os.path.dirname(python), "deepspeed")
     launcher = [script] if os.path.isfile(script) else [python, "-m", "deepspeed.launcher.runner"]
     cmd = launcher + ["--num_nodes", str(plan.nnodes), "--num_gpus", str(plan.nproc_per_node),
@@ -517,7 +516,7 @@ def deepspeed_command(plan: Plan, python: str, module: str, node_rank: Optional[
     return cmd + ["--module", module, *plan.train_args]
 
 
-def srun_command(plan: Plan, python: str, module: str) -> list[str]:
+def srun_command(plan: LaunchSpec, python: str, module: str) -> list[str]:
     return ["srun", "--nodes", str(plan.nnodes), "--ntasks-per-node", str(plan.nproc_per_node),
             "--kill-on-bad-exit=1", python, "-m", module, *plan.train_args]
 
@@ -526,7 +525,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: LaunchSpec) -> str:
     """The dry-run text: a header, the environment added, then `node R: COMMAND` per node."""
     where = f"this is node {plan.node_rank}" if plan.node_rank is not None else "run once for all nodes"
     lines = [f"# dft-launch via {plan.via}: {_count(plan.nnodes, 'node')} x {_count(plan.nproc_per_node, 'rank')}, "
@@ -693,7 +692,7 @@ def execute(cmd: list[str], env: dict[str, str], *, module: str = TRAIN_MODULE, 
     return code
 
 
-def run(plan: Plan, env: Mapping[str, str] = os.environ) -> int:
+def run(plan: LaunchSpec, env: Mapping[str, str] = os.environ) -> int:
     child_env = dict(env)
     child_env.update(plan.env)
     module = env.get(TRAIN_MODULE_ENV) or TRAIN_MODULE
@@ -735,7 +734,7 @@ def run(plan: Plan, env: Mapping[str, str] = os.environ) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     ns = parse_args(argv)
     try:
-        plan = make_plan(ns, os.environ)
+        plan = make_launch_spec(ns, os.environ)
     except UserError as exc:
         print(f"dft-launch: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT

@@ -52,7 +52,7 @@ RESERVE_GIB = 2.0
 STRATEGIES = (("ZeRO-2", 2, False), ("ZeRO-3", 3, False), ("ZeRO-3 + offload", 3, True))
 
 
-def load_config(name: str):
+def load_model_config(name: str):
     from transformers import AutoConfig
 
     if name.lower() in PRESETS:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dft-plan: error: --model: not a preset ({', '.join(PRESETS)}), and {exc}", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.model)
+        config = load_model_config(args.model)
     except (OSError, ValueError) as exc:
         print(f"dft-plan: error: --model {args.model}: not a preset ({', '.join(PRESETS)}) and not a readable "
               f"model directory ({exc})", file=sys.stderr)

@@ -71,10 +71,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
 def shutdown_distributed() -> None:
     """Leave the process group. A program that joined one ends through `exit_rank`, not a plain return."""
-    import torch.distributed as dist
+    import torch.distributed as tdist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def exit_rank(code: int) -> NoReturn:
@@ -96,9 +96,9 @@ def exit_rank(code: int) -> NoReturn:
     import atexit
     import threading
 
-    import torch.distributed as dist
+    import torch.distributed as tdist
 
-    if not (_JOINED_PROCESS_GROUP or (dist.is_available() and dist.is_initialized())):
+    if not (_JOINED_PROCESS_GROUP or (tdist.is_available() and tdist.is_initialized())):
         sys.exit(code)
     shutdown_distributed()
     for thread in threading.enumerate():
@@ -112,20 +112,20 @@ def exit_rank(code: int) -> NoReturn:
 
 
 def barrier(world_size: int) -> None:
-    import deepspeed.comm as dist
+    import deepspeed.comm as comm
 
     if world_size > 1:
-        dist.barrier()
+        comm.barrier()
 
 
 def any_rank(flag: bool, world_size: int) -> bool:
     """Whether `flag` is true on any rank (one all-reduce); every rank learns the same answer."""
     if world_size == 1:
         return flag
-    import deepspeed.comm as dist
+    import deepspeed.comm as comm
 
     value = torch.tensor([1.0 if flag else 0.0], device=device())
-    dist.all_reduce(value)
+    comm.all_reduce(value)
     return bool(value.item() > 0)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
-from dft_ds.config import SYNTHETIC, BatchPlan, Config, resolve_batch, resume_changes, to_dict
+from dft_ds.config import SYNTHETIC, BatchSplit, Config, resolve_batch, resume_changes, to_dict
 from dft_ds.errors import ConfigError, DataError, ModelError, counted
 from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
@@ -34,7 +34,7 @@ class LoraBase:
 class RunPlan:
     cfg: Config
     world_size: int
-    batch: BatchPlan
+    batch: BatchSplit
     resume: Optional[ckpt.CheckpointRef]
     tokenizer: Any
     model_config: Any
@@ -95,7 +95,7 @@ class RunPlan:
             return LoraBase(os.path.abspath(os.path.join(self.cfg.train.output_dir, BASE_DIR)), True)
         return LoraBase(m.name_or_path, False)
 
-    def lora_identity(self) -> Optional[dict[str, Any]]:
+    def lora_record(self) -> Optional[dict[str, Any]]:
         """model.lora as a checkpoint records it: what dft-convert needs to merge or write the adapter."""
         m = self.cfg.model
         if not m.lora:
@@ -104,13 +104,13 @@ class RunPlan:
                 "train_embeddings": m.lora_train_embeddings, "base": self.lora_base.path,
                 "trainable_parameters": self.n_trainable}
 
-    def identity(self) -> dict[str, Any]:
+    def checkpoint_record(self) -> dict[str, Any]:
         """What every checkpoint of this run records beside its step and sampler position."""
         out = {"world_size": self.world_size, "global_batch_size": self.batch.global_batch_size,
                "zero_stage": self.zero_stage, "precision": self.precision, "fingerprints": self.fingerprints,
                "config": to_dict(self.cfg)}
         if self.cfg.model.lora:
-            out["lora"] = self.lora_identity()
+            out["lora"] = self.lora_record()
         return out
 
     # ---- what is printed, the same by --check and by the run
@@ -256,13 +256,13 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     model_config = mdl.load_model_config(cfg.model, tokenizer)
     data, heldout = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     warnings += data.report.warnings
-    prints = rundir.fingerprints(model_config, tokenizer, data.rows)
+    fingerprints = rundir.fingerprints(model_config, tokenizer, data.rows)
     precision = dsc.resolve_precision(cfg.train.precision)
     changed: list[str] = []
     if resume is not None:
-        changed = check_resume_settings(resume, cfg, precision, prints)
+        changed = check_resume_settings(resume, cfg, precision, fingerprints)
         warnings += [f"resume: {c}" for c in changed]
-    rundir.check_run_fingerprints(out, prints)
+    rundir.check_run_fingerprints(out, fingerprints)
     if len(data.rows) < batch.global_batch_size:
         r = data.report
         raise DataError(short_data_message(cfg, len(data.rows), r.samples - r.heldout - r.dropped_overlong
@@ -275,7 +275,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
         warnings.append(f"resume: world size {resume.world_size} -> {world_size}; loading through DeepSpeed's "
                         "universal checkpoint format")
     # DeepSpeed sees every rank as data-parallel (sequence parallelism is ours): its batch counts all ranks.
-    ds_config = dsc.render_ds_config(cfg, BatchPlan(batch.micro_batch_size, batch.gradient_accumulation_steps,
+    ds_config = dsc.render_ds_config(cfg, BatchSplit(batch.micro_batch_size, batch.gradient_accumulation_steps,
                                                     world_size), precision, model_config.hidden_size, on_cpu,
                                      load_universal=load_universal)
     model = meta_model(model_config, cfg.model.trust_remote_code)
@@ -290,7 +290,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     if cfg.model.lora:
         targets, trainable = plan_lora(cfg, model, resume, world_size)
         n_params += trainable - (embedding_count(model) if cfg.model.lora_train_embeddings else 0)
-    return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, prints, steps_per_epoch,
+    return RunPlan(cfg, world_size, batch, resume, tokenizer, model_config, data, fingerprints, steps_per_epoch,
                    total_steps, precision, on_cpu, ds_config, fused, n_params, attention, heldout,
                    changed, warnings, targets, trainable)
 
@@ -367,7 +367,7 @@ def short_data_message(cfg: Config, rows: int, samples: int, global_batch: int) 
 
 
 def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: str,
-                          prints: dict[str, str]) -> list[str]:
+                          fingerprints: dict[str, str]) -> list[str]:
     """Refuse settings that change what the weights mean, and a model, tokenizer or data that differ
     from the checkpoint's (exit 2, naming each key and the directory); return the other changed
     settings, which continue the run."""
@@ -376,7 +376,7 @@ def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: st
     if saved_precision is not None and saved_precision != precision:
         fixed.append(f"train.precision resolves to {precision!r} here, but the checkpoint trained in "
                      f"{saved_precision!r}")
-    fixed += ckpt.fingerprint_changes(resume, prints)
+    fixed += ckpt.fingerprint_changes(resume, fingerprints)
     if fixed:
         listed = "\n".join(f"  - {c}" for c in fixed)
         raise ConfigError(

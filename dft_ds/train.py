@@ -221,7 +221,7 @@ def train_locked(plan, dist, stop) -> int:
     engine.barrier()
 
     root = rundir.checkpoints_dir(cfg.train.output_dir)
-    saver = ckpt.Checkpointer(root, cfg.checkpoint.keep, engine, plan.identity(), sampler,
+    saver = ckpt.Checkpointer(root, cfg.checkpoint.keep, engine, plan.checkpoint_record(), sampler,
                               lambda d: save_hf_meta(engine.module, plan.tokenizer, d), plan.start_step,
                               lambda m: metrics.print(f"warning: {m}"))
     trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, cfg.logging.every_steps, metrics,

@@ -43,7 +43,7 @@ def logits_and_checkpoint(plan, engine, sampler):
     if engine.is_rank0:
         rundir.start(plan)
     engine.barrier()
-    saver = ckpt.Checkpointer(rundir.checkpoints_dir(plan.cfg.train.output_dir), 2, engine, plan.identity(), sampler,
+    saver = ckpt.Checkpointer(rundir.checkpoints_dir(plan.cfg.train.output_dir), 2, engine, plan.checkpoint_record(), sampler,
                               lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
     saver.save(1)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "logits": logits}

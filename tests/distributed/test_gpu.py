@@ -1,7 +1,6 @@
 """The CUDA path: NCCL, bf16 by `precision=auto`, fused Adam. Skipped on machines without a GPU."""
 
 import os
-import sys
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dft_ds import synthetic
-from dft_ds.config import BatchPlan, load_config
+from dft_ds.config import BatchSplit, load_config
 from dft_ds.data import StepSampler, build_train_data
 from dft_ds.loss import sft_loss
 from tests.distributed.helpers import clean_env, read_metrics
@@ -41,7 +41,7 @@ def test_first_step_nll_matches_the_saved_weights(tmp_path):
 
     cfg = load_config(None, overrides)
     data = build_train_data(cfg.data, tok, cfg.train.seed)
-    (indices,) = StepSampler(len(data.rows), BatchPlan(4, 1, 1), 0, cfg.train.seed).indices_for_step(0)
+    (indices,) = StepSampler(len(data.rows), BatchSplit(4, 1, 1), 0, cfg.train.seed).indices_for_step(0)
     batch = data.batch(indices)
     model.eval()
     with torch.no_grad():

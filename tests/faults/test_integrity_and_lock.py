@@ -13,7 +13,6 @@ fault matrix.
 """
 
 import json
-import os
 import shutil
 import signal
 import socket

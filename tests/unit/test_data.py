@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dft_ds import data, synthetic
-from dft_ds.config import BatchPlan, DataConfig, load_config
+from dft_ds.config import BatchSplit, DataConfig, load_config
 from dft_ds.data import (
     IGNORE_INDEX,
     RawData,
@@ -617,13 +617,13 @@ def test_padded_batch_of_rows_matches_each_row_alone(models, three_docs, impl):
 # ---------------------------------------------------------------- StepSampler
 
 
-def _step_indices(num_rows: int, plan: BatchPlan, seed: int, step: int) -> list[list[list[int]]]:
+def _step_indices(num_rows: int, plan: BatchSplit, seed: int, step: int) -> list[list[list[int]]]:
     """Per rank, the micro-batches of `step`."""
     return [StepSampler(num_rows, plan, rank, seed).indices_for_step(step) for rank in range(plan.world_size)]
 
 
 def test_sampler_is_deterministic_per_seed():
-    plan = BatchPlan(2, 2, 1)
+    plan = BatchSplit(2, 2, 1)
     a = [StepSampler(40, plan, 0, seed=5).indices_for_step(s) for s in range(6)]
     b = [StepSampler(40, plan, 0, seed=5).indices_for_step(s) for s in range(6)]
     c = [StepSampler(40, plan, 0, seed=6).indices_for_step(s) for s in range(6)]
@@ -633,7 +633,7 @@ def test_sampler_is_deterministic_per_seed():
 
 
 def test_sampler_uses_each_row_at_most_once_per_epoch():
-    plan = BatchPlan(micro_batch_size=2, gradient_accumulation_steps=1, world_size=2)
+    plan = BatchSplit(micro_batch_size=2, gradient_accumulation_steps=1, world_size=2)
     sampler = StepSampler(23, plan, 0, seed=0)
     assert sampler.steps_per_epoch == 5
     seen = []
@@ -646,7 +646,7 @@ def test_sampler_uses_each_row_at_most_once_per_epoch():
 
 @pytest.mark.parametrize("step", [0, 1, 4, 7])
 def test_step_set_does_not_depend_on_the_split(step):
-    plans = [BatchPlan(1, 4, 1), BatchPlan(1, 2, 2), BatchPlan(1, 1, 4), BatchPlan(2, 1, 2)]
+    plans = [BatchSplit(1, 4, 1), BatchSplit(1, 2, 2), BatchSplit(1, 1, 4), BatchSplit(2, 1, 2)]
     sets = []
     for plan in plans:
         assert plan.global_batch_size == 4
@@ -663,7 +663,7 @@ def test_step_set_does_not_depend_on_the_split(step):
 
 
 def test_sampler_resume_continues_with_the_same_indices():
-    plan = BatchPlan(1, 2, 2)
+    plan = BatchSplit(1, 2, 2)
     first = StepSampler(30, plan, 1, seed=9)
     it = iter(first)
     for _ in range(5):
@@ -678,12 +678,12 @@ def test_sampler_resume_continues_with_the_same_indices():
 
 
 def test_sampler_resume_on_another_world_size_keeps_the_step_set():
-    old = StepSampler(30, BatchPlan(1, 4, 1), 0, seed=9)
+    old = StepSampler(30, BatchSplit(1, 4, 1), 0, seed=9)
     it = iter(old)
     for _ in range(3):
         next(it)
     expected = {i for mb in next(it) for i in mb}
-    new_plan = BatchPlan(1, 2, 2)
+    new_plan = BatchSplit(1, 2, 2)
     got = set()
     for rank in range(2):
         s = StepSampler(30, new_plan, rank, seed=9)
@@ -693,21 +693,21 @@ def test_sampler_resume_on_another_world_size_keeps_the_step_set():
 
 
 def test_sampler_state_from_another_global_batch_or_seed_is_rejected():
-    state = StepSampler(30, BatchPlan(1, 4, 1), 0, seed=9).state_dict()
+    state = StepSampler(30, BatchSplit(1, 4, 1), 0, seed=9).state_dict()
     with pytest.raises(DataError, match="global batch"):
-        StepSampler(30, BatchPlan(1, 2, 1), 0, seed=9).load_state_dict(state)
+        StepSampler(30, BatchSplit(1, 2, 1), 0, seed=9).load_state_dict(state)
     with pytest.raises(DataError, match="seed"):
-        StepSampler(30, BatchPlan(1, 4, 1), 0, seed=10).load_state_dict(state)
+        StepSampler(30, BatchSplit(1, 4, 1), 0, seed=10).load_state_dict(state)
 
 
 def test_fewer_rows_than_one_global_batch_is_an_error():
     with pytest.raises(DataError, match="3 rows, fewer than one global batch of 4"):
-        StepSampler(3, BatchPlan(1, 2, 2), 0, seed=0)
-    assert StepSampler(4, BatchPlan(1, 2, 2), 0, seed=0).steps_per_epoch == 1
+        StepSampler(3, BatchSplit(1, 2, 2), 0, seed=0)
+    assert StepSampler(4, BatchSplit(1, 2, 2), 0, seed=0).steps_per_epoch == 1
 
 
 def test_epochs_reshuffle():
-    plan = BatchPlan(2, 1, 1)
+    plan = BatchSplit(2, 1, 1)
     sampler = StepSampler(10, plan, 0, seed=0)
     order = [i for s in range(10) for mb in sampler.indices_for_step(s) for i in mb]
     epoch0, epoch1 = order[:10], order[10:]

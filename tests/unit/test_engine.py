@@ -9,7 +9,7 @@ import torch
 
 from dft_ds import deepspeed_setup, ds_config, engine, procgroup, schedule
 from dft_ds.sequence_parallel import SequenceGroup, SequenceParallel, document_mask
-from dft_ds.config import BatchPlan, load_config
+from dft_ds.config import BatchSplit, load_config
 from dft_ds.errors import ConfigError
 from dft_ds.train import parse_args
 
@@ -54,7 +54,7 @@ def test_options_and_overrides_mix_in_any_order(argv):
     assert ns.check and ns.world_size == 8 and ns.config == "c.yaml" and ns.overrides == ["a.b=1"]
 
 
-def render(overrides=(), on_cpu=True, precision="fp32", plan=BatchPlan(4, 2, 2), hidden=256):
+def render(overrides=(), on_cpu=True, precision="fp32", plan=BatchSplit(4, 2, 2), hidden=256):
     return ds_config.render_ds_config(load_config(None, list(overrides)), plan, precision, hidden, on_cpu)
 
 

@@ -71,8 +71,8 @@ def slurm_env(fakebin, node_id=0, in_task=True, **extra) -> dict:
     return env
 
 
-def plan_for(argv, env) -> launch.Plan:
-    return launch.make_plan(launch.parse_args(argv), env)
+def plan_for(argv, env) -> launch.LaunchSpec:
+    return launch.make_launch_spec(launch.parse_args(argv), env)
 
 
 def flag(cmd, name) -> str:

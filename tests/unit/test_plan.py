@@ -4,7 +4,7 @@ and the largest micro batch it reports actually fits its own budget while one mo
 import pytest
 
 from dft_ds.memory import GIB, count_parameters, estimate_memory
-from dft_ds.plan import PRESETS, RESERVE_GIB, load_config, main, plan
+from dft_ds.plan import PRESETS, RESERVE_GIB, load_model_config, main, plan
 
 
 # Billions of parameters of each preset's published model (its model card), tied weights counted once.
@@ -14,7 +14,7 @@ PUBLISHED = {"qwen2.5-math-1.5b": 1.54, "qwen2.5-math-7b": 7.62, "llama-3.2-3b":
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_preset_sizes_match_the_published_models(name):
-    assert count_parameters(load_config(name)) / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
+    assert count_parameters(load_model_config(name)) / 1e9 == pytest.approx(PUBLISHED[name], abs=0.01)
 
 
 def test_every_preset_is_tested():
@@ -22,7 +22,7 @@ def test_every_preset_is_tested():
 
 
 def test_largest_micro_batch_fits_and_one_more_does_not():
-    config = load_config("llama-3.1-8b")
+    config = load_model_config("llama-3.1-8b")
     n = count_parameters(config)
     rows = [row for row in plan(config, 8, 80.0, 2048) if row.max_micro_batch]
     assert len(rows) >= 2  # an 8B model fits 8 x 80 GiB under several strategies
@@ -38,7 +38,7 @@ def test_largest_micro_batch_fits_and_one_more_does_not():
 
 
 def test_zero2_without_room_for_the_weights_does_not_fit():
-    rows = plan(load_config("llama-3.1-8b"), 2, 24.0, 2048)
+    rows = plan(load_model_config("llama-3.1-8b"), 2, 24.0, 2048)
     zero2 = [r for r in rows if r.strategy == "ZeRO-2"]
     assert all(r.max_micro_batch == 0 for r in zero2)  # 16 GB of bf16 weights + states on a 24 GiB card
     assert any(r.max_micro_batch > 0 for r in rows if r.strategy == "ZeRO-3 + offload")
@@ -88,7 +88,7 @@ def weights_only_dir(tmp_path_factory):
 def test_cli_counts_a_small_weights_only_model(capsys, weights_only_dir):
     path, n_params = weights_only_dir
     assert not (path / "tokenizer.json").exists()
-    assert count_parameters(load_config(str(path))) == n_params
+    assert count_parameters(load_model_config(str(path))) == n_params
     assert main(["--model", str(path), "--gpus-per-node", "1", "--gpu-memory", "24", "--max-length", "128"]) == 0
     captured = capsys.readouterr()
     first = captured.out.splitlines()[0]
@@ -134,7 +134,7 @@ def test_cli_names_an_uncached_hub_model_offline_and_never_sends_a_bare_name(cap
 
 def test_sequence_parallel_plans_a_long_row_as_its_share_per_gpu(capsys):
     """N GPUs sharing each row: activations are those of a row N times shorter; weights are unchanged."""
-    config = load_config("qwen2.5-math-1.5b")
+    config = load_model_config("qwen2.5-math-1.5b")
     whole = plan(config, 8, 80.0, 8192)
     split = plan(config, 8, 80.0, 32768, sequence_parallel=4)
     for a, b in zip(whole, split):
@@ -148,7 +148,7 @@ def test_sequence_parallel_plans_a_long_row_as_its_share_per_gpu(capsys):
 
 
 def test_tiled_mlp_and_offload_shrink_only_the_activations():
-    config = load_config("qwen2.5-math-1.5b")
+    config = load_model_config("qwen2.5-math-1.5b")
     for ckpt in (False, True):
         base = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, ckpt, True, 128, False)
         tiled = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, ckpt, True, 128, False, mlp_tiles=8)

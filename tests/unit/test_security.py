@@ -88,7 +88,7 @@ def no_slurm_env() -> dict:
 def test_a_value_the_remote_shell_would_read_is_refused_before_anything_runs(two_hosts, arg, bad):
     ns = launch.parse_args([*two_hosts, "my.yaml", arg])
     with pytest.raises(UserError) as refused:
-        launch.make_plan(ns, no_slurm_env())
+        launch.make_launch_spec(ns, no_slurm_env())
     message = str(refused.value)
     assert f"the argument {arg!r} holds {bad!r}" in message
     assert "config file" in message and "--node-rank" in message and "--via srun" in message
@@ -96,16 +96,16 @@ def test_a_value_the_remote_shell_would_read_is_refused_before_anything_runs(two
 
 def test_the_master_address_is_checked_too(two_hosts):
     with pytest.raises(UserError, match=r"the master address '10.0.0.1;id' holds ';'"):
-        launch.make_plan(launch.parse_args([*two_hosts, "--master-addr", "10.0.0.1;id"]), no_slurm_env())
+        launch.make_launch_spec(launch.parse_args([*two_hosts, "--master-addr", "10.0.0.1;id"]), no_slurm_env())
 
 
 def test_plain_values_pass_and_no_ssh_passes_anything_as_one_argument(two_hosts):
     plain = ["my.yaml", "train.output_dir=/runs/a b", "model.lora_targets=q_proj,v_proj", "train.lr=5e-5"]
-    plan = launch.make_plan(launch.parse_args([*two_hosts, *plain]), no_slurm_env())
+    plan = launch.make_launch_spec(launch.parse_args([*two_hosts, *plain]), no_slurm_env())
     assert plan.node_rank is None and plan.command[-len(plain):] == plain
     # Per node (--no_ssh) deepspeed starts the ranks from an argument list: no shell, nothing to refuse.
     odd = "train.output_dir=/runs/$(id);`x`"
-    plan = launch.make_plan(launch.parse_args([*two_hosts, "--node-rank", "1", odd]), no_slurm_env())
+    plan = launch.make_launch_spec(launch.parse_args([*two_hosts, "--node-rank", "1", odd]), no_slurm_env())
     assert "--no_ssh" in plan.command and plan.command[-1] == odd
 
 
