@@ -20,7 +20,6 @@ from dft_ds import synthetic
 from dft_ds.checkpoint import Checkpointer, tag_for
 from dft_ds.config import load_config
 from dft_ds.procgroup import exit_rank, shutdown_distributed
-from dft_ds.model import save_hf_meta
 from dft_ds.rundir import checkpoints_dir
 from dft_ds.runplan import build_plan
 from dft_ds.train import build_session, world_size_from_env
@@ -71,9 +70,10 @@ def bench(name: str, overrides: dict, root: str) -> None:
     from dft_ds.metrics import NullMetrics
     from dft_ds.trainer import Trainer
 
-    Trainer(engine, plan.data, sampler, cfg.loss, 1, 1, NullMetrics()).train()
-    saver = Checkpointer(checkpoints_dir(out), 2, engine, plan.checkpoint_record(), sampler,
-                         lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
+    trainer = Trainer(plan, engine, sampler, NullMetrics())
+    trainer.total_steps = 1
+    trainer.train()
+    saver = Checkpointer(checkpoints_dir(out), engine, sampler, plan.checkpoint_record(), plan.tokenizer, keep=2)
     engine.barrier()
     t0 = time.perf_counter()
     tag_dir = saver.save(1)

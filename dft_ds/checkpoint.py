@@ -262,15 +262,27 @@ class Checkpointer:
 
     `record` is what every checkpoint of the run records beside its step and sampler position:
     world size, global batch, ZeRO stage, precision, fingerprints and the resolved config (see
-    RunPlan.checkpoint_record). `write_hf_meta(dir)` writes config and tokenizer for dft-convert.
+    RunPlan.checkpoint_record); `tokenizer` is saved with the model's config for dft-convert.
+    `for_run` builds one from a run's plan.
     """
 
-    def __init__(self, root: str, keep: int, engine, record: dict[str, Any], sampler,
-                 write_hf_meta: Callable[[str], None], start_step: int = 0,
-                 warn: Callable[[str], None] = log.warning):
-        self.root, self.keep, self.engine = root, keep, engine
-        self.record, self.sampler, self.write_hf_meta = record, sampler, write_hf_meta
+    def __init__(self, root: str, engine, sampler, record: dict[str, Any], tokenizer, keep: int = 2,
+                 start_step: int = 0, warn: Callable[[str], None] = log.warning):
+        self.root, self.keep, self.engine, self.tokenizer = root, keep, engine, tokenizer
+        self.record, self.sampler = record, sampler
         self.start_step, self.warn, self.saved = start_step, warn, set()
+
+    @classmethod
+    def for_run(cls, root: str, plan, engine, sampler, warn: Callable[[str], None] = log.warning) -> "Checkpointer":
+        """The checkpointer of a run (runplan.RunPlan): checkpoint.keep, its record, its resume step."""
+        return cls(root, engine, sampler, plan.checkpoint_record(), plan.tokenizer, keep=plan.cfg.checkpoint.keep,
+                   start_step=plan.start_step, warn=warn)
+
+    def write_hf_meta(self, directory: str) -> None:
+        """The model's config files and the tokenizer, beside the shards (what dft-convert reads)."""
+        from dft_ds.model import save_hf_meta
+
+        save_hf_meta(self.engine.module, self.tokenizer, directory)
 
     def save(self, step: int) -> str:
         """Save optimizer step `step`, unless this session saved it or resumed from it.

@@ -202,8 +202,7 @@ def train_locked(plan, dist, stop) -> int:
     from dft_ds import checkpoint as ckpt
     from dft_ds import rundir
     from dft_ds.memory import is_out_of_memory, out_of_memory_advice
-    from dft_ds.model import save_hf_meta
-    from dft_ds.trainer import Trainer
+    from dft_ds.trainer import LoopHooks, Trainer
 
     cfg = plan.cfg
     dist, engine, reference, sampler = build_session(plan, dist)
@@ -221,16 +220,9 @@ def train_locked(plan, dist, stop) -> int:
     engine.barrier()
 
     root = rundir.checkpoints_dir(cfg.train.output_dir)
-    saver = ckpt.Checkpointer(root, cfg.checkpoint.keep, engine, plan.checkpoint_record(), sampler,
-                              lambda d: save_hf_meta(engine.module, plan.tokenizer, d), plan.start_step,
-                              lambda m: metrics.print(f"warning: {m}"))
-    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, cfg.logging.every_steps, metrics,
-                      save=saver.save, save_every=cfg.checkpoint.every_steps, stop=stop,
-                      stop_at_step=cfg.train.stop_at_step, evaluate=build_evaluator(plan, engine),
-                      eval_every=cfg.eval.every_steps, fused=plan.fused, reference=reference,
-                      hist_every=cfg.logging.hist_every, nonfinite=cfg.train.nonfinite,
-                      max_skipped=cfg.train.max_skipped_steps, heldout=plan.heldout,
-                      heldout_every=cfg.eval.loss_every, heldout_micro=plan.batch.micro_batch_size)
+    saver = ckpt.Checkpointer.for_run(root, plan, engine, sampler, warn=lambda m: metrics.print(f"warning: {m}"))
+    hooks = LoopHooks(save=saver.save, evaluate=build_evaluator(plan, engine), stop=stop)
+    trainer = Trainer(plan, engine, sampler, metrics, reference, hooks)
     try:
         summary = trainer.train()
     except NonFiniteStop as exc:

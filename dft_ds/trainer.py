@@ -13,12 +13,11 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from dft_ds.config import LossConfig
-from dft_ds.data import StepSampler, TrainData, shard_rows
+from dft_ds.data import StepSampler, shard_rows
 from dft_ds.errors import NonFiniteStop
 from dft_ds.faults import fault_here, inject_fault, limit_memory, nan_gradient, pace_step
 from dft_ds.loss import (HIST_BINS, IGNORE_INDEX, FusedHead, LossParts, Reference, TokenWeight, compute_loss,
@@ -150,22 +149,32 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+@dataclass
+class LoopHooks:
+    """What the loop calls at its cadence points, each optional: `save(step)` (checkpoint.Checkpointer),
+    `evaluate(step) -> dict` (in-training evaluation), and the stop signal it polls."""
+
+    save: Optional[Callable[[int], Any]] = None
+    evaluate: Optional[Callable[[int], dict]] = None
+    stop: Optional[StopSignal] = None
+
+
 class Trainer:
-    def __init__(self, engine, data: TrainData, sampler: StepSampler, loss: LossConfig, total_steps: int,
-                 log_every: int, metrics, save: Optional[Callable[[int], None]] = None, save_every: int = 0,
-                 stop: Optional[StopSignal] = None, stop_at_step: Optional[int] = None,
-                 evaluate: Optional[Callable[[int], dict]] = None, eval_every: int = 0, fused: bool = False,
-                 reference=None, hist_every: int = 0, nonfinite: str = "stop", max_skipped: int = 10,
-                 heldout: Optional[TrainData] = None, heldout_every: int = 0, heldout_micro: int = 1):
-        self.engine, self.data, self.sampler = engine, data, sampler
-        self.fused, self.reference, self.hist_every = fused, reference, hist_every
-        self._hist_due = hist_every  # the next step at or after which the histogram is written
-        self.nonfinite, self.max_skipped, self.skipped = nonfinite, max_skipped, 0
-        self.stop_at_step = stop_at_step
-        self.heldout, self.heldout_every, self.heldout_micro = heldout, heldout_every, heldout_micro
-        self.evaluate, self.eval_every = (timed(evaluate) if evaluate is not None else None), eval_every
-        self.loss, self.total_steps, self.log_every, self.metrics = loss, total_steps, log_every, metrics
-        self.save, self.save_every, self.stop = save, save_every, stop or StopSignal()
+    """The loop of a run: built from its plan (runplan.RunPlan: data, steps, loss and cadence settings),
+    its engine, sampler and metrics, asft's reference when the loss uses one, and the hooks."""
+
+    def __init__(self, plan, engine, sampler: StepSampler, metrics, reference=None, hooks: Optional[LoopHooks] = None):
+        cfg, hooks = plan.cfg, hooks or LoopHooks()
+        self.engine, self.data, self.sampler, self.metrics = engine, plan.data, sampler, metrics
+        self.loss, self.total_steps, self.log_every = cfg.loss, plan.total_steps, cfg.logging.every_steps
+        self.fused, self.reference, self.hist_every = plan.fused, reference, cfg.logging.hist_every
+        self._hist_due = self.hist_every  # the next step at or after which the histogram is written
+        self.nonfinite, self.max_skipped, self.skipped = cfg.train.nonfinite, cfg.train.max_skipped_steps, 0
+        self.stop_at_step = cfg.train.stop_at_step
+        self.heldout, self.heldout_every, self.heldout_micro = plan.heldout, cfg.eval.loss_every, plan.batch.micro_batch_size
+        self.evaluate = timed(hooks.evaluate) if hooks.evaluate is not None else None
+        self.eval_every = cfg.eval.every_steps
+        self.save, self.save_every, self.stop = hooks.save, cfg.checkpoint.every_steps, hooks.stop or StopSignal()
 
     def train(self) -> Summary:
         self.engine.train()

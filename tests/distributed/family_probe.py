@@ -17,7 +17,6 @@ from grad_probe import probe_step  # this directory is on sys.path: the probe ru
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
 from dft_ds.procgroup import exit_rank, shutdown_distributed
-from dft_ds.model import save_hf_meta
 
 
 def one_step(overrides: list[str], keep):
@@ -43,8 +42,8 @@ def logits_and_checkpoint(plan, engine, sampler):
     if engine.is_rank0:
         rundir.start(plan)
     engine.barrier()
-    saver = ckpt.Checkpointer(rundir.checkpoints_dir(plan.cfg.train.output_dir), 2, engine, plan.checkpoint_record(), sampler,
-                              lambda d: save_hf_meta(engine.module, plan.tokenizer, d))
+    saver = ckpt.Checkpointer(rundir.checkpoints_dir(plan.cfg.train.output_dir), engine, sampler,
+                              plan.checkpoint_record(), plan.tokenizer, keep=2)
     saver.save(1)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "logits": logits}
 

@@ -56,8 +56,7 @@ def probe_step(overrides: list[str]):
         real_step()
 
     engine.step = step_and_capture
-    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused,
-                      reference=reference)
+    trainer = Trainer(plan, engine, sampler, NullMetrics(), reference)
     engine.train()
     sums = trainer.train_step(probe_rows(dist.rank) or sampler.indices_for_step(sampler.step))  # 0, or the resumed step
     totals = engine.all_reduce_sum(sums.as_tensor()).tolist()

@@ -21,8 +21,7 @@ def main(out_path: str, overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
     plan = build_plan(cfg, world_size_from_env())
     dist, engine, reference, sampler = build_session(plan)
-    trainer = Trainer(engine, plan.data, sampler, cfg.loss, plan.total_steps, 1, NullMetrics(), fused=plan.fused,
-                      reference=reference)
+    trainer = Trainer(plan, engine, sampler, NullMetrics(), reference)
     engine.train()
     losses = []
     for step in range(plan.total_steps):
