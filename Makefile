@@ -80,7 +80,7 @@ offline-rl-round: venv
 	NPROC=$(NPROC) bash scripts/offline_rl_round.sh $(ROUND) $(PREV) $(ROUND_ARGS)
 
 docs: venv
-	$(BIN)/python -m dft_ds.config --markdown > docs/configuration.md
+	$(BIN)/python -m dft_ds.config_docs > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

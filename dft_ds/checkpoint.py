@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import xxhash
 
+from dft_ds.config import Config, to_dict
 from dft_ds.errors import SaveFailed, UserError
 from dft_ds.faults import inject_fault
 
@@ -614,3 +615,35 @@ def load_rng(point: CheckpointRef, rank: int) -> None:
     path = os.path.join(point.tag_dir, "rng", f"rank{rank}.pt")
     if os.path.isfile(path):  # a rank that did not exist in the saved world keeps its seeded state
         set_rng_state(torch.load(path, weights_only=True))
+
+
+# Settings that change what the trained weights mean. A resume with another value would leave a run
+# directory whose config.yaml describes training its checkpoints did not have, so it is refused.
+# (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
+# resolved on the machine.) Every other setting only continues the run and may change with a warning.
+RESUME_FIXED = ("model.name_or_path", "model.config_overrides", "model.tokenizer", "model.trust_remote_code",
+                "model.lora", "model.lora_rank", "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings",
+                "data.*", "loss.type",
+                "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "loss.eaft_top_k",
+                "loss.threshold", "loss.threshold_base", "loss.normalize", "train.seed")
+
+
+def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[str], list[str]]:
+    """(fixed, other): the settings that differ from a checkpoint's resolved config (config.to_dict),
+    as 'key: old -> new', split into those RESUME_FIXED refuses and those a resume may change.
+    Neither the checkpoint section (how to save and resume) nor train.output_dir (a run directory may
+    be moved or copied) is compared."""
+    fixed, other = [], []
+    for section, values in to_dict(cfg).items():
+        if section == "checkpoint":
+            continue
+        for name, value in values.items():
+            before = saved.get(section, {}).get(name, value)
+            if before == value:
+                continue
+            key = f"{section}.{name}"
+            if key == "train.output_dir":
+                continue
+            text = f"{key} changed from {before!r} to {value!r}"
+            (fixed if key in RESUME_FIXED or f"{section}.*" in RESUME_FIXED else other).append(text)
+    return fixed, other

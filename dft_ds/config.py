@@ -36,17 +36,28 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
     attn_implementation: str = "auto"
-    """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed), else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents stay apart with each; the batch line says which runs."""
+    """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed),
+    else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents
+    stay apart with each; the batch line says which runs."""
     config_overrides: str = ""
-    """Train from scratch with another shape: comma-separated key=value pairs set on the model config before the model is built, as run_clm's --config_overrides (hidden_size=64,num_hidden_layers=2). Only with model.name_or_path=synthetic: a pretrained checkpoint's weights fix its shape. Each key must be a field of the config; its value is read as YAML (64, 1e-5, true, silu)."""
+    """Train from scratch with another shape: comma-separated key=value pairs set on the model config before the model
+    is built, as run_clm's --config_overrides (hidden_size=64,num_hidden_layers=2). Only with
+    model.name_or_path=synthetic: a pretrained checkpoint's weights fix its shape. Each key must be a field of the
+    config; its value is read as YAML (64, 1e-5, true, silu)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     tiled_mlp: int = 0
-    """Long rows: run each decoder layer's MLP over this many tiles of its tokens (in the forward, and again tile by tile in the backward), so only one tile's intermediate activations, the widest of a layer, exist at a time. 0 is off. Costs about one more MLP forward per step. docs/long_sequences.md."""
+    """Long rows: run each decoder layer's MLP over this many tiles of its tokens (in the forward, and again tile by
+    tile in the backward), so only one tile's intermediate activations, the widest of a layer, exist at a time. 0 is
+    off. Costs about one more MLP forward per step. docs/long_sequences.md."""
     offload_activations: bool = False
-    """Long rows: the tensors the backward needs (with gradient_checkpointing, each layer's input) wait in host memory between the forward and the backward, copied back as the backward reaches them. Costs two host-device copies of them per step; on a CPU run it changes nothing. docs/long_sequences.md."""
+    """Long rows: the tensors the backward needs (with gradient_checkpointing, each layer's input) wait in host memory
+    between the forward and the backward, copied back as the backward reaches them. Costs two host-device copies of
+    them per step; on a CPU run it changes nothing. docs/long_sequences.md."""
     lora: bool = False
-    """Train low-rank adapters (peft's LoRA) instead of every weight: the base stays frozen and carries no gradients or optimizer state. A pretrained model.name_or_path is the base; with synthetic, the random-init tiny Llama (written once to output_dir/base/ so dft-convert can merge). docs/models.md, LoRA."""
+    """Train low-rank adapters (peft's LoRA) instead of every weight: the base stays frozen and carries no gradients
+    or optimizer state. A pretrained model.name_or_path is the base; with synthetic, the random-init tiny Llama
+    (written once to output_dir/base/ so dft-convert can merge). docs/models.md, LoRA."""
     lora_rank: int = 16
     """model.lora: the adapters' rank r (>= 1)."""
     lora_alpha: float = 32.0
@@ -54,9 +65,11 @@ class ModelConfig:
     lora_dropout: float = 0.0
     """model.lora: dropout on the adapters' input, in [0, 1)."""
     lora_targets: str = "all-linear"
-    """model.lora: the modules that get adapters, comma-separated names (q_proj,v_proj) matched against the end of each module's name; all-linear is every linear layer of the decoder (the head is never adapted)."""
+    """model.lora: the modules that get adapters, comma-separated names (q_proj,v_proj) matched against the end of
+    each module's name; all-linear is every linear layer of the decoder (the head is never adapted)."""
     lora_train_embeddings: bool = False
-    """model.lora: also train the input embeddings and the LM head, fully (no adapter); with tied weights they are one matrix."""
+    """model.lora: also train the input embeddings and the LM head, fully (no adapter); with tied weights they are one
+    matrix."""
 
 
 @dataclass
@@ -66,7 +79,9 @@ class DataConfig:
     split: str = "train"
     """Split to read from a saved DatasetDict or a hub dataset."""
     format: str = "auto"
-    """Sample layout: auto (detected from the first row's fields and printed), prompt_response (two fields: text, or TRL's conversational lists of messages), messages (a chat list of role/content), alpaca (instruction/input/output), sharegpt (conversations of from/value). docs/data.md shows each."""
+    """Sample layout: auto (detected from the first row's fields and printed), prompt_response (two fields: text, or
+    TRL's conversational lists of messages), messages (a chat list of role/content), alpaca
+    (instruction/input/output), sharegpt (conversations of from/value). docs/data.md shows each."""
     preset: Optional[str] = None
     """Field-name preset: numina_cot (problem/solution). Fields you set yourself win over the preset."""
     prompt_field: str = "prompt"
@@ -76,7 +91,8 @@ class DataConfig:
     messages_field: str = "messages"
     """Field holding the chat messages (format messages)."""
     template: str = "auto"
-    """How a prompt becomes text: chat (tokenizer's chat template), plain (prompt + newline), auto (chat when the tokenizer has one)."""
+    """How a prompt becomes text: chat (tokenizer's chat template), plain (prompt + newline), auto (chat when the
+    tokenizer has one)."""
     max_length: int = 512
     """Tokens per sample (and per packed row)."""
     overlong: str = "truncate"
@@ -88,37 +104,52 @@ class DataConfig:
     synthetic_size: int = 4000
     """Number of generated training problems when source is "synthetic"."""
     eval_source: Optional[str] = None
-    """Held-out rows for eval.loss_every, read like data.source (same layout and fields); "synthetic" is the synthetic test split (data.synthetic_size / 10 problems, at least 32). Null with eval_fraction 0: no held-out loss."""
+    """Held-out rows for eval.loss_every, read like data.source (same layout and fields); "synthetic" is the synthetic
+    test split (data.synthetic_size / 10 problems, at least 32). Null with eval_fraction 0: no held-out loss."""
     eval_split: str = "test"
     """Split of a saved DatasetDict or hub dataset given as data.eval_source."""
     eval_fraction: float = 0.0
-    """Hold out this fraction of data.source's samples (seeded, before packing) for eval.loss_every, when data.eval_source is null."""
+    """Hold out this fraction of data.source's samples (seeded, before packing) for eval.loss_every, when
+    data.eval_source is null."""
 
 
 @dataclass
 class LossConfig:
     type: str = "dft"
-    """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model)), eaft (w=(H_k/ln k)^alpha, the position's normalised top-k entropy), only_top_p / only_bottom_p (threshold_base's weight where p is above / below loss.threshold, 0 elsewhere). docs/method.md."""
+    """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT
+    between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model)), eaft (w=(H_k/ln k)^alpha, the
+    position's normalised top-k entropy), only_top_p / only_bottom_p (threshold_base's weight where p is above / below
+    loss.threshold, 0 elsewhere). docs/method.md."""
     prob_floor: float = 0.0
-    """dft, power, mix, asft (and only_*_p with threshold_base dft): p in the weight is max(p, prob_floor). 0 is pure DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
+    """dft, power, mix, asft (and only_*_p with threshold_base dft): p in the weight is max(p, prob_floor). 0 is pure
+    DFT; about 0.1 keeps unlikely tokens learning (weak priors, random init)."""
     alpha: float = 1.0
-    """power: the weight is p^alpha (0 is SFT, 1 is DFT, between them a softer DFT). eaft: the exponent of the normalised entropy."""
+    """power: the weight is p^alpha (0 is SFT, 1 is DFT, between them a softer DFT). eaft: the exponent of the
+    normalised entropy."""
     eaft_top_k: int = 20
-    """eaft only: the entropy is that of the top-k next-token distribution renormalised over those k, divided by ln k; 0 is the whole vocabulary, divided by ln V."""
+    """eaft only: the entropy is that of the top-k next-token distribution renormalised over those k, divided by ln k;
+    0 is the whole vocabulary, divided by ln V."""
     threshold: float = 0.1
-    """only_top_p / only_bottom_p: the probability q; a target token learns only where its p > q (only_top_p) or p < q (only_bottom_p). The others weigh 0 but still count in the normalising token count. 0.1 is the edge of the logged low_prob_share."""
+    """only_top_p / only_bottom_p: the probability q; a target token learns only where its p > q (only_top_p) or p < q
+    (only_bottom_p). The others weigh 0 but still count in the normalising token count. 0.1 is the edge of the logged
+    low_prob_share."""
     threshold_base: str = "dft"
     """only_top_p / only_bottom_p: the weight of the tokens kept: dft (p, or max(p, prob_floor)) or sft (1)."""
     normalize: str = "step"
-    """step: the weighted token losses are divided by the target tokens of the whole optimizer step on all ranks (the same gradient however the batch is split). micro_batch_mean: each micro-batch's token mean on its own rank, micro-batches summed, ranks averaged -- the DFT paper code's rule, for reproducing its numbers; the gradient then depends on the micro-batch size and accumulation steps."""
+    """step: the weighted token losses are divided by the target tokens of the whole optimizer step on all ranks (the
+    same gradient however the batch is split). micro_batch_mean: each micro-batch's token mean on its own rank,
+    micro-batches summed, ranks averaged -- the DFT paper code's rule, for reproducing its numbers; the gradient then
+    depends on the micro-batch size and accumulation steps."""
     mix_start: int = 0
     """mix only: optimizer step where the weight starts moving from 1 (SFT) towards p (DFT)."""
     mix_end: int = 0
     """mix only: optimizer step from which the weight is p (DFT); linear in between, w = (1-f) + f*p."""
     kl_coef: float = 0.1
-    """asft only: weight of the per-token KL(reference || model) against the frozen starting model (one more sharded copy of the weights)."""
+    """asft only: weight of the per-token KL(reference || model) against the frozen starting model (one more sharded
+    copy of the weights)."""
     fused: str = "auto"
-    """Fused chunked LM head + loss, never holding [tokens, vocab] logits: auto (on when the head is a plain bias-free linear layer), true (error if it is not), false."""
+    """Fused chunked LM head + loss, never holding [tokens, vocab] logits: auto (on when the head is a plain bias-free
+    linear layer), true (error if it is not), false."""
     chunk_mb: int = 128
     """Fused path: MiB of fp32 logits per chunk of target tokens (chunk rows = chunk_mb MiB / (4 x vocab))."""
 
@@ -131,7 +162,9 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/dft-tiny"
-    """Run directory: resolved config, metrics.jsonl, tensorboard/, checkpoints/. The same for every start, so a requeued job resumes its run; one holding a dft_ds run is resumed only with settings that keep what its weights mean (docs/checkpoints.md), so set a new one for each new run."""
+    """Run directory: resolved config, metrics.jsonl, tensorboard/, checkpoints/. The same for every start, so a
+    requeued job resumes its run; one holding a dft_ds run is resumed only with settings that keep what its weights
+    mean (docs/checkpoints.md), so set a new one for each new run."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
     micro_batch_size: int = 4
@@ -139,15 +172,20 @@ class TrainConfig:
     gradient_accumulation_steps: Optional[int] = None
     """Micro-batches per optimizer step on each rank; null derives it from global_batch_size (or 1)."""
     global_batch_size: Optional[int] = None
-    """Rows per optimizer step over all ranks = micro_batch_size x gradient_accumulation_steps x data-parallel ranks (the world size / sequence_parallel)."""
+    """Rows per optimizer step over all ranks = micro_batch_size x gradient_accumulation_steps x data-parallel ranks
+    (the world size / sequence_parallel)."""
     sequence_parallel: int = 1
-    """Ulysses sequence parallelism: groups of N consecutive ranks share each row, each rank holding 1/N of its tokens (attention exchanges heads for tokens inside the group). The world size must be a multiple of N, the data-parallel ranks are world / N, and the model's attention heads (and its key/value heads, or N by them) must divide by N. Needs model.attn_implementation sdpa or flash_attention_2. docs/long_sequences.md."""
+    """Ulysses sequence parallelism: groups of N consecutive ranks share each row, each rank holding 1/N of its tokens
+    (attention exchanges heads for tokens inside the group). The world size must be a multiple of N, the data-parallel
+    ranks are world / N, and the model's attention heads (and its key/value heads, or N by them) must divide by N.
+    Needs model.attn_implementation sdpa or flash_attention_2. docs/long_sequences.md."""
     max_steps: Optional[int] = None
     """Optimizer steps to run; null runs train.epochs over the data."""
     epochs: float = 1.0
     """Passes over the data when max_steps is null."""
     stop_at_step: Optional[int] = None
-    """Save a checkpoint and exit with code 75 after this optimizer step, schedule unchanged (time-sliced jobs); run again to go on."""
+    """Save a checkpoint and exit with code 75 after this optimizer step, schedule unchanged (time-sliced jobs); run
+    again to go on."""
     lr: float = 5e-5
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.0
@@ -167,13 +205,16 @@ class TrainConfig:
     precision: str = "auto"
     """bf16, fp16, fp32 or auto (bf16 on accelerators that support it, fp32 on CPU)."""
     nonfinite: str = "stop"
-    """A non-finite loss on any rank: stop (save the last good state, exit 3) or skip (the step changes no weight; counted as skipped_steps)."""
+    """A non-finite loss on any rank: stop (save the last good state, exit 3) or skip (the step changes no weight;
+    counted as skipped_steps)."""
     max_skipped_steps: int = 10
     """nonfinite=skip: stop as with nonfinite=stop once this many steps were skipped in one session."""
     comm_timeout_s: int = 1800
-    """Seconds a collective may wait for a silent peer before the rank fails (a dead peer whose connection closes fails it at once)."""
+    """Seconds a collective may wait for a silent peer before the rank fails (a dead peer whose connection closes
+    fails it at once)."""
     lock_stale_s: int = 600
-    """A run directory's lock (run.lock) whose heartbeat is older than this is taken over from its dead holder; rank 0 renews it every lock_stale_s/10 seconds."""
+    """A run directory's lock (run.lock) whose heartbeat is older than this is taken over from its dead holder; rank 0
+    renews it every lock_stale_s/10 seconds."""
 
 
 @dataclass
@@ -187,7 +228,8 @@ class CheckpointConfig:
     save_final: bool = True
     """Save a checkpoint when training ends (export.hf=true saves it anyway: the export is converted from it)."""
     verify: str = "hash"
-    """What a resume (and dft-convert) checks of a checkpoint first: hash (every file's content against the xxh3 hashes recorded at save time), size (file sizes and shard count only) or off."""
+    """What a resume (and dft-convert) checks of a checkpoint first: hash (every file's content against the xxh3
+    hashes recorded at save time), size (file sizes and shard count only) or off."""
 
 
 @dataclass
@@ -209,11 +251,13 @@ class EvalConfig:
     max_new_tokens: int = 256
     """Generated tokens per problem."""
     prompt: str = "chat"
-    """Prompt style as for dft-eval: chat (the tokenizer's chat template, as training data is rendered by default), boxed or plain."""
+    """Prompt style as for dft-eval: chat (the tokenizer's chat template, as training data is rendered by default),
+    boxed or plain."""
     temperature: float = 0.0
     """0 is greedy decoding (a curve free of sampling noise); > 0 samples with a fixed seed."""
     loss_every: int = 0
-    """Held-out loss, NLL and mean token probability (data.eval_source or data.eval_fraction) every N optimizer steps, sharded over ranks, logged as eval/*; 0 never."""
+    """Held-out loss, NLL and mean token probability (data.eval_source or data.eval_fraction) every N optimizer steps,
+    sharded over ranks, logged as eval/*; 0 never."""
 
 
 @dataclass
@@ -223,23 +267,28 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events to output_dir/tensorboard (rank 0)."""
     report_to: str = "none"
-    """More trackers, comma-separated: wandb, mlflow (tensorboard is logging.tensorboard). Rank 0 only; nothing is imported unless named. W&B honours WANDB_MODE, and logs offline to output_dir/wandb when it is unset and no API key is configured; MLflow writes to MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
+    """More trackers, comma-separated: wandb, mlflow (tensorboard is logging.tensorboard). Rank 0 only; nothing is
+    imported unless named. W&B honours WANDB_MODE, and logs offline to output_dir/wandb when it is unset and no API
+    key is configured; MLflow writes to MLFLOW_TRACKING_URI, else a file store in output_dir/mlruns."""
     project: str = "dft_ds"
     """W&B project and MLflow experiment name (logging.report_to)."""
     run_name: Optional[str] = None
     """Run name shown by the trackers; null is the last part of train.output_dir."""
     progress_bar: bool = True
-    """Show a progress bar with loss and tokens/s (rank 0). Off, or when stdout is not a terminal (a Slurm log), one plain line is printed every logging.every_steps steps instead."""
+    """Show a progress bar with loss and tokens/s (rank 0). Off, or when stdout is not a terminal (a Slurm log), one
+    plain line is printed every logging.every_steps steps instead."""
     plot: bool = True
     """Write training_curves.png (loss, NLL, mean token probability against step) to output_dir at the end of a run."""
     hist_every: int = 50
-    """Write a histogram of target-token probabilities (20 bins on [0, 1], the logging window's tokens) at the first log on or after every N steps; 0 never."""
+    """Write a histogram of target-token probabilities (20 bins on [0, 1], the logging window's tokens) at the first
+    log on or after every N steps; 0 never."""
 
 
 @dataclass
 class DeepSpeedSection:
     config: str = "zero3"
-    """DeepSpeed template: zero2, zero3, zero3_offload (from ds_configs/) or a path to a JSON file; "auto" fields are filled from this config."""
+    """DeepSpeed template: zero2, zero3, zero3_offload (from ds_configs/) or a path to a JSON file; "auto" fields are
+    filled from this config."""
 
 
 @dataclass
@@ -490,7 +539,8 @@ def _build(tree: dict, problems: list[str], origin: str) -> Config:
                 continue
             ok, coerced = _coerce(value, hints[name])
             if not ok:  # on failure `coerced` is the value as read, to show what was given
-                problems.append(f"{key}: expected {_type_name(hints[name])}, got {coerced!r} ({type(coerced).__name__})")
+                given = f"{coerced!r} ({type(coerced).__name__})"
+                problems.append(f"{key}: expected {_type_name(hints[name])}, got {given}")
                 continue
             kwargs[name] = coerced
         built[section] = cls(**kwargs)
@@ -709,130 +759,6 @@ def _check_values(cfg: Config) -> list[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class BatchSplit:
-    """micro x accumulation x data-parallel world = global: the only place this is computed."""
-
-    micro_batch_size: int
-    gradient_accumulation_steps: int
-    world_size: int
-    note: str = field(default="", compare=False)  # how a resumed global batch was split, when it was
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
-
-
-def _batch_error(message: str) -> ConfigError:
-    return ConfigError(f"invalid configuration:\n  - {message}")
-
-
-def resolve_batch(train: TrainConfig, world_size: int, saved_global: Optional[int] = None) -> BatchSplit:
-    """The batch plan over the data-parallel ranks: the world size / train.sequence_parallel."""
-    n = train.sequence_parallel
-    if n < 1 or world_size % n:
-        raise _batch_error(f"train.sequence_parallel: {n} does not divide the world size {world_size}; use a divisor of "
-                           f"{world_size} (1 turns sequence parallelism off), or start a multiple of {n} ranks")
-    ranks = "" if n == 1 else f"data-parallel ranks {world_size // n} (world {world_size} / train.sequence_parallel {n})"
-    return _resolve_data_parallel(train, world_size // n, saved_global, ranks)
-
-
-def _resolve_data_parallel(train: TrainConfig, world_size: int, saved_global: Optional[int] = None,
-                           ranks: str = "") -> BatchSplit:
-    """Fill in whichever of accumulation / global batch is null, or check that they agree.
-
-    `saved_global`: the global batch of the checkpoint a run resumes from. Unless train.global_batch_size
-    is set, the resumed run keeps it (so it continues with the same samples per step on any world
-    size) and splits it over this world: the largest micro batch up to train.micro_batch_size that
-    divides each rank's share, and the accumulation that makes up the rest.
-    """
-    micro, accum, total = train.micro_batch_size, train.gradient_accumulation_steps, train.global_batch_size
-    per_step = micro * world_size
-    if total is None and saved_global is not None:
-        return _split_saved_batch(train, world_size, saved_global)
-    if total is None:
-        return BatchSplit(micro, accum or 1, world_size)
-    if total % per_step:
-        raise _batch_error(f"train.global_batch_size: {total} is not divisible by micro_batch_size {micro} x "
-                           f"{ranks or f'world size {world_size}'} = {per_step}; {_nearest_batches(total, micro, world_size)}")
-    derived = total // per_step
-    if accum is not None and accum != derived:
-        raise _batch_error(f"train.gradient_accumulation_steps: {accum} x micro_batch_size {micro} x "
-                           f"{ranks or f'world size {world_size}'} = {accum * per_step}, but train.global_batch_size is {total}; set "
-                           f"train.gradient_accumulation_steps={derived} (or null, which derives it), or "
-                           f"train.global_batch_size={accum * per_step}")
-    return BatchSplit(micro, derived, world_size)
-
-
-def _nearest_batches(total: int, micro: int, world_size: int) -> str:
-    """The valid settings nearest to a global batch that micro x world does not divide."""
-    per_step = micro * world_size
-    below, above = total // per_step * per_step, (total // per_step + 1) * per_step
-    near = f"train.global_batch_size={above}" if not below else \
-        f"train.global_batch_size={below} or {above}"
-    text = f"the nearest valid values are {near} (multiples of {per_step})"
-    if total % world_size == 0:
-        share = total // world_size
-        micros = [m for m in range(1, min(share, 2 * micro) + 1) if share % m == 0]
-        closest = sorted(micros, key=lambda m: (abs(m - micro), -m))[:3]
-        text += (f", or keep {total} with train.micro_batch_size={' or '.join(str(m) for m in sorted(closest))} "
-                 f"(a micro batch must divide each rank's share of {share} rows)")
-    return text
-
-
-def _split_saved_batch(train: TrainConfig, world_size: int, saved: int) -> BatchSplit:
-    micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
-    if accum is not None and micro * accum * world_size == saved:
-        return BatchSplit(micro, accum, world_size)
-    if saved % world_size:
-        raise _batch_error(
-            f"train.global_batch_size: the checkpoint was trained with a global batch of {saved} rows, which "
-            f"{world_size} ranks cannot share evenly; resume on a number of ranks that divides {saved}, or set "
-            "train.global_batch_size to change the batch from here on")
-    share = saved // world_size
-    fit = max(m for m in range(1, min(micro, share) + 1) if share % m == 0)
-    plan = BatchSplit(fit, share // fit, world_size)
-    fresh = micro * (accum or 1) * world_size
-    if plan.global_batch_size == fresh and fit == micro:
-        return plan
-    changed = f"micro batch {fit} (train.micro_batch_size is {micro})" if fit != micro else f"micro batch {fit}"
-    note = (f"resume keeps the checkpoint's global batch of {saved} rows: {changed} x accumulation "
-            f"{plan.gradient_accumulation_steps} x world {world_size}")
-    return BatchSplit(fit, plan.gradient_accumulation_steps, world_size, note)
-
-
-# Settings that change what the trained weights mean. A resume with another value would leave a run
-# directory whose config.yaml describes training its checkpoints did not have, so it is refused.
-# (The model, tokenizer and tokenised data are also compared by fingerprint, and the precision as
-# resolved on the machine.) Every other setting only continues the run and may change with a warning.
-RESUME_FIXED = ("model.name_or_path", "model.config_overrides", "model.tokenizer", "model.trust_remote_code",
-                "model.lora", "model.lora_rank", "model.lora_alpha", "model.lora_targets", "model.lora_train_embeddings",
-                "data.*", "loss.type",
-                "loss.prob_floor", "loss.alpha", "loss.mix_start", "loss.mix_end", "loss.kl_coef", "loss.eaft_top_k",
-                "loss.threshold", "loss.threshold_base", "loss.normalize", "train.seed")
-
-
-def resume_changes(saved: dict[str, dict[str, Any]], cfg: Config) -> tuple[list[str], list[str]]:
-    """(fixed, other): the settings that differ from a checkpoint's resolved config (config.to_dict),
-    as 'key: old -> new', split into those RESUME_FIXED refuses and those a resume may change.
-    Neither the checkpoint section (how to save and resume) nor train.output_dir (a run directory may
-    be moved or copied) is compared."""
-    fixed, other = [], []
-    for section, values in to_dict(cfg).items():
-        if section == "checkpoint":
-            continue
-        for name, value in values.items():
-            before = saved.get(section, {}).get(name, value)
-            if before == value:
-                continue
-            key = f"{section}.{name}"
-            if key == "train.output_dir":
-                continue
-            text = f"{key} changed from {before!r} to {value!r}"
-            (fixed if key in RESUME_FIXED or f"{section}.*" in RESUME_FIXED else other).append(text)
-    return fixed, other
-
-
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
@@ -846,36 +772,7 @@ def save_config(cfg: Config, path: str | os.PathLike, extra: Optional[dict] = No
         yaml.safe_dump(data, fh, sort_keys=False)
 
 
-def reference_markdown() -> str:
-    """docs/configuration.md, generated from the dataclass docstrings so it cannot drift."""
-    out = ["# Configuration reference", "",
-           "Generated by `python -m dft_ds.config --markdown` from the docstrings in `dft_ds/config.py`.",
-           "Precedence: command line (`section.key=value`) > YAML file > defaults.", "",
-           "With `model.name_or_path: synthetic` (the embedded default) these values replace the defaults "
-           "unless a file or the command line sets them: "
-           + ", ".join(f"`{s}.{k}={v}`" for s, vals in SYNTHETIC_PROFILE.items() for k, v in vals.items()) + ".", ""]
-    section = None
-    for key, type_name, default, doc in describe_fields():
-        name = key.split(".")[0]
-        if name != section:
-            section = name
-            out += ["", f"## {section}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        choices = CHOICES.get(key)
-        extra = f" One of: {', '.join(choices)}." if choices else ""
-        out.append(f"| `{key}` | {type_name} | `{default!r}` | {doc}{extra} |")
-    out += ["", "## Names from other tools", "",
-            "An unknown key is looked up by its bare name in this table first, in any section or in none, and the "
-            "error names what it means here; otherwise the closest spelling is suggested. A flat file (keys "
-            "without sections, as HF Trainer and LLaMA-Factory write them) gets one message that names the "
-            "setting of each key.", "", "| they type | here |", "|---|---|"]
-    out += [f"| `{name}` | {meaning} |" for name, meaning in KNOWN_AS.items()]
-    return "\n".join(out) + "\n"
-
-
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["--markdown"]:
-        sys.stdout.write(reference_markdown())
-    else:
-        sys.exit("usage: python -m dft_ds.config --markdown")
+    sys.exit("docs/configuration.md is written by `python -m dft_ds.config_docs` (make docs)")

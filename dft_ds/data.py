@@ -24,7 +24,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dft_ds.config import SYNTHETIC, BatchSplit, DataConfig
+from dft_ds.batch import BatchSplit
+from dft_ds.config import SYNTHETIC, DataConfig
 from dft_ds.errors import DataError
 from dft_ds.hub import looks_like_hub_name
 from dft_ds.loss import IGNORE_INDEX

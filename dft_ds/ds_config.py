@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from dft_ds.config import BatchSplit, Config
+from dft_ds.batch import BatchSplit
+from dft_ds.config import Config
 from dft_ds.errors import ConfigError
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")

@@ -14,7 +14,8 @@ from typing import Any, Optional
 
 from dft_ds import checkpoint as ckpt
 from dft_ds import rundir
-from dft_ds.config import SYNTHETIC, BatchSplit, Config, resolve_batch, resume_changes, to_dict
+from dft_ds.batch import BatchSplit, resolve_batch
+from dft_ds.config import SYNTHETIC, Config, to_dict
 from dft_ds.errors import ConfigError, DataError, ModelError, counted
 from dft_ds.hub import check_hub_names
 from dft_ds.memory import GIB
@@ -371,7 +372,7 @@ def check_resume_settings(resume: ckpt.CheckpointRef, cfg: Config, precision: st
     """Refuse settings that change what the weights mean, and a model, tokenizer or data that differ
     from the checkpoint's (exit 2, naming each key and the directory); return the other changed
     settings, which continue the run."""
-    fixed, other = resume_changes(resume.config, cfg)
+    fixed, other = ckpt.resume_changes(resume.config, cfg)
     saved_precision = resume.state.get("precision")
     if saved_precision is not None and saved_precision != precision:
         fixed.append(f"train.precision resolves to {precision!r} here, but the checkpoint trained in "

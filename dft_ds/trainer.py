@@ -89,8 +89,8 @@ class Summary:
 
 class LoopClock:
     """The loop's wall time, split: evaluation and checkpoint saves are paused out of the training time,
-    so tokens/s counts training only (an evaluation in a logging window once showed 1192 tokens/s
-    against about 4900)."""
+    so tokens/s counts training only (an evaluation inside a logging window would otherwise show as a
+    slow window)."""
 
     def __init__(self):
         self.start = time.perf_counter()

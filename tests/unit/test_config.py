@@ -19,9 +19,9 @@ from dft_ds.config import (
     TrainConfig,
     describe_fields,
     load_config,
-    resolve_batch,
     save_config,
 )
+from dft_ds.batch import resolve_batch
 from dft_ds.errors import EXIT_BAD_INPUT, ConfigError
 
 REAL_MODEL = "org/some-real-model"  # any name_or_path other than "synthetic": the profile stays off

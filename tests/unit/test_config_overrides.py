@@ -4,7 +4,8 @@ with a message naming the pair at fault for each mistake."""
 import pytest
 
 from dft_ds import model as mdl
-from dft_ds.config import ConfigError, ModelConfig, load_config, resume_changes, to_dict
+from dft_ds.checkpoint import resume_changes
+from dft_ds.config import ConfigError, ModelConfig, load_config, to_dict
 from dft_ds.errors import ModelError
 
 

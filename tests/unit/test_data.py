@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dft_ds import data, synthetic
-from dft_ds.config import BatchSplit, DataConfig, load_config
+from dft_ds.batch import BatchSplit
+from dft_ds.config import DataConfig, load_config
 from dft_ds.data import (
     IGNORE_INDEX,
     RawData,

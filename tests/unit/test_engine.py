@@ -9,7 +9,8 @@ import torch
 
 from dft_ds import deepspeed_setup, ds_config, engine, procgroup, schedule
 from dft_ds.sequence_parallel import SequenceGroup, SequenceParallel, document_mask
-from dft_ds.config import BatchSplit, load_config
+from dft_ds.batch import BatchSplit
+from dft_ds.config import load_config
 from dft_ds.errors import ConfigError
 from dft_ds.train import parse_args
 
