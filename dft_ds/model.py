@@ -336,28 +336,39 @@ def apply_tiled_mlp(model, tiles: int) -> int:
     return count
 
 
-def accept_head(model) -> None:
-    """Let `model(..., head=h)` return h(last_hidden_state, head_weight, softcap) instead of logits:
-    the one way the fused loss reaches the model (loss.FusedHead says what a head does; softcap is
-    the model's final-logit cap or None, see head_softcap).
+class HeadForward:
+    """The forward a model gets from accept_head: `model(..., head=h)` returns h(last_hidden_state,
+    head_weight, softcap) instead of logits, the one way the fused loss reaches the model
+    (loss.FusedHead says what a head does; softcap is the model's final-logit cap or None, see
+    head_softcap). Without `head`, the model's own forward runs (generation, evaluation, export)."""
 
-    Without `head` the model's own forward runs unchanged (generation, evaluation, export). The call
-    still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head weight (tied
-    or not) is registered with ZeRO-3 as used by the whole model's forward, so it is gathered for
-    the call and its gradient, computed inside the head, is reduced like any other. (A wrapper
-    module would rename every parameter in checkpoints and exports; so the model keeps its class
-    and its forward takes one more keyword.)
-    """
-    decoder, output = model.get_decoder(), model.get_output_embeddings()
-    plain = model.forward
-    softcap = head_softcap(model.config)
-
-    def forward(*args, head=None, **kwargs):
+    def forward(self, *args, head=None, **kwargs):
         if head is None:
-            return plain(*args, **kwargs)
-        return head(decoder(*args, **kwargs).last_hidden_state, output.weight, softcap)
+            return super().forward(*args, **kwargs)
+        hidden = self.get_decoder()(*args, **kwargs).last_hidden_state
+        return head(hidden, self.get_output_embeddings().weight, head_softcap(self.config))
 
-    model.forward = forward
+
+_HEAD_CLASSES: dict[type, type] = {}
+
+
+def accept_head(model) -> None:
+    """Put HeadForward in front of the model's class, so that its forward takes a `head`.
+
+    The class keeps its name and module (config.architectures, exports and vLLM see the family's
+    class), and the parameters keep theirs (a wrapper module would rename every one in checkpoints
+    and exports). The call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks
+    run; the head weight (tied or not) is registered with ZeRO-3 as used by the whole model's
+    forward, so it is gathered for the call and its gradient, computed inside the head, is reduced
+    like any other.
+    """
+    cls = type(model)
+    if not issubclass(cls, HeadForward):
+        if cls not in _HEAD_CLASSES:
+            _HEAD_CLASSES[cls] = type(cls.__name__, (HeadForward, cls),
+                                      {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        model.__class__ = _HEAD_CLASSES[cls]
+    output = model.get_output_embeddings()
     if hasattr(output.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
