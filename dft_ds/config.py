@@ -11,13 +11,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import math
 import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -25,6 +26,13 @@ from dft_ds.errors import ConfigError
 from dft_ds.loss import LOSS_TYPES, THRESHOLD_BASES
 
 SYNTHETIC = "synthetic"
+
+# A text field whose values are fixed is typed Literal[...]: validation and the reference read its allowed values
+# from the annotation (`allowed_values()`).
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2", "flex_attention"]
+DataFormat = Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt"]
+LossType = Literal[LOSS_TYPES]
+ThresholdBase = Literal[THRESHOLD_BASES]
 
 
 @dataclass
@@ -35,7 +43,7 @@ class ModelConfig:
     """Tokenizer directory or hub name; null means the same as model.name_or_path."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off unless you trust its source."""
-    attn_implementation: str = "auto"
+    attn_implementation: AttnImplementation = "auto"
     """Attention kernel: auto picks, among those the model supports, flash_attention_2 (CUDA, flash_attn installed),
     else sdpa, else eager (Gemma 2); or name one: eager, sdpa, flash_attention_2, flex_attention. Packed documents
     stay apart with each; the batch line says which runs."""
@@ -78,11 +86,11 @@ class DataConfig:
     """A .jsonl/.json/.parquet file, a directory saved by datasets.save_to_disk, a hub dataset name, or "synthetic"."""
     split: str = "train"
     """Split to read from a saved DatasetDict or a hub dataset."""
-    format: str = "auto"
+    format: DataFormat = "auto"
     """Sample layout: auto (detected from the first row's fields and printed), prompt_response (two fields: text, or
     TRL's conversational lists of messages), messages (a chat list of role/content), alpaca
     (instruction/input/output), sharegpt (conversations of from/value). docs/data.md shows each."""
-    preset: Optional[str] = None
+    preset: Optional[PresetName] = None
     """Field-name preset: numina_cot (problem/solution). Fields you set yourself win over the preset."""
     prompt_field: str = "prompt"
     """Field holding the prompt text (format prompt_response)."""
@@ -90,12 +98,12 @@ class DataConfig:
     """Field holding the response text (format prompt_response)."""
     messages_field: str = "messages"
     """Field holding the chat messages (format messages)."""
-    template: str = "auto"
+    template: Literal["auto", "chat", "plain"] = "auto"
     """How a prompt becomes text: chat (tokenizer's chat template), plain (prompt + newline), auto (chat when the
     tokenizer has one)."""
     max_length: int = 512
     """Tokens per sample (and per packed row)."""
-    overlong: str = "truncate"
+    overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with samples longer than max_length: truncate or drop. The count is reported."""
     packing: bool = True
     """Pack samples into rows of max_length; positions restart per document and attention never crosses documents."""
@@ -115,7 +123,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "dft"
+    type: LossType = "dft"
     """Per-token loss -w*log p with w detached: sft (w=1), dft (w=p), power (w=p^alpha), mix (SFT turning into DFT
     between mix_start and mix_end), asft (dft + kl_coef x KL(reference || model)), eaft (w=(H_k/ln k)^alpha, the
     position's normalised top-k entropy), only_top_p / only_bottom_p (threshold_base's weight where p is above / below
@@ -133,9 +141,9 @@ class LossConfig:
     """only_top_p / only_bottom_p: the probability q; a target token learns only where its p > q (only_top_p) or p < q
     (only_bottom_p). The others weigh 0 but still count in the normalising token count. 0.1 is the edge of the logged
     low_prob_share."""
-    threshold_base: str = "dft"
+    threshold_base: ThresholdBase = "dft"
     """only_top_p / only_bottom_p: the weight of the tokens kept: dft (p, or max(p, prob_floor)) or sft (1)."""
-    normalize: str = "step"
+    normalize: Literal["step", "micro_batch_mean"] = "step"
     """step: the weighted token losses are divided by the target tokens of the whole optimizer step on all ranks (the
     same gradient however the batch is split). micro_batch_mean: each micro-batch's token mean on its own rank,
     micro-batches summed, ranks averaged -- the DFT paper code's rule, for reproducing its numbers; the gradient then
@@ -147,7 +155,7 @@ class LossConfig:
     kl_coef: float = 0.1
     """asft only: weight of the per-token KL(reference || model) against the frozen starting model (one more sharded
     copy of the weights)."""
-    fused: str = "auto"
+    fused: Literal["auto", "true", "false"] = "auto"
     """Fused chunked LM head + loss, never holding [tokens, vocab] logits: auto (on when the head is a plain bias-free
     linear layer), true (error if it is not), false."""
     chunk_mb: int = 128
@@ -202,9 +210,9 @@ class TrainConfig:
     """AdamW epsilon."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """bf16, fp16, fp32 or auto (bf16 on accelerators that support it, fp32 on CPU)."""
-    nonfinite: str = "stop"
+    nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss on any rank: stop (save the last good state, exit 3) or skip (the step changes no weight;
     counted as skipped_steps)."""
     max_skipped_steps: int = 10
@@ -227,7 +235,7 @@ class CheckpointConfig:
     """auto (the latest complete checkpoint in output_dir, or a fresh start), none, or a checkpoint directory path."""
     save_final: bool = True
     """Save a checkpoint when training ends (export.hf=true saves it anyway: the export is converted from it)."""
-    verify: str = "hash"
+    verify: Literal["hash", "size", "off"] = "hash"
     """What a resume (and dft-convert) checks of a checkpoint first: hash (every file's content against the xxh3
     hashes recorded at save time), size (file sizes and shard count only) or off."""
 
@@ -236,7 +244,7 @@ class CheckpointConfig:
 class ExportConfig:
     hf: bool = False
     """Write a Hugging Face directory (safetensors, config, tokenizer) to output_dir/hf at the end of training."""
-    dtype: Optional[str] = None
+    dtype: Optional[Literal["bf16", "fp16", "fp32"]] = None
     """dtype of the exported weights: bf16, fp16 or fp32; null keeps the training precision."""
 
 
@@ -250,7 +258,7 @@ class EvalConfig:
     """Problems per evaluation, split across ranks."""
     max_new_tokens: int = 256
     """Generated tokens per problem."""
-    prompt: str = "chat"
+    prompt: Literal["chat", "boxed", "plain"] = "chat"
     """Prompt style as for dft-eval: chat (the tokenizer's chat template, as training data is rendered by default),
     boxed or plain."""
     temperature: float = 0.0
@@ -308,6 +316,7 @@ PRESETS: dict[str, dict[str, str]] = {
     # NuminaMath-CoT, the paper's training set: {"problem", "solution", "messages", "source"}.
     "numina_cot": {"format": "prompt_response", "prompt_field": "problem", "response_field": "solution"},
 }
+PresetName = Literal[tuple(PRESETS)]
 
 # The embedded default trains a randomly initialised tiny Llama, not a pretrained model: it needs a
 # larger learning rate, and pure DFT collapses from a uniform prior (every p is ~1/V, so every
@@ -388,22 +397,23 @@ def trackers(logging: "LoggingConfig") -> list[str]:
     return [t for t in TRACKERS if t in named]
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention"),
-    "data.format": ("auto", "prompt_response", "messages", "alpaca", "sharegpt"),
-    "data.preset": tuple(PRESETS),
-    "data.template": ("auto", "chat", "plain"),
-    "data.overlong": ("truncate", "drop"),
-    "loss.type": LOSS_TYPES,
-    "loss.fused": ("auto", "true", "false"),
-    "loss.threshold_base": THRESHOLD_BASES,
-    "loss.normalize": ("step", "micro_batch_mean"),
-    "train.precision": ("auto", "bf16", "fp16", "fp32"),
-    "train.nonfinite": ("stop", "skip"),
-    "checkpoint.verify": ("hash", "size", "off"),
-    "export.dtype": ("bf16", "fp16", "fp32"),
-    "eval.prompt": ("chat", "boxed", "plain"),
-}
+@functools.cache
+def allowed_values() -> dict[str, tuple[str, ...]]:
+    """Dotted key -> the values its Literal[...] annotation allows, for every field that has one."""
+    out = {}
+    for section, cls in _sections().items():
+        for name, tp in typing.get_type_hints(cls).items():
+            values = _literal_values(tp)
+            if values:
+                out[f"{section}.{name}"] = values
+    return out
+
+
+def _literal_values(tp: Any) -> tuple[str, ...]:
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        tp = next(a for a in args if a is not type(None))
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +450,8 @@ def _type_name(tp: Any) -> str:
     args = typing.get_args(tp)
     if args and type(None) in args:
         return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    if typing.get_origin(tp) is Literal:  # a text field with fixed values; they are listed apart
+        return "str"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -617,6 +629,11 @@ class CommandLineValue(str):
 
 
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    # A Literal field is text here; whether its value is one of those allowed is _check_values's concern.
+    if typing.get_origin(tp) is Literal:
+        tp = str
+    elif typing.get_args(tp) and any(typing.get_origin(a) is Literal for a in typing.get_args(tp)):
+        tp = Optional[str]
     if isinstance(value, CommandLineValue):
         text_field = tp is str or (typing.get_args(tp) and str in typing.get_args(tp))
         if text_field and value.strip() not in ("null", "~"):
@@ -661,7 +678,7 @@ def lora_target_names(text: str) -> list[str]:
 
 def _check_values(cfg: Config) -> list[str]:
     problems = []
-    for key, choices in CHOICES.items():
+    for key, choices in allowed_values().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value is not None and value not in choices:

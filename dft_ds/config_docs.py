@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dft_ds.config import CHOICES, KNOWN_AS, SYNTHETIC_PROFILE, describe_fields
+from dft_ds.config import KNOWN_AS, SYNTHETIC_PROFILE, allowed_values, describe_fields
 
 
 def reference_markdown() -> str:
@@ -19,7 +19,7 @@ def reference_markdown() -> str:
         if name != section:
             section = name
             out += ["", f"## {section}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-        choices = CHOICES.get(key)
+        choices = allowed_values().get(key)
         extra = f" One of: {', '.join(choices)}." if choices else ""
         out.append(f"| `{key}` | {type_name} | `{default!r}` | {doc}{extra} |")
     out += ["", "## Names from other tools", "",
