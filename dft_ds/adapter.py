@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,20 @@ def adapter_state(tensors: Mapping[str, Any], spec: LoraSpec, hf_config: Path, b
 
 # --------------------------------------------------------------------------------------------
 # References for --verify, and loading for dft-eval
+
+
+def write_adapter(out_dir: Path, config, weights: Mapping[str, torch.Tensor], hf_config: Path) -> int:
+    """A peft adapter directory: adapter_config.json, adapter_model.safetensors (the given tensors, as they are) and
+    the run's tokenizer and chat-template files; returns the bytes of weights written."""
+    from safetensors.torch import save_file
+
+    save_file(dict(weights), str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config.save_pretrained(str(out_dir))
+    for item in sorted(hf_config.iterdir()):
+        if item.name in MODEL_ONLY_FILES:
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def unmerged_model(base: str, tensors: Mapping[str, Any], spec: LoraSpec, round_to: Optional[torch.dtype] = None):

@@ -593,14 +593,16 @@ def lora_spec(ref: CheckpointRef, adapter_only: bool, base: Optional[str]):
 
 def _write_adapter_only(ref: CheckpointRef, out: Path, lora, base_dir: str, dtype: torch.dtype, overwrite: bool,
                         verify_logits: bool, log, start: float) -> Result:
-    from dft_ds.adapter import ADAPTER_WEIGHTS, adapter_state
+    from dft_ds.adapter import ADAPTER_WEIGHTS, adapter_state, write_adapter
 
     tensors = load_lazy_state_dict(ref)
     config, state = adapter_state(tensors, lora, ref.hf_config, base_dir, ref.path)
     specs = {n: TensorSpec(tuple(t.shape), output_dtype(t.dtype, dtype)) for n, t in state.items()}
     plan = ShardLayout(specs, {ADAPTER_WEIGHTS: list(specs)})
     with staging_dir(out) as staging:
-        write_adapter(staging, config, state, ref.hf_config, dtype)
+        # clone: a tied embedding/head pair is two tensors in the adapter file
+        write_adapter(staging, config, {name: materialize(t, dtype).clone() for name, t in state.items()},
+                      ref.hf_config)
         report = None
         if verify_logits:
             report = verify_adapter(staging, base_dir, tensors, lora, dtype)
@@ -630,22 +632,6 @@ directory its dft_state.json records ("lora": "base"), or --base.
 exit codes: 0 written; 2 bad input (missing or incomplete checkpoint, non-empty OUT_DIR, a missing
 LoRA base, --adapter-only on a full checkpoint); 1 --verify found a mismatch (OUT_DIR is then left untouched).
 """
-
-
-def write_adapter(out_dir: Path, config, state: Mapping[str, Any], hf_config: Path, dtype: torch.dtype) -> int:
-    """adapter_config.json, adapter_model.safetensors and the tokenizer files; returns bytes written."""
-    from safetensors.torch import save_file
-
-    from dft_ds.adapter import ADAPTER_WEIGHTS, MODEL_ONLY_FILES
-
-    weights = {name: materialize(t, dtype).clone() for name, t in state.items()}  # clone: a tied pair is 2 tensors
-    save_file(weights, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config.save_pretrained(str(out_dir))
-    for item in sorted(hf_config.iterdir()):
-        if item.name in MODEL_ONLY_FILES:
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
-    return sum(t.numel() * t.element_size() for t in weights.values())
 
 
 def _size_arg(text: str) -> int:
