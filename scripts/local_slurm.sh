@@ -26,6 +26,7 @@ WAIT=${DFT_SLURM_WAIT:-60}
 CONF=$DIR/slurm.conf
 MARK=$DIR/.dft_local_slurm   # only a directory carrying this mark is ever removed by `stop`
 HOST=$(hostname -s)
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 say() { printf 'local_slurm: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -63,56 +64,16 @@ write_conf() {
     cpus=$(nproc)
     mkdir -p "$DIR/state" "$DIR/spool"
     : > "$MARK"
-    # Slurm 22.05 (Debian) was seen to start on one machine with auth/none, cred/none, SlurmUser=root,
-    # proctrack/linuxproc, task/none, select/cons_tres and cgroup/v1 without automount. Why the others are there:
-    #   JobRequeue=1         batch jobs may requeue themselves (`scontrol requeue`, train.sbatch's trap)
-    #   MinJobAge=3600       finished jobs stay visible to `scontrol show job` (no slurmdbd, so no sacct)
-    #   JobCompType          one line per finished run of a job (also each run before a requeue)
-    #   SlurmdParameters     take CPUs=$cpus from this file even where the hardware shows more
-    #   ReturnToService=2    a node that was down comes back by itself when its slurmd registers
-    #   AuthInfo             cred_expire is also how long a requeued job waits before it may start
-    #                        again (default 120 s, plus 1): 5 s keeps the preemption test short
-    #   SchedulerParameters  the main loop runs every 60 s by default, and a job whose begin time has
-    #                        come waits for it: 2 s starts a requeued job soon after its delay
-    cat > "$CONF" <<EOF
-# Written by scripts/local_slurm.sh; removed by 'scripts/local_slurm.sh stop'.
-ClusterName=dftlocal
-SlurmctldHost=$HOST(127.0.0.1)
-SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
-AuthType=auth/none
-CredType=cred/none
-AuthInfo=cred_expire=5
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
-SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$DIR/jobcomp.log
-JobRequeue=1
-SchedulerParameters=sched_interval=2,bf_interval=2
-MailProg=/bin/true
-MinJobAge=3600
-ReturnToService=2
-SlurmdParameters=config_overrides
-SlurmctldTimeout=30
-SlurmdTimeout=60
-KillWait=10
-NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$cpus State=UNKNOWN
-PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
-EOF
+    # The shared settings and why each is there: scripts/slurm.conf.in.
+    {
+        echo "# Written by scripts/local_slurm.sh from scripts/slurm.conf.in; removed by 'scripts/local_slurm.sh stop'."
+        sed -e "s|@CLUSTER@|dftlocal|g" -e "s|@HOST@|$HOST|g" -e "s|@ADDRESS@|127.0.0.1|g" \
+            -e "s|@PORT@|$PORT|g" -e "s|@SLURMD_PORT@|$((PORT + 1))|g" -e "s|@DIR@|$DIR|g" -e "s|@NODE@||g" \
+            -e "s|@SLURMD_TIMEOUT@|60|g" "$HERE/slurm.conf.in"
+        echo "NodeName=$HOST NodeAddr=127.0.0.1 NodeHostname=$HOST CPUs=$cpus State=UNKNOWN"
+        echo "PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP"
+    } > "$CONF"
+    if grep -v '^#' "$CONF" | grep -q '@[A-Z_]*@'; then die "$CONF: a field of slurm.conf.in was left unfilled"; fi
     # slurmd reads cgroup.conf from beside slurm.conf; v1 without automount is what runs here.
     printf 'CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n' > "$DIR/cgroup.conf"
 }

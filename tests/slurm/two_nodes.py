@@ -19,6 +19,7 @@ run in the root namespace through the `LocalSlurm` API of harness.py.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ from tests.slurm import harness
 
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 NODES = ("n1", "n2")
+CONF_TEMPLATE = Path(__file__).resolve().parents[2] / "scripts" / "slurm.conf.in"
 # Quick failure detection: slurmctld marks a silent node DOWN after SlurmdTimeout, and only then
 # ends the job that ran on it (the default 300 s would dominate the node-loss test).
 SLURMD_TIMEOUT = 10
@@ -139,46 +141,18 @@ class TwoNodeSlurm(harness.LocalSlurm):
         (d / "state").mkdir(parents=True, exist_ok=True)
         nodes = "\n".join(f"NodeName={n.name} NodeAddr={n.address} NodeHostname={host} CPUs=1 State=UNKNOWN"
                           for n in self.nodes)
-        # As scripts/local_slurm.sh (see the reasons there), with per-node files (%n) and a short
-        # SlurmdTimeout. Ports: slurmctld on the bridge address; each slurmd in its own namespace.
-        Path(self.conf).write_text(f"""\
-ClusterName=dfttwo
-SlurmctldHost={host}({self.bridge_address})
-SlurmctldPort={self.port}
-SlurmdPort={self.port + 1}
-AuthType=auth/none
-CredType=cred/none
-AuthInfo=cred_expire=5
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool.%n
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd.%n.pid
-SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd.%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-MpiDefault=none
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc={d}/jobcomp.log
-JobRequeue=1
-SchedulerParameters=sched_interval=2,bf_interval=2
-MailProg=/bin/true
-MinJobAge=3600
-ReturnToService=2
-SlurmdParameters=config_overrides
-SlurmctldTimeout=30
-SlurmdTimeout={SLURMD_TIMEOUT}
-KillWait=10
-{nodes}
-PartitionName=two Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
-""")
+        # The settings scripts/local_slurm.sh uses too (the reasons are in the template), with per-node
+        # files (%n) and a short SlurmdTimeout. Ports: slurmctld on the bridge address; each slurmd in its
+        # own namespace.
+        fields = {"CLUSTER": "dfttwo", "HOST": host, "ADDRESS": self.bridge_address, "PORT": self.port,
+                  "SLURMD_PORT": self.port + 1, "DIR": d, "NODE": ".%n", "SLURMD_TIMEOUT": SLURMD_TIMEOUT}
+        text = CONF_TEMPLATE.read_text()
+        for name, value in fields.items():
+            text = text.replace(f"@{name}@", str(value))
+        unfilled = [line for line in text.splitlines() if not line.startswith("#") and re.search("@[A-Z_]+@", line)]
+        assert not unfilled, f"fields of {CONF_TEMPLATE} left unfilled: {unfilled}"
+        Path(self.conf).write_text(f"{text}{nodes}\nPartitionName=two Nodes={','.join(NODES)} Default=YES "
+                                   "MaxTime=INFINITE State=UP\n")
         (d / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
 
     def start_slurmd(self, node: Node) -> None:
