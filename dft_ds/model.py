@@ -314,26 +314,48 @@ def mlp_modules(model) -> list:
     return [layer.mlp for layer in layers if getattr(layer, "mlp", None) is not None]
 
 
+class TiledForward:
+    """The forward an MLP gets from apply_tiled_mlp: the module's own forward, run by _TiledMLP over
+    `tiled_mlp_tiles` slices of the tokens."""
+
+    tiled_mlp_tiles = 1
+
+    def forward(self, x):
+        if not x.requires_grad and torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # The first layer's MLP under LoRA with frozen embeddings: x needs no gradient but the
+            # weights do, and an autograd function's output requires one only through its inputs.
+            # (Passing the weights as inputs breaks ZeRO-3, whose partitioned weights are empty.)
+            x = x.detach().requires_grad_(True)
+        return _TiledMLP.apply(x, self, super().forward, self.tiled_mlp_tiles)
+
+
 def apply_tiled_mlp(model, tiles: int) -> int:
-    """model.tiled_mlp: every decoder layer's `mlp` runs through _TiledMLP; returns how many were wrapped.
+    """model.tiled_mlp: put TiledForward in front of every decoder layer's `mlp` class; returns how many.
     The MLP must map each token on its own (every family of families.py does)."""
     if tiles < 2:
         return 0
-    count = 0
-    for mlp in mlp_modules(model):
-        original = mlp.forward
+    mlps = mlp_modules(model)
+    for mlp in mlps:
+        _put_in_front(mlp, TiledForward)
+        mlp.tiled_mlp_tiles = tiles
+    return len(mlps)
 
-        def tiled(x, _mlp=mlp, _forward=original):
-            if not x.requires_grad and torch.is_grad_enabled() and any(p.requires_grad for p in _mlp.parameters()):
-                # The first layer's MLP under LoRA with frozen embeddings: x needs no gradient but the
-                # weights do, and an autograd function's output requires one only through its inputs.
-                # (Passing the weights as inputs breaks ZeRO-3, whose partitioned weights are empty.)
-                x = x.detach().requires_grad_(True)
-            return _TiledMLP.apply(x, _mlp, _forward, tiles)
 
-        mlp.forward = tiled
-        count += 1
-    return count
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _put_in_front(module, mixin: type) -> None:
+    """Make `module` an instance of a subclass of (mixin, its class): the mixin's forward runs first and
+    reaches the class's own through super(). The subclass keeps the class's name and module
+    (config.architectures, exports and vLLM see the family's class), and the parameters keep theirs
+    (a wrapper module would rename every one in checkpoints and exports)."""
+    cls = type(module)
+    if issubclass(cls, mixin):
+        return
+    if (mixin, cls) not in _SUBCLASSES:
+        _SUBCLASSES[mixin, cls] = type(cls.__name__, (mixin, cls),
+                                       {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    module.__class__ = _SUBCLASSES[mixin, cls]
 
 
 class HeadForward:
@@ -349,25 +371,14 @@ class HeadForward:
         return head(hidden, self.get_output_embeddings().weight, head_softcap(self.config))
 
 
-_HEAD_CLASSES: dict[type, type] = {}
-
-
 def accept_head(model) -> None:
-    """Put HeadForward in front of the model's class, so that its forward takes a `head`.
+    """Put HeadForward in front of the model's class (_put_in_front), so that its forward takes a `head`.
 
-    The class keeps its name and module (config.architectures, exports and vLLM see the family's
-    class), and the parameters keep theirs (a wrapper module would rename every one in checkpoints
-    and exports). The call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks
-    run; the head weight (tied or not) is registered with ZeRO-3 as used by the whole model's
-    forward, so it is gathered for the call and its gradient, computed inside the head, is reduced
-    like any other.
+    The call still goes through the DeepSpeed engine's forward, so ZeRO-3's hooks run; the head
+    weight (tied or not) is registered with ZeRO-3 as used by the whole model's forward, so it is
+    gathered for the call and its gradient, computed inside the head, is reduced like any other.
     """
-    cls = type(model)
-    if not issubclass(cls, HeadForward):
-        if cls not in _HEAD_CLASSES:
-            _HEAD_CLASSES[cls] = type(cls.__name__, (HeadForward, cls),
-                                      {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-        model.__class__ = _HEAD_CLASSES[cls]
+    _put_in_front(model, HeadForward)
     output = model.get_output_embeddings()
     if hasattr(output.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
         from deepspeed.runtime.zero.partition_parameters import register_external_parameter

@@ -464,8 +464,16 @@ def test_tiled_mlp_trains_its_weights_when_its_input_needs_no_gradient():
             return self.decoder
 
     model = Model()
+    names = [n for n, _ in mlp.named_parameters()]
     assert mlp_modules(model) == [mlp] and apply_tiled_mlp(model, 1) == 0 and apply_tiled_mlp(model, 4) == 1
+    # The module keeps its class name and parameter names (checkpoints and exports see no wrapper) and its
+    # forward now runs tile by tile: four calls of each projection in the forward.
+    assert type(mlp).__name__ == "LlamaMLP" and [n for n, _ in mlp.named_parameters()] == names
+    calls = []
+    hook = mlp.gate_proj.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     out = mlp(x)
+    assert calls == [False] * 4
+    hook.remove()
     assert out.requires_grad
     out.square().sum().backward()
     for got, ref in zip([p.grad for p in mlp.parameters()], want):
