@@ -126,7 +126,6 @@ def load_model_config(cfg: ModelConfig, tokenizer):
     return config
 
 
-ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 # How each kernel keeps packed documents apart. Rows carry no attention_mask, only position_ids that
 # restart at 0 for every document: flash-attention reads the restarts as variable-length sequences
 # (in one row: engine._forward lays a micro-batch's rows end to end);
