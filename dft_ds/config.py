@@ -119,6 +119,15 @@ class DataConfig:
     eval_fraction: float = 0.0
     """Hold out this fraction of data.source's samples (seeded, before packing) for eval.loss_every, when
     data.eval_source is null."""
+    cache_dir: str = "auto"
+    """Where tokenised sets are kept (Arrow files that every rank memory-maps), one folder per digest of what
+    decides a token (the files' paths, sizes and modification times, the tokenizer, the template, the layout and
+    fields, max_length, overlong): a second start with the same inputs reads instead of tokenising, and a changed
+    one tokenises again. auto is $DFT_DS_CACHE/data, else ~/.cache/dft_ds/data; off tokenises in memory at every
+    start. Put it on a shared file system and one process of the whole job prepares a set. docs/data.md."""
+    num_workers: int = 0
+    """Processes that tokenise (datasets.map's num_proc); 0 picks one per CPU this process may use, at most one
+    per 2,000 samples."""
 
 
 @dataclass
@@ -698,6 +707,8 @@ def _check_values(cfg: Config) -> list[str]:
     need(d.max_length >= 8, "data.max_length", "an integer >= 8")
     need(d.max_samples is None or d.max_samples >= 1, "data.max_samples", "null or an integer >= 1")
     need(d.synthetic_size >= 1, "data.synthetic_size", "an integer >= 1")
+    need(d.num_workers >= 0, "data.num_workers", "an integer >= 0 (0: one per CPU)")
+    need(bool(str(d.cache_dir).strip()), "data.cache_dir", "auto, off or a directory")
     need(bool(t.output_dir), "train.output_dir", "a directory path")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(t.sequence_parallel >= 1, "train.sequence_parallel", "an integer >= 1 (1: off)")

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from dft_ds.batch import BatchSplit
@@ -94,9 +95,9 @@ def check_json_file(path: str, fields=None) -> Optional[list[int]]:
     or is a function of the first row and its place that returns that map (the detected layout).
     Returns the line number of each row for JSON lines, None for a single JSON document.
     """
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
     if path.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -106,16 +107,21 @@ def check_json_file(path: str, fields=None) -> Optional[list[int]]:
             if not isinstance(doc, (list, dict)):
                 raise DataError(f"{path}: expected a list of objects, got {type(doc).__name__}")
             return None
-    lines = []
-    for number, row in json_lines(path, text):
+        del text
+    with open(path, encoding="utf-8") as fh:  # line by line: a large file is never one string
+        lines = list(_checked_rows(path, fh, fields))
+    if not lines:
+        raise DataError(f"{path}: the file holds no samples{_sample_selection_note(path)}")
+    return lines
+
+
+def _checked_rows(path: str, lines, fields) -> Iterator[int]:
+    for number, row in json_lines(path, lines):
         if callable(fields):
             fields = fields(row, f"{path}:{number}")
         for name, kind in (fields or {}).items():
             _field(row, name, kind, f"{path}:{number}")
-        lines.append(number)
-    if not lines:
-        raise DataError(f"{path}: the file holds no samples{_sample_selection_note(path)}")
-    return lines
+        yield number
 
 
 # The file dft-sample writes beside the training set it selected (dft_ds/sample/outputs.py), and the
@@ -137,9 +143,10 @@ def _sample_selection_note(path: str) -> str:
             "(--samples), from a stronger model, or with a looser selection (dft-sample filter)")
 
 
-def json_lines(path: str, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a broken line is reported as file:line."""
-    for number, line in enumerate(text.splitlines(), start=1):
+def json_lines(path: str, text) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a text or an open file; a broken line is reported
+    as file:line."""
+    for number, line in enumerate(text.splitlines() if isinstance(text, str) else text, start=1):
         if not line.strip():
             continue
         try:
@@ -468,14 +475,17 @@ def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: 
     """
     text = "".join(piece for piece, _ in segments)
     enc = tokenizer(text, add_special_tokens=not chat_rendered, return_offsets_mapping=True)
+    return _with_targets(list(enc["input_ids"]), enc["offset_mapping"], segments, tokenizer, add_eos)
+
+
+def _with_targets(ids: list[int], offsets, segments: list[tuple[str, bool]], tokenizer, add_eos: bool):
     bounds, flags, pos = [], [], 0
     for piece, target in segments:
         pos += len(piece)
         bounds.append(pos)
         flags.append(target)
-    ids = list(enc["input_ids"])
     targets = []
-    for start, end in enc["offset_mapping"]:
+    for start, end in offsets:
         if end == start:  # special tokens added by the tokenizer (BOS) carry no text
             targets.append(False)
             continue
@@ -486,134 +496,94 @@ def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: 
     return ids, targets
 
 
+# What became of a sample (the `status` column of a tokenised set).
+KEPT, TRUNCATED, OVERLONG, NO_TARGET = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Turns rows into (ids, shifted labels, status): the one place a sample becomes tokens.
+
+    Rows are rendered one by one (layouts, chat templates, file:line errors) and tokenised together,
+    one batched call per kind of text, which lets a fast tokenizer use its own threads. Conversations
+    are rendered by the chat template, which writes its own special tokens and ends each reply
+    itself; a plain prompt/response gets the tokenizer's special tokens and an EOS."""
+
+    cfg: DataConfig
+    tokenizer: Any
+    chat: bool
+    layout: Layout
+
+    def __call__(self, rows: list[dict], wheres: list[str]) -> list[tuple[list[int], list[int], int]]:
+        conversational = self.layout.format in ("messages", "sharegpt")
+        pieces = []
+        for row, where in zip(rows, wheres):
+            segments = sample_segments(row, self.cfg, self.tokenizer, self.chat, where, self.layout)
+            rendered = self.chat or conversational or _is_turn_list(row, self.layout)
+            if rendered and not self.chat and not conversational:
+                raise DataError(f"{where}: conversational prompt/completion rows need the chat template; "
+                                "set data.template=auto or chat with a tokenizer that has one")
+            pieces.append((segments, rendered))
+        encoded: list = [None] * len(pieces)
+        for rendered in (False, True):
+            which = [i for i, (_, r) in enumerate(pieces) if r == rendered]
+            if not which:
+                continue
+            texts = ["".join(piece for piece, _ in pieces[i][0]) for i in which]
+            enc = self.tokenizer(texts, add_special_tokens=not rendered, return_offsets_mapping=True)
+            for j, i in enumerate(which):
+                encoded[i] = _with_targets(list(enc["input_ids"][j]), enc["offset_mapping"][j], pieces[i][0],
+                                           self.tokenizer, add_eos=not rendered)
+        return [self._finish(ids, targets) for ids, targets in encoded]
+
+    def _finish(self, ids: list[int], targets: list[bool]) -> tuple[list[int], list[int], int]:
+        labels = shift_labels(ids, targets)
+        max_length = self.cfg.max_length
+        if len(ids) > max_length:
+            if self.cfg.overlong == "drop":
+                return [], [], OVERLONG
+            # Truncating after shifting keeps the last kept position's target (the next token exists).
+            ids, labels = ids[:max_length], labels[:max_length]
+            status = TRUNCATED
+        else:
+            status = KEPT
+        if all(lab == IGNORE_INDEX for lab in labels):
+            return [], [], NO_TARGET
+        return ids, labels, status
+
+
 def shift_labels(ids: list[int], targets: list[bool]) -> list[int]:
     """labels[t] = ids[t+1] where token t+1 is a target; the last position has nothing to predict."""
     labels = [tok if tgt else IGNORE_INDEX for tok, tgt in zip(ids[1:], targets[1:])]
     return labels + [IGNORE_INDEX]
 
 
-@dataclass
-class DataReport:
-    """Counts reported to the user after tokenisation."""
-
-    samples: int = 0
-    truncated: int = 0
-    dropped_overlong: int = 0
-    dropped_no_target: int = 0
-    rows: int = 0
-    target_tokens: int = 0
-    tokens: int = 0
-    layout: str = ""
-    heldout: int = 0        # samples set aside by data.eval_fraction
-    warnings: list = dataclasses.field(default_factory=list)
-
-    def summary(self) -> str:
-        layout = f"{self.layout}; " if self.layout else ""
-        held = f" ({self.heldout} held out by data.eval_fraction)" if self.heldout else ""
-        return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
-                f"truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
-                f"{self.dropped_no_target} with no target left")
-
-
-def tokenize_dataset(raw: RawData, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], DataReport]:
-    """Tokenise every sample; apply the over-length policy; fail on any malformed row. The layout is
-    resolved once, from the first row, and every row must then have its fields."""
-    chat = use_chat_template(cfg, tokenizer)
-    report = DataReport(samples=len(raw.dataset))
-    if not len(raw.dataset):
-        raise DataError(f"{raw.origin}: the source holds no samples")
-    first = raw.dataset[0]
-    layout = resolve_layout(cfg, first, raw.where(0))
-    report.layout = layout.line(first)
-    unused = unused_fields(layout, first)
-    if unused:
-        report.warnings.append(f"data: field{'s' if len(unused) > 1 else ''} {', '.join(unused)} of {raw.origin} "
-                               f"{'are' if len(unused) > 1 else 'is'} not used by the layout {layout.name}")
-    # Conversations are rendered by the chat template, which writes its own special tokens and ends
-    # each reply itself; a plain prompt/response gets the tokenizer's special tokens and an EOS.
-    conversational = layout.format in ("messages", "sharegpt")
-    all_ids, all_labels = [], []
-    for index, row in enumerate(raw.dataset):
-        where = raw.where(index)
-        segments = sample_segments(row, cfg, tokenizer, chat, where, layout)
-        rendered = chat or conversational or _is_turn_list(row, layout)
-        if rendered and not chat and not conversational:
-            raise DataError(f"{where}: conversational prompt/completion rows need the chat template; "
-                            "set data.template=auto or chat with a tokenizer that has one")
-        ids, targets = tokenize_sample(segments, tokenizer, rendered, add_eos=not rendered)
-        labels = shift_labels(ids, targets)
-        was_long = len(ids) > cfg.max_length
-        if was_long and cfg.overlong == "drop":
-            report.dropped_overlong += 1
-            continue
-        if was_long:
-            # Truncating after shifting keeps the last kept position's target (the next token exists).
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        if all(lab == IGNORE_INDEX for lab in labels):
-            report.dropped_no_target += 1
-            continue
-        report.truncated += was_long
-        all_ids.append(ids)
-        all_labels.append(labels)
-    if not all_ids:
-        raise DataError(f"{raw.origin}: no samples left after filtering ({report.summary()}); "
-                        f"check data.max_length={cfg.max_length} and data.overlong={cfg.overlong}")
-    return all_ids, all_labels, report
-
-
 # --------------------------------------------------------------------------------------------
-# Rows: packing and batching
+# Batches
 
 
-@dataclass
-class Rows:
-    """Training rows: each a list of documents' (ids, labels) pairs that fit in max_length."""
-
-    docs: list[list[tuple[list[int], list[int]]]]
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-
-def build_rows(ids: list[list[int]], labels: list[list[int]], max_length: int, packing: bool) -> Rows:
-    """One document per row, or greedy in-order packing of documents into rows of max_length."""
-    if not packing:
-        return Rows([[(i, lab)] for i, lab in zip(ids, labels)])
-    rows, current, used = [], [], 0
-    for doc_ids, doc_labels in zip(ids, labels):
-        if current and used + len(doc_ids) > max_length:
-            rows.append(current)
-            current, used = [], 0
-        current.append((doc_ids, doc_labels))
-        used += len(doc_ids)
-    if current:
-        rows.append(current)
-    return Rows(rows)
-
-
-def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Concatenate each row's documents, restart positions per document, pad to the longest row.
+def collate(rows: list[list[tuple[Any, Any]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's documents (ids and labels as lists or arrays), restart positions per
+    document, pad to the longest row.
 
     Padding is a document of its own (positions from 0, no targets), so it never sees the real tokens
     and they never see it.
     """
     width = max(sum(len(d) for d, _ in row) for row in rows)
-    input_ids, labels, positions = [], [], []
-    for row in rows:
-        r_ids, r_lab, r_pos = [], [], []
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    positions = np.empty((len(rows), width), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
         for doc_ids, doc_labels in row:
-            r_ids += doc_ids
-            r_lab += doc_labels
-            r_pos += range(len(doc_ids))
-        pad = width - len(r_ids)
-        input_ids.append(r_ids + [pad_id] * pad)
-        labels.append(r_lab + [IGNORE_INDEX] * pad)
-        positions.append(r_pos + list(range(pad)))
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "position_ids": torch.tensor(positions, dtype=torch.long),
-    }
+            n = len(doc_ids)
+            input_ids[r, at:at + n] = doc_ids
+            labels[r, at:at + n] = doc_labels
+            positions[r, at:at + n] = np.arange(n)
+            at += n
+        positions[r, at:] = np.arange(width - at)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions)}
 
 
 def shard_rows(batch: dict[str, torch.Tensor], rank: int, parts: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -699,62 +669,3 @@ class StepSampler:
             raise DataError(f"sampler state was saved with seed {state['seed']} and global batch "
                             f"{state['global_batch_size']}; this run has {self.seed} and {self.plan.global_batch_size}")
         self.step = state["step"]
-
-
-@dataclass
-class TrainData:
-    rows: Rows
-    report: DataReport
-    pad_id: int
-
-    def batch(self, indices: list[int]) -> dict:
-        """Model inputs for these rows, plus `n_tokens`: the real (unpadded) tokens, for throughput."""
-        rows = [self.rows.docs[i] for i in indices]
-        batch = collate(rows, self.pad_id)
-        batch["n_tokens"] = sum(len(ids) for row in rows for ids, _ in row)
-        return batch
-
-
-def build_train_data(cfg: DataConfig, tokenizer, seed: int) -> TrainData:
-    return build_datasets(cfg, tokenizer, seed)[0]
-
-
-def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[TrainData, Optional[TrainData]]:
-    """The training rows, and the held-out rows of data.eval_source or data.eval_fraction (or None).
-
-    A held-out fraction is taken from data.source's tokenised samples by a seeded draw, before
-    packing, so no held-out sample shares a row with a training one."""
-    raw = load_raw(cfg, seed)
-    ids, labels, report = tokenize_dataset(raw, cfg, tokenizer)
-    heldout = None
-    if cfg.eval_source is not None:
-        eval_cfg = dataclasses.replace(cfg, source=cfg.eval_source, split=cfg.eval_split, max_samples=None)
-        e_ids, e_labels, e_report = tokenize_dataset(load_raw(eval_cfg, seed, synthetic_split="test"), eval_cfg,
-                                                     tokenizer)
-        heldout = _as_rows(e_ids, e_labels, e_report, cfg, tokenizer)
-    elif cfg.eval_fraction:
-        count = max(1, round(cfg.eval_fraction * len(ids)))
-        if count >= len(ids):
-            raise DataError(f"data.eval_fraction={cfg.eval_fraction} of {len(ids)} samples leaves none to train on; "
-                            "lower it, or give held-out rows in data.eval_source")
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7)
-        held = set(torch.randperm(len(ids), generator=gen)[:count].tolist())
-        e_report = DataReport(samples=count)
-        heldout = _as_rows([ids[i] for i in sorted(held)], [labels[i] for i in sorted(held)], e_report, cfg,
-                           tokenizer)
-        keep = [i for i in range(len(ids)) if i not in held]
-        ids, labels = [ids[i] for i in keep], [labels[i] for i in keep]
-        report.heldout = count
-    return _as_rows(ids, labels, report, cfg, tokenizer), heldout
-
-
-def _as_rows(ids: list[list[int]], labels: list[list[int]], report: DataReport, cfg: DataConfig,
-             tokenizer) -> TrainData:
-    rows = build_rows(ids, labels, cfg.max_length, cfg.packing)
-    report.rows = len(rows)
-    report.tokens = sum(len(i) for i in ids)
-    report.target_tokens = sum(sum(lab != IGNORE_INDEX for lab in labs) for labs in labels)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise DataError("the tokenizer has neither a pad token nor an EOS token to pad with")
-    return TrainData(rows, report, pad_id)

@@ -271,8 +271,8 @@ def fingerprints(model_config, tokenizer, rows) -> dict[str, str]:
     vocab = sorted(tokenizer.get_vocab().items())
     tok = _digest(json.dumps(vocab), str(tokenizer.all_special_tokens), str(getattr(tokenizer, "chat_template", "")))
     h = hashlib.sha256()
-    for row in rows.docs:
-        for ids, labels in row:
+    for r in range(len(rows)):
+        for ids, labels in rows[r]:
             h.update(np.asarray(ids, dtype=np.int64).tobytes())
             h.update(np.asarray(labels, dtype=np.int64).tobytes())
         h.update(b"|")

@@ -230,7 +230,8 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     from dft_ds import ds_config as dsc
     from dft_ds.procgroup import device
     from dft_ds import model as mdl
-    from dft_ds.data import StepSampler, build_datasets
+    from dft_ds.data import StepSampler
+    from dft_ds.tokenised import build_datasets
     from dft_ds.memory import count_parameters, meta_model
 
     out = cfg.train.output_dir

@@ -279,7 +279,7 @@ class Trainer:
 
     def samples_in(self, rows: list[int]) -> int:
         """Training samples (documents) in these rows: with packing a row holds several."""
-        return sum(len(self.data.rows.docs[i]) for i in rows)
+        return sum(self.data.rows.doc_count(i) for i in rows)
 
     def nonfinite_loss(self, remaining: int) -> Optional[StepSums]:
         """train.nonfinite: stop raises NonFiniteStop; skip runs the step's optimizer update at lr 0."""

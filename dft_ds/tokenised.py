@@ -1,0 +1,459 @@
+"""Tokenised data: every sample tokenised once, into Arrow columns that every rank memory-maps.
+
+The configured source is tokenised by `datasets.map` (batched, data.num_workers processes) into a
+folder under data.cache_dir whose name is a digest of everything that decides a token: the source
+(path, size and modification time of each file; a hub dataset's fingerprint), the tokenizer (its
+whole definition and chat template), the data settings that shape a sample (layout, fields,
+template, max_length, overlong) and the code that encodes rows. A later start with the same inputs
+finds the folder and reads it; a changed file, tokenizer or setting gives another digest, so a stale
+set is never read. One process prepares a set while the others wait on a file lock beside it (on
+one node, or across nodes where the cache folder is shared), then every rank maps the same files,
+whose pages the OS shares.
+
+A set keeps every sample, each with its status (kept, truncated, dropped over max_length, dropped
+with no target); rows are documents packed by index (`Rows`), so packing, held-out splits and
+sampling never copy tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from dft_ds import data as dd
+from dft_ds.config import SYNTHETIC, DataConfig
+from dft_ds.errors import DataError
+from dft_ds.loss import IGNORE_INDEX
+
+CACHE_FORMAT = 1  # what a cached set holds; the encoding code itself is part of the key too
+MANIFEST = "manifest.json"
+# Settings that never change a token (packing and held-out splits work on documents already tokenised).
+NOT_IN_KEY = ("packing", "eval_source", "eval_split", "eval_fraction", "cache_dir", "num_workers", "source", "split",
+              "synthetic_size")
+CODE_FILES = ("data.py", "tokenised.py", "synthetic.py")
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class DataReport:
+    """Counts reported to the user after tokenisation."""
+
+    samples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_target: int = 0
+    rows: int = 0
+    target_tokens: int = 0
+    tokens: int = 0
+    layout: str = ""
+    heldout: int = 0        # samples set aside by data.eval_fraction
+    warnings: list = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        layout = f"{self.layout}; " if self.layout else ""
+        held = f" ({self.heldout} held out by data.eval_fraction)" if self.heldout else ""
+        return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
+                f"truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
+                f"{self.dropped_no_target} with no target left")
+
+
+# --------------------------------------------------------------------------------------------
+# A tokenised set
+
+
+class TokenisedSet:
+    """Every sample of a source as ids and shifted labels (int32 Arrow lists), its status and its number
+    of targets; read through numpy views of the Arrow buffers (no copy)."""
+
+    def __init__(self, dataset, report: DataReport, path: Optional[Path] = None, hit: bool = False):
+        self.dataset, self.report, self.path, self.hit = dataset, report, path, hit
+        table = dataset.data
+        self._ids = [_list_view(c) for c in table.column("input_ids").chunks]
+        self._labels = [_list_view(c) for c in table.column("labels").chunks]
+        sizes = [len(offsets) - 1 for offsets, _ in self._ids]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.status = np.asarray(table.column("status").to_numpy(), dtype=np.int8)
+        self.targets = np.asarray(table.column("targets").to_numpy(), dtype=np.int64)
+        self.lengths = np.concatenate([np.diff(offsets) for offsets, _ in self._ids]) if sizes else np.zeros(0, int)
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def kept(self) -> np.ndarray:
+        """Indices of the samples that train (kept whole or truncated), in source order."""
+        return np.flatnonzero(self.status <= dd.TRUNCATED)
+
+    def doc(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
+        j = index - int(self._starts[chunk])
+        (offsets, ids), (loffsets, labels) = self._ids[chunk], self._labels[chunk]
+        return ids[offsets[j]:offsets[j + 1]], labels[loffsets[j]:loffsets[j + 1]]
+
+
+def _list_view(chunk) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of an Arrow list array; the offsets index `values` even for a slice."""
+    return (np.asarray(chunk.offsets.to_numpy(zero_copy_only=False), dtype=np.int64),
+            chunk.values.to_numpy(zero_copy_only=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclass
+class Rows:
+    """Training rows: row r is the documents order[bounds[r]:bounds[r + 1]] of a tokenised set, each
+    an (ids, labels) pair of arrays, together at most max_length tokens when packed."""
+
+    source: TokenisedSet
+    order: np.ndarray
+    bounds: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, r: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [self.source.doc(int(i)) for i in self.order[self.bounds[r]:self.bounds[r + 1]]]
+
+    def doc_count(self, r: int) -> int:
+        return int(self.bounds[r + 1] - self.bounds[r])
+
+
+def pack_bounds(lengths: np.ndarray, max_length: int, packing: bool) -> np.ndarray:
+    """Row boundaries over documents in order: one document per row, or greedy in-order packing into
+    rows of at most max_length tokens."""
+    if not packing:
+        return np.arange(len(lengths) + 1, dtype=np.int64)
+    bounds, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if i > bounds[-1] and used + n > max_length:
+            bounds.append(i)
+            used = 0
+        used += n
+    bounds.append(len(lengths))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def build_rows(source: TokenisedSet, order: np.ndarray, max_length: int, packing: bool) -> Rows:
+    return Rows(source, order, pack_bounds(source.lengths[order], max_length, packing))
+
+
+@dataclass
+class TrainData:
+    rows: Rows
+    report: DataReport
+    pad_id: int
+
+    def batch(self, indices: list[int]) -> dict:
+        """Model inputs for these rows, plus `n_tokens`: the real (unpadded) tokens, for throughput."""
+        rows = [self.rows[i] for i in indices]
+        batch = dd.collate(rows, self.pad_id)
+        batch["n_tokens"] = sum(len(ids) for row in rows for ids, _ in row)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing a set: the cache, the lock, datasets.map
+
+
+def cache_root(cfg: DataConfig) -> Optional[Path]:
+    """data.cache_dir: auto is $DFT_DS_CACHE/data (else ~/.cache/dft_ds/data); off is no cache."""
+    if cfg.cache_dir == "off":
+        return None
+    if cfg.cache_dir == "auto":
+        from dft_ds.synthetic import default_cache_dir
+
+        return default_cache_dir() / "data"
+    return Path(cfg.cache_dir).expanduser()
+
+
+def cache_key(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str, raw=None) -> str:
+    """The digest of everything that decides a token of this set (see the module docstring)."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "code": _code_digest(),
+        "source": _source_identity(cfg, seed, synthetic_split, raw),
+        "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY},
+        "tokenizer": tokenizer_digest(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary is what can be read
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    h = hashlib.sha256(definition.encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "") or "").encode())
+    for name in ("add_bos_token", "add_eos_token"):
+        h.update(f"{name}={getattr(tokenizer, name, None)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in CODE_FILES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _source_identity(cfg: DataConfig, seed: int, synthetic_split: str, raw) -> dict:
+    if cfg.source == SYNTHETIC:
+        return {"synthetic": synthetic_split, "size": cfg.synthetic_size, "seed": seed, "max_samples": cfg.max_samples}
+    out: dict[str, Any] = {"max_samples": cfg.max_samples, "split": cfg.split}
+    if os.path.isfile(cfg.source):
+        out["files"] = [_file_identity(Path(cfg.source))]
+    elif os.path.isdir(cfg.source):
+        out["files"] = [_file_identity(p) for p in sorted(Path(cfg.source).rglob("*")) if p.is_file()]
+    else:  # a hub dataset, already loaded: its fingerprint names its files and version
+        out["hub"] = [cfg.source, getattr(raw.dataset, "_fingerprint", None) if raw is not None else None]
+    return out
+
+
+def _file_identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def is_hub_source(cfg: DataConfig) -> bool:
+    return cfg.source != SYNTHETIC and not os.path.exists(cfg.source)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train", say=None) -> TokenisedSet:
+    """The tokenised set of cfg's source: read from the cache, or tokenised (and cached) now."""
+    say = say or _say
+    root = cache_root(cfg)
+    raw = dd.load_raw(cfg, seed, synthetic_split) if is_hub_source(cfg) or root is None else None
+    if root is None:
+        dataset, report = tokenise(raw, cfg, tokenizer, None, say)
+        return TokenisedSet(dataset, report)
+    key = cache_key(cfg, tokenizer, seed, synthetic_split, raw)
+    final = root / key
+    found = _read(final)
+    if found is not None:
+        if _first_rank():
+            say(f"data: read the tokenised set {final} ({found.report.samples} samples)")
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f"{key}.lock", say):
+        found = _read(final)
+        if found is not None:  # another process prepared it while this one waited
+            if _first_rank():
+                say(f"data: read the tokenised set {final}, prepared by another process ({found.report.samples} "
+                    "samples)")
+            return found
+        staging = root / f"{key}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            raw = raw or dd.load_raw(cfg, seed, synthetic_split)
+            dataset, report = tokenise(raw, cfg, tokenizer, staging, say)
+            files = [os.path.basename(f["filename"]) for f in dataset.cache_files]
+            manifest = {"format": CACHE_FORMAT, "files": files, "report": dataclasses.asdict(report),
+                        "origin": raw.origin, "prepared_by": {"rank": os.environ.get("RANK"), "pid": os.getpid(),
+                                                              "host": os.uname().nodename}}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            del dataset
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    found = _read(final)
+    say(f"data: wrote the tokenised set {final}")
+    return found
+
+
+def _read(path: Path) -> Optional[TokenisedSet]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    import datasets
+
+    parts = [datasets.Dataset.from_file(str(path / name)) for name in manifest["files"]]
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return TokenisedSet(dataset, DataReport(**manifest["report"]), path, hit=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, say):
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"data: waiting for another process to prepare the tokenised set ({path})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _first_rank() -> bool:
+    """Rank 0 (or a run without ranks) reports reads of a set; any rank reports the work it does."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def default_workers(samples: int) -> int:
+    """data.num_workers=0: one process per CPU this process may use, one per 2,000 samples at most
+    (starting a process costs about a second)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, samples // 2000))
+
+
+def tokenise(raw: dd.RawData, cfg: DataConfig, tokenizer, out_dir: Optional[Path], say) -> tuple[Any, DataReport]:
+    """Every sample of `raw` through dd.Encoder by datasets.map; the layout is resolved once, from the
+    first row, and every row must then have its fields. Fails on any malformed row (file:line)."""
+    import datasets
+
+    chat = dd.use_chat_template(cfg, tokenizer)
+    report = DataReport(samples=len(raw.dataset))
+    if not len(raw.dataset):
+        raise DataError(f"{raw.origin}: the source holds no samples")
+    first = raw.dataset[0]
+    layout = dd.resolve_layout(cfg, first, raw.where(0))
+    report.layout = layout.line(first)
+    unused = dd.unused_fields(layout, first)
+    if unused:
+        report.warnings.append(f"data: field{'s' if len(unused) > 1 else ''} {', '.join(unused)} of {raw.origin} "
+                               f"{'are' if len(unused) > 1 else 'is'} not used by the layout {layout.name}")
+    workers = cfg.num_workers or default_workers(len(raw.dataset))
+    workers = min(workers, len(raw.dataset))
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "labels": datasets.Sequence(datasets.Value("int32")),
+                                  "status": datasets.Value("int8"), "targets": datasets.Value("int32")})
+    encode = _EncodeBatch(dd.Encoder(cfg, tokenizer, chat, layout), dataclasses.replace(raw, dataset=None),
+                          len(raw.dataset), workers)
+    say(f"data: tokenising {len(raw.dataset):,} samples of {raw.origin} with {workers} process"
+        f"{'es' if workers > 1 else ''}")
+    kwargs = ({"cache_file_name": str(out_dir / "tokens.arrow")} if out_dir is not None else {"keep_in_memory": True})
+    was_on = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # their carriage returns garble Slurm logs; _EncodeBatch prints lines
+    start = time.perf_counter()
+    try:
+        dataset = raw.dataset.map(encode, batched=True, batch_size=256, with_indices=True, with_rank=workers > 1,
+                                  num_proc=workers if workers > 1 else None, remove_columns=raw.dataset.column_names,
+                                  features=features, load_from_cache_file=False, new_fingerprint=_random_name(),
+                                  **kwargs)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+    seconds = time.perf_counter() - start
+    status = np.asarray(dataset.data.column("status").to_numpy())
+    report.truncated = int((status == dd.TRUNCATED).sum())
+    report.dropped_overlong = int((status == dd.OVERLONG).sum())
+    report.dropped_no_target = int((status == dd.NO_TARGET).sum())
+    say(f"data: tokenised {len(status):,} samples in {seconds:.1f} s ({len(status) / max(seconds, 1e-9):,.0f} "
+        "samples/s)")
+    if not (status <= dd.TRUNCATED).any():
+        raise DataError(f"{raw.origin}: no samples left after filtering ({report.summary()}); "
+                        f"check data.max_length={cfg.max_length} and data.overlong={cfg.overlong}")
+    return dataset, report
+
+
+def _random_name() -> str:
+    return os.urandom(8).hex()
+
+
+class _EncodeBatch:
+    """datasets.map's function: a batch of rows to the four columns, with a progress line every
+    PROGRESS_EVERY_S seconds from the first worker (its share times the workers, as an estimate)."""
+
+    def __init__(self, encoder: dd.Encoder, raw: dd.RawData, total: int, workers: int):
+        self.encoder, self.raw, self.total, self.workers = encoder, raw, total, workers
+        self._done, self._start, self._last = 0, None, None
+
+    def __call__(self, batch: dict, indices: list[int], rank: Optional[int] = None) -> dict:
+        names = list(batch)
+        rows = [{k: batch[k][j] for k in names} for j in range(len(indices))]
+        encoded = self.encoder(rows, [self.raw.where(i) for i in indices])
+        if not rank:
+            self._progress(len(indices))
+        return {"input_ids": [e[0] for e in encoded], "labels": [e[1] for e in encoded],
+                "status": [e[2] for e in encoded],
+                "targets": [sum(lab != IGNORE_INDEX for lab in e[1]) for e in encoded]}
+
+    def _progress(self, n: int) -> None:
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = self._last = now
+        self._done += n
+        if now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        done = min(self.total, self._done * self.workers)
+        rate = done / max(now - self._start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        _say(f"data: tokenised {done:,} of {self.total:,} samples ({100 * done / self.total:.0f}%), "
+             f"{rate:,.0f} samples/s, eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Training and held-out data
+
+
+def build_train_data(cfg: DataConfig, tokenizer, seed: int) -> TrainData:
+    return build_datasets(cfg, tokenizer, seed)[0]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, say=None) -> tuple[TrainData, Optional[TrainData]]:
+    """The training rows, and the held-out rows of data.eval_source or data.eval_fraction (or None).
+
+    A held-out fraction is taken from data.source's tokenised samples by a seeded draw, before
+    packing, so no held-out sample shares a row with a training one."""
+    tokens = prepare(cfg, tokenizer, seed, say=say)
+    report = dataclasses.replace(tokens.report, warnings=list(tokens.report.warnings))
+    kept = tokens.kept()
+    heldout = None
+    if cfg.eval_source is not None:
+        eval_cfg = dataclasses.replace(cfg, source=cfg.eval_source, split=cfg.eval_split, max_samples=None)
+        e_tokens = prepare(eval_cfg, tokenizer, seed, synthetic_split="test", say=say)
+        heldout = _as_rows(e_tokens, e_tokens.kept(), dataclasses.replace(e_tokens.report), cfg, tokenizer)
+    elif cfg.eval_fraction:
+        count = max(1, round(cfg.eval_fraction * len(kept)))
+        if count >= len(kept):
+            raise DataError(f"data.eval_fraction={cfg.eval_fraction} of {len(kept)} samples leaves none to train on; "
+                            "lower it, or give held-out rows in data.eval_source")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+        held = np.zeros(len(kept), dtype=bool)
+        held[torch.randperm(len(kept), generator=gen)[:count].numpy()] = True
+        heldout = _as_rows(tokens, kept[held], DataReport(samples=count), cfg, tokenizer)
+        kept = kept[~held]
+        report.heldout = count
+    return _as_rows(tokens, kept, report, cfg, tokenizer), heldout
+
+
+def _as_rows(tokens: TokenisedSet, order: np.ndarray, report: DataReport, cfg: DataConfig, tokenizer) -> TrainData:
+    rows = build_rows(tokens, order, cfg.max_length, cfg.packing)
+    report.rows = len(rows)
+    report.tokens = int(tokens.lengths[order].sum())
+    report.target_tokens = int(tokens.targets[order].sum())
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise DataError("the tokenizer has neither a pad token nor an EOS token to pad with")
+    return TrainData(rows, report, pad_id)
