@@ -103,6 +103,25 @@ class TokenisedSet:
         return ids[offsets[j]:offsets[j + 1]], labels[loffsets[j]:loffsets[j + 1]]
 
 
+def from_lists(ids: list[list[int]], labels: list[list[int]]) -> TokenisedSet:
+    """A set of already tokenised documents, all kept (for tests and tools that build rows themselves)."""
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": ids, "labels": labels, "status": [dd.KEPT] * len(ids),
+         "targets": [sum(lab != IGNORE_INDEX for lab in labs) for labs in labels]},
+        features=features())
+    return TokenisedSet(dataset, DataReport(samples=len(ids)))
+
+
+def features():
+    import datasets
+
+    return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                              "labels": datasets.Sequence(datasets.Value("int32")),
+                              "status": datasets.Value("int8"), "targets": datasets.Value("int32")})
+
+
 def _list_view(chunk) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, values) of an Arrow list array; the offsets index `values` even for a slice."""
     return (np.asarray(chunk.offsets.to_numpy(zero_copy_only=False), dtype=np.int64),
@@ -131,6 +150,11 @@ class Rows:
     def doc_count(self, r: int) -> int:
         return int(self.bounds[r + 1] - self.bounds[r])
 
+    @property
+    def docs(self) -> list[list[tuple[list[int], list[int]]]]:
+        """Every row as (ids, labels) lists of Python ints: for inspection and tests, it copies everything."""
+        return [[(ids.tolist(), labels.tolist()) for ids, labels in self[r]] for r in range(len(self))]
+
 
 def pack_bounds(lengths: np.ndarray, max_length: int, packing: bool) -> np.ndarray:
     """Row boundaries over documents in order: one document per row, or greedy in-order packing into
@@ -147,8 +171,20 @@ def pack_bounds(lengths: np.ndarray, max_length: int, packing: bool) -> np.ndarr
     return np.asarray(bounds, dtype=np.int64)
 
 
-def build_rows(source: TokenisedSet, order: np.ndarray, max_length: int, packing: bool) -> Rows:
+def build_rows(source: TokenisedSet, order: Optional[np.ndarray], max_length: int, packing: bool) -> Rows:
+    """Rows of the documents `order` (all kept ones, in order, when None)."""
+    order = source.kept() if order is None else order
     return Rows(source, order, pack_bounds(source.lengths[order], max_length, packing))
+
+
+def tokenize_dataset(raw: dd.RawData, cfg: DataConfig, tokenizer) -> tuple[list[list[int]], list[list[int]],
+                                                                            DataReport]:
+    """The kept samples of `raw` as (ids, labels) lists and the report, tokenised in memory: for tests and
+    tools that look at a few samples; training goes through prepare()."""
+    dataset, report = tokenise(raw, cfg, tokenizer, None, lambda _: None)
+    tokens = TokenisedSet(dataset, report)
+    docs = [tokens.doc(int(i)) for i in tokens.kept()]
+    return [d[0].tolist() for d in docs], [d[1].tolist() for d in docs], report
 
 
 @dataclass
@@ -299,7 +335,8 @@ def _locked(path: Path, say):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"data: waiting for another process to prepare the tokenised set ({path})")
+            if _first_rank():
+                say(f"data: waiting for another process to prepare the tokenised set ({path})")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -344,9 +381,7 @@ def tokenise(raw: dd.RawData, cfg: DataConfig, tokenizer, out_dir: Optional[Path
                                f"{'are' if len(unused) > 1 else 'is'} not used by the layout {layout.name}")
     workers = cfg.num_workers or default_workers(len(raw.dataset))
     workers = min(workers, len(raw.dataset))
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  "status": datasets.Value("int8"), "targets": datasets.Value("int32")})
+    columns = features()
     encode = _EncodeBatch(dd.Encoder(cfg, tokenizer, chat, layout), dataclasses.replace(raw, dataset=None),
                           len(raw.dataset), workers)
     say(f"data: tokenising {len(raw.dataset):,} samples of {raw.origin} with {workers} process"
@@ -358,7 +393,7 @@ def tokenise(raw: dd.RawData, cfg: DataConfig, tokenizer, out_dir: Optional[Path
     try:
         dataset = raw.dataset.map(encode, batched=True, batch_size=256, with_indices=True, with_rank=workers > 1,
                                   num_proc=workers if workers > 1 else None, remove_columns=raw.dataset.column_names,
-                                  features=features, load_from_cache_file=False, new_fingerprint=_random_name(),
+                                  features=columns, load_from_cache_file=False, new_fingerprint=_random_name(),
                                   **kwargs)
     finally:
         if was_on:

@@ -12,7 +12,8 @@ import torch
 
 from dft_ds import synthetic
 from dft_ds.config import load_config
-from dft_ds.data import IGNORE_INDEX, build_datasets
+from dft_ds.data import IGNORE_INDEX
+from dft_ds.tokenised import build_datasets
 from tests.distributed.helpers import QUICK, clean_env, free_port
 
 pytestmark = pytest.mark.slow

@@ -44,7 +44,8 @@ def test_eaft_logs_its_entropy_and_weight(tmp_path):
 
     from dft_ds import synthetic
     from dft_ds.config import load_config
-    from dft_ds.data import IGNORE_INDEX, build_datasets
+    from dft_ds.data import IGNORE_INDEX
+    from dft_ds.tokenised import build_datasets
 
     cfg = load_config(None, settings)
     rows, _ = build_datasets(cfg.data, AutoTokenizer.from_pretrained(synthetic.ensure_assets()), cfg.train.seed)

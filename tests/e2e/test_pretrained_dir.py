@@ -14,7 +14,8 @@ import torch
 from dft_ds import synthetic
 from dft_ds.batch import BatchSplit
 from dft_ds.config import load_config
-from dft_ds.data import StepSampler, build_train_data
+from dft_ds.data import StepSampler
+from dft_ds.tokenised import build_train_data
 from dft_ds.loss import sft_loss
 from tests.distributed.helpers import clean_env, read_metrics
 

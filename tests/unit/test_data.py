@@ -17,15 +17,13 @@ from dft_ds.data import (
     IGNORE_INDEX,
     RawData,
     StepSampler,
-    build_rows,
-    build_train_data,
     collate,
     load_raw,
     sample_segments,
     shift_labels,
-    tokenize_dataset,
     tokenize_sample,
 )
+from dft_ds.tokenised import build_rows, build_train_data, from_lists, tokenize_dataset
 from dft_ds.errors import DataError
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -499,7 +497,7 @@ def test_build_rows_packs_in_order_without_exceeding_max_length():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 33, (60,), generator=gen).tolist()
     ids, labels = _docs(lengths)
-    rows = build_rows(ids, labels, max_length=32, packing=True)
+    rows = build_rows(from_lists(ids, labels), None, max_length=32, packing=True)
     assert all(sum(len(d) for d, _ in row) <= 32 for row in rows.docs)
     flat = [doc for row in rows.docs for doc in row]
     assert flat == list(zip(ids, labels))  # every document exactly once, in order
@@ -511,7 +509,7 @@ def test_build_rows_packs_in_order_without_exceeding_max_length():
 
 def test_build_rows_without_packing_is_one_document_per_row():
     ids, labels = _docs([5, 3, 7])
-    rows = build_rows(ids, labels, max_length=32, packing=False)
+    rows = build_rows(from_lists(ids, labels), None, max_length=32, packing=False)
     assert rows.docs == [[(i, lab)] for i, lab in zip(ids, labels)]
 
 
@@ -584,7 +582,7 @@ def test_packed_documents_do_not_see_each_other(models, three_docs, impl):
     model = models[impl]
     assert model.config._attn_implementation == impl
     ids, labels = three_docs
-    rows = build_rows(ids, labels, max_length=sum(map(len, ids)), packing=True)
+    rows = build_rows(from_lists(ids, labels), None, max_length=sum(map(len, ids)), packing=True)
     assert len(rows) == 1 and len(rows.docs[0]) == 3
     batch = collate(rows.docs, pad_id=3)
     packed = _forward(model, batch["input_ids"], batch["position_ids"])[0]
@@ -606,7 +604,7 @@ def test_packed_documents_do_not_see_each_other(models, three_docs, impl):
 def test_padded_batch_of_rows_matches_each_row_alone(models, three_docs, impl):
     model = models[impl]
     ids, labels = three_docs
-    rows = build_rows(ids[1:], labels[1:], max_length=1000, packing=False)
+    rows = build_rows(from_lists(ids[1:], labels[1:]), None, max_length=1000, packing=False)
     batch = collate(rows.docs, pad_id=3)
     assert batch["input_ids"].shape[0] == 2 and len(ids[1]) != len(ids[2])
     logits = _forward(model, batch["input_ids"], batch["position_ids"])

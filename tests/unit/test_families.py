@@ -16,7 +16,8 @@ import torch
 
 from dft_ds import families
 from dft_ds.config import DataConfig
-from dft_ds.data import RawData, build_rows, collate, tokenize_dataset
+from dft_ds.data import RawData, collate
+from dft_ds.tokenised import build_rows, from_lists, tokenize_dataset
 from dft_ds.errors import DataError, ModelError
 from dft_ds.loss import IGNORE_INDEX, FusedHead, compute_loss, token_weight
 from dft_ds.model import accept_head, choose_attention, head_softcap
@@ -146,7 +147,7 @@ def test_packed_documents_stay_apart_with_the_chosen_kernel(name, family_dir, to
     model = _model(path, attention)
     ids, labels = _docs(tokenizers[name])
     assert min(map(len, ids)) > 40
-    rows = build_rows(ids, labels, max_length=sum(map(len, ids)), packing=True)
+    rows = build_rows(from_lists(ids, labels), None, max_length=sum(map(len, ids)), packing=True)
     batch = collate(rows.docs, pad_id=tokenizers[name].pad_token_id)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
@@ -168,7 +169,7 @@ def test_fused_head_equals_the_models_own_logits(name, family_dir, tokenizers):
     softcapping included), with the same gradient for every parameter."""
     path = family_dir(name)
     ids, labels = _docs(tokenizers[name], n=2)
-    rows = build_rows(ids, labels, max_length=sum(map(len, ids)), packing=True)
+    rows = build_rows(from_lists(ids, labels), None, max_length=sum(map(len, ids)), packing=True)
     batch = collate(rows.docs, pad_id=tokenizers[name].pad_token_id)
     inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     weighting = token_weight("dft")

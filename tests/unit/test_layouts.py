@@ -11,7 +11,8 @@ import pytest
 
 from dft_ds import families
 from dft_ds.config import DataConfig, load_config
-from dft_ds.data import IGNORE_INDEX, load_raw, resolve_layout, tokenize_dataset
+from dft_ds.data import IGNORE_INDEX, load_raw, resolve_layout
+from dft_ds.tokenised import tokenize_dataset
 from dft_ds.errors import ConfigError, DataError
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from dft_ds import synthetic
 from dft_ds.config import DataConfig
-from dft_ds.data import PROVENANCE_FIELD, build_datasets
+from dft_ds.data import PROVENANCE_FIELD
+from dft_ds.tokenised import build_datasets
 from dft_ds.errors import DataError, UserError
 from dft_ds.loss import IGNORE_INDEX
 from dft_ds.rundir import data_provenance
