@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import glob
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -31,7 +33,68 @@ from dft_ds.errors import DataError
 from dft_ds.hub import looks_like_hub_name
 from dft_ds.loss import IGNORE_INDEX
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
+                 ".csv": "csv"}
+ACCEPTED = ("a .jsonl, .json, .jsonl.gz, .json.gz, .parquet or .csv file, a directory or glob of such files (one "
+            "type), a directory saved by datasets.save_to_disk, a hub dataset name such as owner/name, or 'synthetic'")
+
+
+def file_kind(path: str) -> str:
+    """The extension that decides how a data file is read ('.jsonl.gz' counts as one), lower case."""
+    name = os.path.basename(path).lower()
+    for ext in sorted(FILE_BUILDERS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return os.path.splitext(name)[1]
+
+
+def is_saved_dataset(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def source_files(cfg: DataConfig) -> Optional[list[str]]:
+    """The data files a file, glob or directory of shards names, sorted; None for a saved dataset, a hub
+    name or synthetic. A directory's files may be split by name (train-00000-of-00002.parquet, as a hub
+    snapshot holds them): those of data.split are taken when any carry it."""
+    source = cfg.source
+    if source == SYNTHETIC:
+        return None
+    if os.path.isfile(source):
+        return [source]
+    if os.path.isdir(source):
+        if is_saved_dataset(source):
+            return None
+        found = sorted(str(p) for p in Path(source).rglob("*") if p.is_file() and file_kind(str(p)) in FILE_BUILDERS
+                       and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        if not found:
+            raise DataError(f"data.source: the directory '{source}' holds no data files and is not a dataset saved "
+                            f"with datasets.save_to_disk (expected {ACCEPTED})")
+        split = [f for f in found if _names_split(f, source, cfg.split)]
+        return _one_kind(split or found, source)
+    if glob.has_magic(source):
+        found = sorted(f for f in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(f))
+        if not found:
+            raise DataError(f"data.source: the pattern '{source}' matches no file")
+        return _one_kind(found, source)
+    return None
+
+
+def _names_split(path: str, root: str, split: str) -> bool:
+    rel = os.path.relpath(path, root).lower().replace(os.sep, "/")
+    name = rel.rsplit("/", 1)[-1]
+    return f"/{split}/" in f"/{rel}" or name.startswith((f"{split}-", f"{split}_", f"{split}."))
+
+
+def _one_kind(files: list[str], source: str) -> list[str]:
+    kinds = sorted({file_kind(f) for f in files})
+    unsupported = [k for k in kinds if k not in FILE_BUILDERS]
+    if unsupported:
+        raise DataError(f"data.source: '{source}' holds files of an unsupported type ({', '.join(unsupported)}); "
+                        f"expected {ACCEPTED}")
+    if len({FILE_BUILDERS[k] for k in kinds}) > 1:
+        raise DataError(f"data.source: '{source}' mixes file types ({', '.join(kinds)}); give one type (a glob such "
+                        "as 'data/*.parquet' picks them)")
+    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,15 +103,19 @@ FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 @dataclass
 class RawData:
-    """Rows to tokenise, where they came from, and (for JSON lines) the file line of each row."""
+    """Rows to tokenise, where they came from, and (for JSON lines) the file line of each row; with
+    several files, the file of each row too (an index into `files`)."""
 
     dataset: Any
     origin: str
-    line_of_row: Optional[list[int]] = None
+    line_of_row: Optional[Any] = None
+    file_of_row: Optional[Any] = None
+    files: Optional[list[str]] = None
 
     def where(self, index: int) -> str:
         if self.line_of_row is not None and index < len(self.line_of_row):
-            return f"{self.origin}:{self.line_of_row[index]}"
+            name = self.files[self.file_of_row[index]] if self.file_of_row is not None else self.origin
+            return f"{name}:{self.line_of_row[index]}"
         return f"{self.origin}: row {index}"
 
 
@@ -57,7 +124,7 @@ def load_raw(cfg: DataConfig, seed: int, synthetic_split: str = "train") -> RawD
     import datasets
 
     source = cfg.source
-    lines = None
+    lines = file_of_row = files = None
     if source == SYNTHETIC:
         from dft_ds import synthetic
 
@@ -65,26 +132,40 @@ def load_raw(cfg: DataConfig, seed: int, synthetic_split: str = "train") -> RawD
         # The answer column is for grading; training reads prompt and response only.
         ds = synthetic.load_split(synthetic_split, size, seed).remove_columns(["answer"])
         origin = f"synthetic:{synthetic_split}"
-    elif os.path.isfile(source):
-        ext = os.path.splitext(source)[1].lower()
-        if ext not in FILE_BUILDERS:
-            raise DataError(f"{source}: unsupported file type '{ext}' (expected .jsonl, .json or .parquet)")
-        if ext in (".jsonl", ".json"):
-            lines = check_json_file(source, lambda row, where: resolve_layout(cfg, row, where).fields)
-        ds = _load_quietly(lambda: datasets.load_dataset(FILE_BUILDERS[ext], data_files=source, split="train"),
+    elif source_files(cfg) is not None:
+        files = source_files(cfg)
+        kind = file_kind(files[0])
+        if kind not in FILE_BUILDERS:
+            raise DataError(f"{source}: unsupported file type '{kind}' (expected {ACCEPTED})")
+        if FILE_BUILDERS[kind] == "json":
+            layout = []  # resolved from the first row of the first file, then required of every file
+
+            def fields(row, where):
+                if not layout:
+                    layout.append(resolve_layout(cfg, row, where).fields)
+                return layout[0]
+
+            per_file = [check_json_file(f, fields) for f in files]
+            if all(p is not None for p in per_file):
+                import numpy as np
+
+                lines = np.concatenate([np.asarray(p, dtype=np.int32) for p in per_file])
+                file_of_row = np.concatenate([np.full(len(p), i, dtype=np.int32) for i, p in enumerate(per_file)])
+        ds = _load_quietly(lambda: datasets.load_dataset(FILE_BUILDERS[kind], data_files=files, split="train"),
                            source)
         origin = source
+        if len(files) == 1:
+            file_of_row, files = None, None
     elif os.path.isdir(source):
         ds, origin = _load_saved(source, cfg.split), source
     elif os.path.exists(source) or not looks_like_hub_name(source):
-        raise DataError(f"data.source: '{source}' does not exist (expected a file, a saved dataset directory, "
-                        "a hub dataset name such as owner/name, or 'synthetic')")
+        raise DataError(f"data.source: '{source}' does not exist (expected {ACCEPTED})")
     else:
         ds = _load_quietly(lambda: datasets.load_dataset(source, split=cfg.split), f"hub dataset '{source}'")
         origin = f"{source}[{cfg.split}]"
     if cfg.max_samples is not None and len(ds) > cfg.max_samples:
         ds = ds.select(range(cfg.max_samples))
-    return RawData(ds, origin, lines)
+    return RawData(ds, origin, lines, file_of_row, files)
 
 
 def check_json_file(path: str, fields=None) -> Optional[list[int]]:
@@ -95,8 +176,8 @@ def check_json_file(path: str, fields=None) -> Optional[list[int]]:
     or is a function of the first row and its place that returns that map (the detected layout).
     Returns the line number of each row for JSON lines, None for a single JSON document.
     """
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
+    if file_kind(path) in (".json", ".json.gz"):
+        with _open_text(path) as fh:
             text = fh.read()
         try:
             doc = json.loads(text)
@@ -108,11 +189,19 @@ def check_json_file(path: str, fields=None) -> Optional[list[int]]:
                 raise DataError(f"{path}: expected a list of objects, got {type(doc).__name__}")
             return None
         del text
-    with open(path, encoding="utf-8") as fh:  # line by line: a large file is never one string
+    with _open_text(path) as fh:  # line by line: a large file is never one string
         lines = list(_checked_rows(path, fh, fields))
     if not lines:
         raise DataError(f"{path}: the file holds no samples{_sample_selection_note(path)}")
     return lines
+
+
+def _open_text(path: str):
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _checked_rows(path: str, lines, fields) -> Iterator[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -150,6 +151,28 @@ class Rows:
     def doc_count(self, r: int) -> int:
         return int(self.bounds[r + 1] - self.bounds[r])
 
+    def digest(self) -> str:
+        """sha256 over every row's documents (ids, then labels, as int64 bytes; b"|" after each row): the
+        run's data fingerprint. Computed once per layout of rows and kept beside a cached set."""
+        layout = hashlib.sha256(self.order.astype(np.int64).tobytes() + b"/" + self.bounds.astype(np.int64).tobytes())
+        kept = self.source.path / "digests" / layout.hexdigest()[:24] if self.source.path is not None else None
+        if kept is not None and kept.is_file():
+            return kept.read_text().strip()
+        h = hashlib.sha256()
+        for r in range(len(self)):
+            for ids, labels in self[r]:
+                h.update(ids.astype(np.int64).tobytes())
+                h.update(labels.astype(np.int64).tobytes())
+            h.update(b"|")
+        digest = h.hexdigest()
+        if kept is not None:
+            with contextlib.suppress(OSError):  # a read-only cache still trains
+                kept.parent.mkdir(exist_ok=True)
+                staging = kept.with_name(f"{kept.name}.{os.getpid()}")
+                staging.write_text(digest + "\n")
+                os.replace(staging, kept)
+        return digest
+
     @property
     def docs(self) -> list[list[tuple[list[int], list[int]]]]:
         """Every row as (ids, labels) lists of Python ints: for inspection and tests, it copies everything."""
@@ -255,9 +278,10 @@ def _source_identity(cfg: DataConfig, seed: int, synthetic_split: str, raw) -> d
     if cfg.source == SYNTHETIC:
         return {"synthetic": synthetic_split, "size": cfg.synthetic_size, "seed": seed, "max_samples": cfg.max_samples}
     out: dict[str, Any] = {"max_samples": cfg.max_samples, "split": cfg.split}
-    if os.path.isfile(cfg.source):
-        out["files"] = [_file_identity(Path(cfg.source))]
-    elif os.path.isdir(cfg.source):
+    files = dd.source_files(cfg)
+    if files is not None:
+        out["files"] = [_file_identity(Path(f)) for f in files]
+    elif os.path.isdir(cfg.source):  # a saved dataset: every file of it
         out["files"] = [_file_identity(p) for p in sorted(Path(cfg.source).rglob("*")) if p.is_file()]
     else:  # a hub dataset, already loaded: its fingerprint names its files and version
         out["hub"] = [cfg.source, getattr(raw.dataset, "_fingerprint", None) if raw is not None else None]
@@ -270,7 +294,7 @@ def _file_identity(path: Path) -> list:
 
 
 def is_hub_source(cfg: DataConfig) -> bool:
-    return cfg.source != SYNTHETIC and not os.path.exists(cfg.source)
+    return cfg.source != SYNTHETIC and not os.path.exists(cfg.source) and not glob.has_magic(cfg.source)
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train", say=None) -> TokenisedSet:
@@ -308,13 +332,16 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train
                                                               "host": os.uname().nodename}}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             del dataset
+            if final.exists():  # left by a process killed while it was renaming: never complete, never read
+                shutil.rmtree(final)
             os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    found = _read(final)
+    written = _read(final)
+    written.hit = False
     say(f"data: wrote the tokenised set {final}")
-    return found
+    return written
 
 
 def _read(path: Path) -> Optional[TokenisedSet]:

@@ -286,6 +286,66 @@ def test_load_saved_dataset_dict_selects_the_split(tok, tmp_path):
     assert str(tmp_path / "dd") in msg and "'validation'" in msg and "train" in msg and "test" in msg
 
 
+def test_load_gzipped_json_lines(tok, tmp_path):
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert _responses(_load(tok, path), tok) == [r["response"] for r in ROWS]
+
+
+def test_load_csv(tok, tmp_path):
+    import datasets
+
+    path = tmp_path / "d.csv"
+    datasets.Dataset.from_list(ROWS).to_csv(str(path), index=False)
+    assert _responses(_load(tok, path), tok) == [r["response"] for r in ROWS]
+
+
+def test_load_a_directory_of_shards_takes_the_split_by_name(tok, tmp_path):
+    """A hub snapshot on disk: data/train-0000x-of-00002.parquet beside data/test-...; hidden folders skipped."""
+    import datasets
+
+    data = tmp_path / "snap" / "data"
+    data.mkdir(parents=True)
+    datasets.Dataset.from_list(ROWS[:4]).to_parquet(str(data / "train-00000-of-00002.parquet"))
+    datasets.Dataset.from_list(ROWS[4:9]).to_parquet(str(data / "train-00001-of-00002.parquet"))
+    datasets.Dataset.from_list(ROWS[9:]).to_parquet(str(data / "test-00000-of-00001.parquet"))
+    (tmp_path / "snap" / ".cache").mkdir()
+    (tmp_path / "snap" / ".cache" / "x.parquet").write_text("not parquet")
+    assert _responses(_load(tok, tmp_path / "snap"), tok) == [r["response"] for r in ROWS[:9]]
+    assert _responses(_load(tok, tmp_path / "snap", split="test"), tok) == [r["response"] for r in ROWS[9:]]
+
+
+def test_load_a_glob_of_json_lines_names_the_file_and_line_of_a_bad_row(tok, tmp_path):
+    write_jsonl(tmp_path / "part-1.jsonl", ROWS[:6])
+    write_jsonl(tmp_path / "part-2.jsonl", ROWS[6:])
+    assert _responses(_load(tok, tmp_path / "part-*.jsonl"), tok) == [r["response"] for r in ROWS]
+    bad = [dict(r) for r in ROWS[6:]]
+    bad[2]["response"] = ""
+    write_jsonl(tmp_path / "part-2.jsonl", bad)
+    with pytest.raises(DataError, match=r"part-2\.jsonl:3: field 'response' is empty"):
+        _load(tok, tmp_path / "part-*.jsonl")
+    wrong = [dict(r) for r in ROWS[6:]]
+    wrong[1]["response"] = 5
+    write_jsonl(tmp_path / "part-2.jsonl", wrong)
+    with pytest.raises(DataError, match=r"part-2\.jsonl:2: field 'response' must be str"):
+        _load(tok, tmp_path / "part-*.jsonl")
+
+
+def test_mixed_file_types_and_empty_patterns_are_named(tok, tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / "b.csv").write_text("prompt,response\na,b\n")
+    with pytest.raises(DataError, match=r"mixes file types \(\.csv, \.jsonl\)"):
+        _load(tok, tmp_path)
+    with pytest.raises(DataError, match="matches no file"):
+        _load(tok, tmp_path / "nothing-*.parquet")
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(DataError, match=r"unsupported type \(\.txt\).*expected a \.jsonl"):
+        _load(tok, tmp_path / "*")
+
+
 def test_directory_that_is_not_a_saved_dataset(tok, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a dataset saved with datasets.save_to_disk"):
@@ -415,9 +475,9 @@ def test_nonexistent_source_is_an_error(tok, tmp_path, source, monkeypatch):
 
 
 def test_unsupported_file_type(tok, tmp_path):
-    path = tmp_path / "d.csv"
+    path = tmp_path / "d.txt"
     path.write_text("prompt,response\na,b\n")
-    with pytest.raises(DataError, match=r"unsupported file type '\.csv'"):
+    with pytest.raises(DataError, match=r"unsupported file type '\.txt' \(expected a \.jsonl, \.json, \.jsonl\.gz"):
         _load(tok, path)
 
 
