@@ -239,15 +239,23 @@ def cache_root(cfg: DataConfig) -> Optional[Path]:
     return Path(cfg.cache_dir).expanduser()
 
 
-def cache_key(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str, raw=None) -> str:
-    """The digest of everything that decides a token of this set (see the module docstring)."""
-    parts = {
+def key_parts(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str, raw=None) -> dict:
+    """Everything that decides a token of this set (see the module docstring)."""
+    return {
         "format": CACHE_FORMAT,
         "code": _code_digest(),
         "source": _source_identity(cfg, seed, synthetic_split, raw),
         "data": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY},
         "tokenizer": tokenizer_digest(tokenizer),
     }
+
+
+def cache_key(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str, raw=None) -> str:
+    """The name of this set's folder: a digest of key_parts."""
+    return _key_of(key_parts(cfg, tokenizer, seed, synthetic_split, raw))
+
+
+def _key_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -297,15 +305,23 @@ def is_hub_source(cfg: DataConfig) -> bool:
     return cfg.source != SYNTHETIC and not os.path.exists(cfg.source) and not glob.has_magic(cfg.source)
 
 
+def is_tokenised_set(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
 def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train", say=None) -> TokenisedSet:
-    """The tokenised set of cfg's source: read from the cache, or tokenised (and cached) now."""
+    """The tokenised set of cfg's source: a set saved with `dft-train --prepare-data`, read from the cache,
+    or tokenised (and cached) now."""
     say = say or _say
+    if os.path.isdir(cfg.source) and is_tokenised_set(cfg.source):
+        return read_saved(cfg, tokenizer, say)
     root = cache_root(cfg)
     raw = dd.load_raw(cfg, seed, synthetic_split) if is_hub_source(cfg) or root is None else None
     if root is None:
         dataset, report = tokenise(raw, cfg, tokenizer, None, say)
         return TokenisedSet(dataset, report)
-    key = cache_key(cfg, tokenizer, seed, synthetic_split, raw)
+    parts = key_parts(cfg, tokenizer, seed, synthetic_split, raw)
+    key = _key_of(parts)
     final = root / key
     found = _read(final)
     if found is not None:
@@ -328,7 +344,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train
             dataset, report = tokenise(raw, cfg, tokenizer, staging, say)
             files = [os.path.basename(f["filename"]) for f in dataset.cache_files]
             manifest = {"format": CACHE_FORMAT, "files": files, "report": dataclasses.asdict(report),
-                        "origin": raw.origin, "prepared_by": {"rank": os.environ.get("RANK"), "pid": os.getpid(),
+                        "origin": raw.origin, "key": parts, "prepared_by": {"rank": os.environ.get("RANK"), "pid": os.getpid(),
                                                               "host": os.uname().nodename}}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             del dataset
@@ -342,6 +358,63 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train
     written.hit = False
     say(f"data: wrote the tokenised set {final}")
     return written
+
+
+def read_saved(cfg: DataConfig, tokenizer, say) -> TokenisedSet:
+    """data.source names a tokenised set: it is read as it is, when it was made with this tokenizer and
+    these data settings (anything else would train on other tokens than the config says)."""
+    path = Path(cfg.source)
+    manifest = json.loads((path / MANIFEST).read_text())
+    saved = manifest.get("key") or {}
+    if manifest.get("format") != CACHE_FORMAT:
+        raise DataError(f"data.source: {path} is a tokenised set of another format ({manifest.get('format')}, this "
+                        f"dft_ds reads {CACHE_FORMAT}); prepare it again (dft-train --prepare-data)")
+    problems = []
+    if saved.get("tokenizer") != tokenizer_digest(tokenizer):
+        problems.append("it was tokenised with another tokenizer than model.tokenizer / model.name_or_path names")
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IN_KEY}
+    for name, value in sorted(now.items()):
+        was = saved.get("data", {}).get(name)
+        if name not in ("max_samples",) and json.dumps(was, default=str) != json.dumps(value, default=str):
+            problems.append(f"it was made with data.{name}={was}, this run has data.{name}={value}")
+    if problems:
+        raise DataError(f"data.source: {path} is a tokenised set that does not match this run: " + "; ".join(problems)
+                        + ". Set the run's settings as the set's, or prepare the set again with dft-train "
+                        "--prepare-data")
+    found = _read(path)
+    if _first_rank():
+        say(f"data: read the tokenised set {path} ({found.report.samples} samples, from {manifest.get('origin')})")
+    return found
+
+
+def save_set(cfg: DataConfig, tokenizer, seed: int, out: Path, say=None) -> TokenisedSet:
+    """`dft-train --prepare-data OUT`: the run's training set tokenised (or taken from the cache) and
+    written to OUT, a folder that data.source=OUT reads without tokenising. Files are hard-linked from
+    the cache where they can be."""
+    say = say or _say
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"--prepare-data: {out} exists and is not empty; name a new folder")
+    if cfg.cache_dir == "off":  # prepare into a cache of its own beside OUT, then move it in
+        cfg = dataclasses.replace(cfg, cache_dir=str(out.parent / f".{out.name}.cache"))
+    tokens = prepare(cfg, tokenizer, seed, say=say)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(tokens.path, staging, copy_function=link, ignore=shutil.ignore_patterns("digests"))
+    if out.exists():
+        out.rmdir()
+    os.replace(staging, out)
+    if cfg.cache_dir.endswith(f".{out.name}.cache"):
+        shutil.rmtree(cfg.cache_dir, ignore_errors=True)
+    say(f"data: saved the tokenised set in {out}; data.source={out} reads it")
+    return tokens
 
 
 def _read(path: Path) -> Optional[TokenisedSet]:

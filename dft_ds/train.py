@@ -28,6 +28,7 @@ examples:
   deepspeed --num_gpus 8 --module dft_ds.train CONFIG.yaml loss.type=sft train.output_dir=runs/my-sft
   torchrun --nproc-per-node 2 -m dft_ds.train train.max_steps=20
   dft-train --check CONFIG.yaml --world-size 8   # validate everything and print the plan; writes nothing
+  dft-train --prepare-data data/numina-tok CONFIG.yaml  # tokenise once; then data.source=data/numina-tok
 """
 
 
@@ -43,7 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true",
                         help="validate config, data, tokenizer/model and DeepSpeed config, print the plan (samples, "
-                             "tokens, steps, per-rank memory estimate) and exit 0, or 2 on bad input; writes nothing")
+                             "tokens, steps, per-rank memory estimate) and exit 0, or 2 on bad input; writes nothing "
+                             "in train.output_dir (the tokenised data goes to data.cache_dir, where the run finds it)")
+    parser.add_argument("--prepare-data", metavar="DIR", default=None,
+                        help="tokenise data.source as the run would (or take it from data.cache_dir) into the new "
+                             "folder DIR and exit: later runs, or every run of a sweep, read it with data.source=DIR "
+                             "and the same tokenizer and data settings, without tokenising")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="with --check: the number of ranks to plan for (default: $WORLD_SIZE or 1)")
     # Options and overrides may come in any order: `--check CONFIG --world-size 8 key=value`.
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
     if ns.check:
         return check(ns)
+    if ns.prepare_data:
+        return prepare_data(ns)
     try:
         try:
             rc = run(load_config(ns.config, ns.overrides))
@@ -134,6 +142,22 @@ def check(ns: argparse.Namespace) -> int:
         print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     print(plan.check_report(), flush=True)
+    return 0
+
+
+def prepare_data(ns: argparse.Namespace) -> int:
+    """`--prepare-data DIR`: the training set's tokens in DIR (see tokenised.save_set); no process group."""
+    from pathlib import Path
+
+    from dft_ds.model import load_tokenizer
+    from dft_ds.tokenised import save_set
+
+    try:
+        cfg = load_config(ns.config, ns.overrides)
+        save_set(cfg.data, load_tokenizer(cfg.model), cfg.train.seed, Path(ns.prepare_data).expanduser())
+    except UserError as exc:
+        print(f"dft-train: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     return 0
 
 

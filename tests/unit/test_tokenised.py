@@ -182,3 +182,26 @@ def test_one_of_two_processes_prepares_the_set_and_the_other_reads_it(tmp_path):
     manifest = json.loads((tmp_path / "cache" / key / tokenised.MANIFEST).read_text())
     assert manifest["prepared_by"]["rank"] == str(tokenising[0])
     assert [out.split()[-1] for out, _ in outs] == ["True" if r != tokenising[0] else "False" for r in (0, 1)]
+
+
+def test_prepare_data_writes_a_set_that_a_later_run_names_as_its_source(tmp_path, tok, monkeypatch, capsys):
+    from dft_ds import train
+
+    monkeypatch.setenv("DFT_DS_CACHE", str(tmp_path / "cache"))
+    source = write(tmp_path / "d.jsonl")
+    args = [f"data.source={source}", "data.template=plain", "data.max_length=64"]
+    assert train.main(["--prepare-data", str(tmp_path / "saved"), *args]) == 0
+    assert f"data.source={tmp_path / 'saved'} reads it" in capsys.readouterr().err
+    cfg = DataConfig(source=str(tmp_path / "saved"), template="plain", max_length=64, cache_dir="off")
+    saved, said = prepared(cfg, tok)
+    direct, _ = prepared(DataConfig(source=source, template="plain", max_length=64, cache_dir="off"), tok)
+    assert said[0].startswith(f"data: read the tokenised set {tmp_path / 'saved'} (40 samples")
+    assert [saved.doc(i)[0].tolist() for i in range(40)] == [direct.doc(i)[0].tolist() for i in range(40)]
+    # A run whose settings would give other tokens is refused, naming the setting.
+    with pytest.raises(DataError, match=r"made with data\.max_length=64, this run has data\.max_length=128"):
+        prepared(dataclasses.replace(cfg, max_length=128), tok)
+    with pytest.raises(DataError, match="another tokenizer"):
+        prepared(cfg, families.build_tokenizer(families.FAMILIES["llama3"]))
+    # The folder is never overwritten.
+    assert train.main(["--prepare-data", str(tmp_path / "saved"), *args]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
