@@ -169,6 +169,26 @@ print("PEER-DONE", len(ds), time.perf_counter() - start, flush=True)
 """
 
 
+def packing_lines(cache: str, max_length: int) -> list[str]:
+    """Rows and padding (the share of row slots of max_length tokens that hold no token) of each packing method,
+    from the tokenised set the first start wrote, and the time each took."""
+    from pathlib import Path
+
+    from dft_ds import tokenised
+
+    (folder,) = [p for p in Path(cache).iterdir() if p.is_dir()]
+    tokens = tokenised._read(folder)
+    lines = []
+    for method in ("greedy", "best_fit"):
+        start = time.perf_counter()
+        rows = tokenised.build_rows(tokens, None, max_length, True, method)
+        seconds = time.perf_counter() - start
+        used = int(tokens.lengths[rows.order].sum())
+        lines.append(f"packing_method={method}: {len(rows):,} rows, padding {1 - used / (len(rows) * max_length):.1%} "
+                     f"of the row slots, packed in {seconds:.2f} s")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, action="append", help="row counts (repeatable; default 50000)")
@@ -208,6 +228,7 @@ def main() -> None:
             peer["first_step_s"] = float(done[-1].split()[2]) if done else float("nan")
             figures["peer: datasets.map, TRL-style preparation (tokenising only)"] = peer
         data_lines = [line.strip() for line in figures["first start"]["log"] if line.startswith("data: ")]
+        data_lines += packing_lines(os.path.join(cache, "data"), args.max_length)
         results.append((rows, size_mb, figures, data_lines))
     print(f"\n# data path: {args.ranks} ranks, max_length {args.max_length}, {os.cpu_count()} CPUs\n")
     print("| rows | file | start | to first step (s) | wall (s) | peak anon / rank (MB) | peak RSS / rank (MB) |")

@@ -107,6 +107,10 @@ class DataConfig:
     """What to do with samples longer than max_length: truncate or drop. The count is reported."""
     packing: bool = True
     """Pack samples into rows of max_length; positions restart per document and attention never crosses documents."""
+    packing_method: Literal["greedy", "best_fit"] = "greedy"
+    """data.packing: greedy fills rows with documents in their order, a new row when the next does not fit; best_fit
+    places the longest documents first, each into the fullest row it still fits (best-fit decreasing): fewer rows
+    and less padding, and rows that mix short and long documents. docs/data.md gives the padding of each."""
     max_samples: Optional[int] = None
     """Use only the first N samples of the source (null: all)."""
     synthetic_size: int = 4000

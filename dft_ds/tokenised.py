@@ -17,6 +17,8 @@ sampling never copy tokens.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -42,8 +44,8 @@ from dft_ds.loss import IGNORE_INDEX
 CACHE_FORMAT = 1  # what a cached set holds; the encoding code itself is part of the key too
 MANIFEST = "manifest.json"
 # Settings that never change a token (packing and held-out splits work on documents already tokenised).
-NOT_IN_KEY = ("packing", "eval_source", "eval_split", "eval_fraction", "cache_dir", "num_workers", "source", "split",
-              "synthetic_size")
+NOT_IN_KEY = ("packing", "packing_method", "eval_source", "eval_split", "eval_fraction", "cache_dir", "num_workers",
+              "source", "split", "synthetic_size")
 CODE_FILES = ("data.py", "tokenised.py", "synthetic.py")
 PROGRESS_EVERY_S = 10.0
 
@@ -179,6 +181,38 @@ class Rows:
         return [[(ids.tolist(), labels.tolist()) for ids, labels in self[r]] for r in range(len(self))]
 
 
+def best_fit_order(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing: (positions into `lengths` in row order, row boundaries). Documents go longest
+    first (ties in their order), each into the open row with the least room that still holds it, else
+    a new row; rows come out in the order they were opened. Deterministic."""
+    by_length = np.argsort(-lengths, kind="stable")
+    rooms: dict[int, collections.deque] = {}  # room left -> rows with that room, oldest first
+    room_values: list[int] = []        # the distinct rooms that some row has, sorted
+    members: list[list[int]] = []
+    for position in by_length.tolist():
+        n = int(lengths[position])
+        at = bisect.bisect_left(room_values, n)
+        if at < len(room_values):
+            room = room_values[at]
+            row = rooms[room].popleft()
+            if not rooms[room]:
+                del rooms[room]
+                room_values.pop(at)
+        else:
+            row, room = len(members), max_length
+            members.append([])
+        members[row].append(position)
+        left = room - n
+        if left > 0:
+            if left not in rooms:
+                rooms[left] = collections.deque()
+                bisect.insort(room_values, left)
+            rooms[left].append(row)
+    order = np.fromiter((p for row in members for p in row), dtype=np.int64, count=len(lengths))
+    bounds = np.concatenate([[0], np.cumsum([len(row) for row in members], dtype=np.int64)])
+    return order, bounds
+
+
 def pack_bounds(lengths: np.ndarray, max_length: int, packing: bool) -> np.ndarray:
     """Row boundaries over documents in order: one document per row, or greedy in-order packing into
     rows of at most max_length tokens."""
@@ -194,9 +228,14 @@ def pack_bounds(lengths: np.ndarray, max_length: int, packing: bool) -> np.ndarr
     return np.asarray(bounds, dtype=np.int64)
 
 
-def build_rows(source: TokenisedSet, order: Optional[np.ndarray], max_length: int, packing: bool) -> Rows:
-    """Rows of the documents `order` (all kept ones, in order, when None)."""
+def build_rows(source: TokenisedSet, order: Optional[np.ndarray], max_length: int, packing: bool,
+               method: str = "greedy") -> Rows:
+    """Rows of the documents `order` (all kept ones, in order, when None), packed by `method`
+    (data.packing_method) or one to a row."""
     order = source.kept() if order is None else order
+    if packing and method == "best_fit":
+        positions, bounds = best_fit_order(source.lengths[order], max_length)
+        return Rows(source, order[positions], bounds)
     return Rows(source, order, pack_bounds(source.lengths[order], max_length, packing))
 
 
@@ -584,7 +623,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, say=None) -> tuple[Tra
 
 
 def _as_rows(tokens: TokenisedSet, order: np.ndarray, report: DataReport, cfg: DataConfig, tokenizer) -> TrainData:
-    rows = build_rows(tokens, order, cfg.max_length, cfg.packing)
+    rows = build_rows(tokens, order, cfg.max_length, cfg.packing, cfg.packing_method)
     report.rows = len(rows)
     report.tokens = int(tokens.lengths[order].sum())
     report.target_tokens = int(tokens.targets[order].sum())

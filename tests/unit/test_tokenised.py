@@ -205,3 +205,30 @@ def test_prepare_data_writes_a_set_that_a_later_run_names_as_its_source(tmp_path
     # The folder is never overwritten.
     assert train.main(["--prepare-data", str(tmp_path / "saved"), *args]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_best_fit_decreasing_packs_the_longest_first_into_the_fullest_row():
+    lengths = np.array([5, 4, 3, 3, 2, 1])
+    order, bounds = tokenised.best_fit_order(lengths, 8)
+    rows = [lengths[order[bounds[r]:bounds[r + 1]]].tolist() for r in range(len(bounds) - 1)]
+    assert rows == [[5, 3], [4, 3, 1], [2]]
+    assert sorted(order.tolist()) == list(range(6))
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=3000)
+    order, bounds = tokenised.best_fit_order(lengths, 512)
+    assert sorted(order.tolist()) == list(range(3000))
+    sums = [int(lengths[order[bounds[r]:bounds[r + 1]]].sum()) for r in range(len(bounds) - 1)]
+    greedy = len(tokenised.pack_bounds(lengths, 512, True)) - 1
+    assert max(sums) <= 512 and len(sums) < greedy
+    again = tokenised.best_fit_order(lengths, 512)
+    assert again[0].tolist() == order.tolist() and again[1].tolist() == bounds.tolist()
+
+
+def test_best_fit_rows_train_on_the_same_documents(tmp_path, tok):
+    cfg = DataConfig(source=write(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "cache"), template="plain",
+                     max_length=64)
+    greedy = tokenised.build_train_data(cfg, tok, 0)
+    best = tokenised.build_train_data(dataclasses.replace(cfg, packing_method="best_fit"), tok, 0)
+    docs = lambda td: sorted(tuple(ids) for row in td.rows.docs for ids, _ in row)  # noqa: E731
+    assert docs(best) == docs(greedy) and len(best.rows) <= len(greedy.rows)
+    assert best.report.tokens == greedy.report.tokens and best.report.rows == len(best.rows)
