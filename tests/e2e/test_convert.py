@@ -40,7 +40,7 @@ def runs(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("convert")
-    train(tmp, tmp / "untied")
+    train(tmp, tmp / "untied", f"data.cache_dir={tmp / 'data-cache'}")
     tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
     torch.manual_seed(3)
     tied = AutoModelForCausalLM.from_config(synthetic.tiny_model_config(
@@ -49,6 +49,21 @@ def runs(tmp_path_factory):
     tok.save_pretrained(tmp / "tied-init")
     train(tmp, tmp / "tied", f"model.name_or_path={tmp / 'tied-init'}")
     return {name: tmp / name / "checkpoints" for name in ("untied", "tied")}
+
+
+def test_one_rank_of_two_tokenised_the_data_and_the_other_read_it(runs):
+    """The first run's two ranks shared a data cache of their own: one process tokenised (under the lock),
+    the other read the set it wrote; both trained on it."""
+    import json
+
+    tmp = runs["untied"].parent.parent
+    log = (tmp / "untied.log").read_text()
+    assert log.count("data: tokenising") == 1 and log.count("data: wrote the tokenised set") == 1, log[-3000:]
+    (folder,) = [p for p in (tmp / "data-cache").iterdir() if p.is_dir()]
+    prepared_by = json.loads((folder / "manifest.json").read_text())["prepared_by"]["rank"]
+    assert prepared_by in ("0", "1")
+    # Rank 0 reports its read when it was not the one that tokenised (rank 1 reads quietly).
+    assert ("data: read the tokenised set" in log) == (prepared_by == "1")
 
 
 def reference_model(checkpoints):
