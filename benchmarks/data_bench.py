@@ -9,9 +9,11 @@ messages, source; solutions of about 300-1500 tokens), generated once per row co
 --work (seeded); the tokenizer is dft_ds.families' Qwen2-style one, the model the embedded tiny
 Llama with that vocabulary. Each start is `dft-launch --nproc RANKS` with train.max_steps=1.
 
-Reported per start: seconds from launch to the `step 1/1` line, and the peak memory of the
-largest rank: its anonymous (private) resident memory, and its whole resident set, which also
-counts the memory-mapped Arrow pages the OS shares between ranks and keeps in its page cache.
+Reported per start: seconds from launch to the `step 1/1` line, and the memory of the largest
+rank: its anonymous (private) resident memory until the plan is printed (imports, tokenizer, data;
+no model yet), its peak anonymous memory over the run (the training step's activations included),
+and its peak resident set, which also counts the memory-mapped Arrow pages the OS shares between
+ranks and keeps in its page cache.
 The peer figure is the same file through `datasets.map` (batched, RANKS processes) with TRL's
 prompt/completion preparation (the chat template applied to the prompt and to prompt + completion,
 both tokenised, a completion mask), in the same invocation: tokenising time and peak memory of its
@@ -98,13 +100,13 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def measured(cmd: list[str], env: dict, marker: str, rank_tag: str) -> dict:
+def measured(cmd: list[str], env: dict, marker: str, rank_tag: str, cwd: str = REPO) -> dict:
     """Run `cmd`; seconds until a stdout line starts with `marker`, wall seconds, and the peak RssAnon and
     VmRSS of the largest process whose command line holds `rank_tag`, polled every 0.1 s."""
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: dict[str, float] = {}
     lines: list[str] = []
 
@@ -113,10 +115,13 @@ def measured(cmd: list[str], env: dict, marker: str, rank_tag: str) -> dict:
             lines.append(line)
             if line.startswith(marker) and "first" not in seen:
                 seen["first"] = time.perf_counter() - start
+            if line.startswith("batch:") and "data" not in seen:
+                seen["data"] = time.perf_counter() - start
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     peak = {"RssAnon": 0, "VmRSS": 0}
+    data_peak = 0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
@@ -128,13 +133,15 @@ def measured(cmd: list[str], env: dict, marker: str, rank_tag: str) -> dict:
                 status = _status(child.pid)
                 for key in peak:
                     peak[key] = max(peak[key], status.get(key, 0))
+                if "data" not in seen:  # until the plan is printed: imports, tokenizer and data, no model yet
+                    data_peak = max(data_peak, status.get("RssAnon", 0))
         time.sleep(0.1)
     reader.join()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(lines[-30:])}")
     return {"first_step_s": seen.get("first", float("nan")), "wall_s": wall, "anon": peak["RssAnon"],
-            "rss": peak["VmRSS"], "log": lines}
+            "rss": peak["VmRSS"], "data_anon": data_peak, "log": lines}
 
 
 def train_cmd(python: str, ranks: int, source: str, tok: str, max_length: int, out: str) -> list[str]:
@@ -197,6 +204,9 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dft_ds-data-bench"))
     ap.add_argument("--baseline-repo", help="another checkout whose first start runs as the baseline")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--compare-max-rows", type=int, default=100_000,
+                    help="run the baseline and the peer only up to this many rows (the baseline holds every row as "
+                         "Python lists in every rank: tens of GB at 860k)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     tok = tokenizer_dir(args.work)
@@ -209,19 +219,20 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
         env = dict(os.environ, DFT_DS_CACHE=cache, PYTHONPATH=REPO)
         figures = {}
-        if args.baseline_repo:
+        if args.baseline_repo and rows <= args.compare_max_rows:
             out = os.path.join(args.work, "run-baseline")
             shutil.rmtree(out, ignore_errors=True)
             base_env = dict(env, PYTHONPATH=os.path.abspath(args.baseline_repo),
                             DFT_DS_CACHE=os.path.join(args.work, "cache-baseline"))
             figures["baseline first start"] = measured(train_cmd(python, args.ranks, source, tok, args.max_length, out),
-                                                       base_env, "step 1/1", "dft_ds.train")
+                                                       base_env, "step 1/1", "dft_ds.train",
+                                                       cwd=os.path.abspath(args.baseline_repo))
         for name in ("first start", "second start"):
             out = os.path.join(args.work, f"run-{rows}-{name.split()[0]}")
             shutil.rmtree(out, ignore_errors=True)
             figures[name] = measured(train_cmd(python, args.ranks, source, tok, args.max_length, out), env,
                                      "step 1/1", "dft_ds.train")
-        if not args.no_peer:
+        if not args.no_peer and rows <= args.compare_max_rows:
             peer = measured([python, "-c", PEER, source, tok, str(args.ranks), str(args.max_length)], env,
                             "PEER-DONE", "PEER-DONE")
             done = [line for line in peer["log"] if line.startswith("PEER-DONE")]
@@ -231,12 +242,13 @@ def main() -> None:
         data_lines += packing_lines(os.path.join(cache, "data"), args.max_length)
         results.append((rows, size_mb, figures, data_lines))
     print(f"\n# data path: {args.ranks} ranks, max_length {args.max_length}, {os.cpu_count()} CPUs\n")
-    print("| rows | file | start | to first step (s) | wall (s) | peak anon / rank (MB) | peak RSS / rank (MB) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| rows | file | start | to first step (s) | wall (s) | anon / rank before the model (MB) | "
+          "peak anon / rank (MB) | peak RSS / rank (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for rows, size_mb, figures, _ in results:
         for name, f in figures.items():
-            print(f"| {rows:,} | {size_mb:.0f} MB | {name} | {f['first_step_s']:.1f} | {f['wall_s']:.1f} | "
-                  f"{f['anon'] / 1e6:.0f} | {f['rss'] / 1e6:.0f} |")
+            print(f"| {rows:,} | {size_mb:,.0f} MB | {name} | {f['first_step_s']:.1f} | {f['wall_s']:.1f} | "
+                  f"{f['data_anon'] / 1e6:.0f} | {f['anon'] / 1e6:.0f} | {f['rss'] / 1e6:.0f} |")
     for rows, _, figures, data_lines in results:
         first, second = figures["first start"], figures["second start"]
         print(f"\n{rows:,} rows: second start / first start, to the first step: "

@@ -614,31 +614,68 @@ class Encoder:
                                 "set data.template=auto or chat with a tokenizer that has one")
             pieces.append((segments, rendered))
         encoded: list = [None] * len(pieces)
+        eos = self.tokenizer.eos_token_id
         for rendered in (False, True):
             which = [i for i, (_, r) in enumerate(pieces) if r == rendered]
             if not which:
                 continue
             texts = ["".join(piece for piece, _ in pieces[i][0]) for i in which]
-            enc = self.tokenizer(texts, add_special_tokens=not rendered, return_offsets_mapping=True)
-            for j, i in enumerate(which):
-                encoded[i] = _with_targets(list(enc["input_ids"][j]), enc["offset_mapping"][j], pieces[i][0],
-                                           self.tokenizer, add_eos=not rendered)
+            for i, (ids, offsets) in zip(which, self._encode(texts, add_special_tokens=not rendered)):
+                encoded[i] = _targets_of(ids, offsets, pieces[i][0], None if rendered else eos)
         return [self._finish(ids, targets) for ids, targets in encoded]
 
-    def _finish(self, ids: list[int], targets: list[bool]) -> tuple[list[int], list[int], int]:
-        labels = shift_labels(ids, targets)
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, [n, 2] character offsets) per text. A fast tokenizer's own backend is called directly
+        when the Python wrapper would do nothing more (no truncation, padding or special-token
+        splitting set on the backend): the wrapper's per-token conversions cost more than the encoding."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if (backend is not None and hasattr(backend, "encode_batch") and backend.truncation is None
+                and backend.padding is None
+                and getattr(backend, "encode_special_tokens", False) == bool(getattr(self.tokenizer,
+                                                                                     "split_special_tokens", False))):
+            out = []
+            for enc in backend.encode_batch(texts, add_special_tokens=add_special_tokens):
+                out.append((np.asarray(enc.ids, dtype=np.int64),
+                            np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)))
+            return out
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [(np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2))
+                for ids, off in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def _finish(self, ids: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+        labels[:-1] = np.where(targets[1:], ids[1:], IGNORE_INDEX)  # shift_labels, on arrays
         max_length = self.cfg.max_length
+        empty = np.zeros(0, dtype=np.int64)
         if len(ids) > max_length:
             if self.cfg.overlong == "drop":
-                return [], [], OVERLONG
+                return empty, empty, OVERLONG
             # Truncating after shifting keeps the last kept position's target (the next token exists).
             ids, labels = ids[:max_length], labels[:max_length]
             status = TRUNCATED
         else:
             status = KEPT
-        if all(lab == IGNORE_INDEX for lab in labels):
-            return [], [], NO_TARGET
+        if not (labels != IGNORE_INDEX).any():
+            return empty, empty, NO_TARGET
         return ids, labels, status
+
+
+def _targets_of(ids: np.ndarray, offsets: np.ndarray, segments: list[tuple[str, bool]],
+                eos: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
+    """_with_targets on arrays: a token is a target when its first character lies in a target segment;
+    tokens without text (BOS and other added special tokens) never are; `eos` (a plain response's) is
+    appended as a target."""
+    bounds = np.cumsum([len(piece) for piece, _ in segments])
+    flags = np.array([target for _, target in segments] + [False], dtype=bool)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    end = bounds[-1] if len(bounds) else 0
+    inside = (ends != starts) & (starts < end)
+    targets = np.zeros(len(ids), dtype=bool)
+    targets[inside] = flags[np.searchsorted(bounds, starts[inside], side="right")]
+    if eos is not None:
+        ids = np.append(ids, eos)
+        targets = np.append(targets, True)
+    return ids, targets
 
 
 def shift_labels(ids: list[int], targets: list[bool]) -> list[int]:

@@ -570,7 +570,7 @@ class _EncodeBatch:
             self._progress(len(indices))
         return {"input_ids": [e[0] for e in encoded], "labels": [e[1] for e in encoded],
                 "status": [e[2] for e in encoded],
-                "targets": [sum(lab != IGNORE_INDEX for lab in e[1]) for e in encoded]}
+                "targets": [int((e[1] != IGNORE_INDEX).sum()) for e in encoded]}
 
     def _progress(self, n: int) -> None:
         now = time.perf_counter()
