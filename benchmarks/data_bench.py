@@ -233,7 +233,10 @@ def main() -> None:
             figures[name] = measured(train_cmd(python, args.ranks, source, tok, args.max_length, out), env,
                                      "step 1/1", "dft_ds.train")
         if not args.no_peer and rows <= args.compare_max_rows:
-            peer = measured([python, "-c", PEER, source, tok, str(args.ranks), str(args.max_length)], env,
+            # A fresh datasets cache: a first start (datasets would otherwise find the map's earlier output).
+            peer_env = dict(env, HF_DATASETS_CACHE=os.path.join(args.work, f"hf-cache-{rows}"))
+            shutil.rmtree(peer_env["HF_DATASETS_CACHE"], ignore_errors=True)
+            peer = measured([python, "-c", PEER, source, tok, str(args.ranks), str(args.max_length)], peer_env,
                             "PEER-DONE", "PEER-DONE")
             done = [line for line in peer["log"] if line.startswith("PEER-DONE")]
             peer["first_step_s"] = float(done[-1].split()[2]) if done else float("nan")

@@ -90,7 +90,8 @@ class TokenisedSet:
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.status = np.asarray(table.column("status").to_numpy(), dtype=np.int8)
         self.targets = np.asarray(table.column("targets").to_numpy(), dtype=np.int64)
-        self.lengths = np.concatenate([np.diff(offsets) for offsets, _ in self._ids]) if sizes else np.zeros(0, int)
+        self.lengths = (np.concatenate([np.diff(offsets) for offsets, _ in self._ids]) if sizes
+                        else np.zeros(0, dtype=np.int32))
 
     def __len__(self) -> int:
         return len(self.status)
@@ -103,7 +104,7 @@ class TokenisedSet:
         chunk = int(np.searchsorted(self._starts, index, side="right")) - 1
         j = index - int(self._starts[chunk])
         (offsets, ids), (loffsets, labels) = self._ids[chunk], self._labels[chunk]
-        return ids[offsets[j]:offsets[j + 1]], labels[loffsets[j]:loffsets[j + 1]]
+        return ids[int(offsets[j]):int(offsets[j + 1])], labels[int(loffsets[j]):int(loffsets[j + 1])]
 
 
 def from_lists(ids: list[list[int]], labels: list[list[int]]) -> TokenisedSet:
@@ -126,9 +127,9 @@ def features():
 
 
 def _list_view(chunk) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of an Arrow list array; the offsets index `values` even for a slice."""
-    return (np.asarray(chunk.offsets.to_numpy(zero_copy_only=False), dtype=np.int64),
-            chunk.values.to_numpy(zero_copy_only=False))
+    """(offsets, values) of an Arrow list array, both views of its buffers (int32: no copy); the offsets
+    index `values` even for a slice."""
+    return chunk.offsets.to_numpy(zero_copy_only=False), chunk.values.to_numpy(zero_copy_only=False)
 
 
 # --------------------------------------------------------------------------------------------
