@@ -109,7 +109,8 @@ class LaunchSpec:
 
 # dft-train's own options (dft_ds/train.py parse_args), passed to it wherever they stand; True: takes a
 # value. A unit test pins this against dft-train's parser, and keeps both sets of names apart.
-TRAIN_OPTIONS = {"--check": False, "--world-size": True, "--local_rank": True, "--local-rank": True}
+TRAIN_OPTIONS = {"--check": False, "--world-size": True, "--prepare-data": True, "--local_rank": True,
+                 "--local-rank": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         usage="dft-launch [options] [CONFIG.yaml] [section.key=value ...] [-- dft-train arguments]",
         description="Start `python -m dft_ds.train` on one node or many, through torchrun, the deepspeed "
                     "launcher or srun. The options below may stand before or after the config and overrides; "
-                    "dft-train's own --check and --world-size N are passed on to it; any other option is "
-                    "refused (exit 2, named). Everything after `--` goes to dft-train unchanged.")
+                    "dft-train's own --check, --world-size N and --prepare-data DIR are passed on to it; any "
+                    "other option is refused (exit 2, named). Everything after `--` goes to dft-train unchanged.")
     parser.add_argument("--nproc-per-node", type=int, metavar="N", help="training ranks per node")
     parser.add_argument("--nnodes", type=int, metavar="N", help="number of nodes")
     parser.add_argument("--node-rank", type=int, metavar="R", help="this node's index, 0 .. nnodes-1")
@@ -184,7 +185,8 @@ def unknown_option(name: str, matches: list[str], known: list[str]) -> str:
     near = difflib.get_close_matches(name, longs + [n for n in TRAIN_OPTIONS if n != "--local_rank"], n=1)
     return (f"unknown option {name}" + (f" (did you mean {near[0]}?)" if near else "") +
             f". dft-launch's options ({', '.join(longs)}) may stand before or after the config; dft-train's own "
-            "are --check and --world-size N; put any other argument meant for dft-train after `--`")
+            "are --check, --world-size N and --prepare-data DIR; put any other argument meant for dft-train after "
+            "`--`")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

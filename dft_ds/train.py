@@ -146,8 +146,12 @@ def check(ns: argparse.Namespace) -> int:
 
 
 def prepare_data(ns: argparse.Namespace) -> int:
-    """`--prepare-data DIR`: the training set's tokens in DIR (see tokenised.save_set); no process group."""
+    """`--prepare-data DIR`: the training set's tokens in DIR (see tokenised.save_set); no process group.
+    Started by a launcher on several ranks, rank 0 does it and the others exit 0 at once."""
     from pathlib import Path
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0
 
     from dft_ds.model import load_tokenizer
     from dft_ds.tokenised import save_set
