@@ -15,7 +15,6 @@ This module knows nothing about the loss.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import glob
 import json
@@ -556,7 +555,7 @@ def _append(segments: list, done: str, rendered: str, target: bool, where: str) 
 
 
 def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: bool, add_eos: bool):
-    """Token ids and per-token target flags for one sample.
+    """Token ids and per-token target flags for one sample, as lists (Encoder does the same for a batch).
 
     The whole text is tokenised at once (a piece tokenised alone can split differently from the same
     piece in context, e.g. a leading-space marker), and each token is a target when its first
@@ -564,25 +563,10 @@ def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: 
     """
     text = "".join(piece for piece, _ in segments)
     enc = tokenizer(text, add_special_tokens=not chat_rendered, return_offsets_mapping=True)
-    return _with_targets(list(enc["input_ids"]), enc["offset_mapping"], segments, tokenizer, add_eos)
-
-
-def _with_targets(ids: list[int], offsets, segments: list[tuple[str, bool]], tokenizer, add_eos: bool):
-    bounds, flags, pos = [], [], 0
-    for piece, target in segments:
-        pos += len(piece)
-        bounds.append(pos)
-        flags.append(target)
-    targets = []
-    for start, end in offsets:
-        if end == start:  # special tokens added by the tokenizer (BOS) carry no text
-            targets.append(False)
-            continue
-        targets.append(flags[bisect.bisect_right(bounds, start)] if start < pos else False)
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        targets.append(True)
-    return ids, targets
+    ids, targets = _targets_of(np.asarray(enc["input_ids"], dtype=np.int64),
+                               np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2), segments,
+                               tokenizer.eos_token_id if add_eos else None)
+    return ids.tolist(), targets.tolist()
 
 
 # What became of a sample (the `status` column of a tokenised set).
@@ -662,7 +646,7 @@ class Encoder:
 
 def _targets_of(ids: np.ndarray, offsets: np.ndarray, segments: list[tuple[str, bool]],
                 eos: Optional[int]) -> tuple[np.ndarray, np.ndarray]:
-    """_with_targets on arrays: a token is a target when its first character lies in a target segment;
+    """(ids, target flags): a token is a target when its first character lies in a target segment;
     tokens without text (BOS and other added special tokens) never are; `eos` (a plain response's) is
     appended as a target."""
     bounds = np.cumsum([len(piece) for piece, _ in segments])
