@@ -68,8 +68,8 @@ class DataReport:
     def summary(self) -> str:
         layout = f"{self.layout}; " if self.layout else ""
         held = f" ({self.heldout} held out by data.eval_fraction)" if self.heldout else ""
-        return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens ({self.target_tokens} targets); "
-                f"truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
+        return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens "
+                f"({self.target_tokens} targets); truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
                 f"{self.dropped_no_target} with no target left")
 
 
@@ -383,9 +383,9 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train
             raw = raw or dd.load_raw(cfg, seed, synthetic_split)
             dataset, report = tokenise(raw, cfg, tokenizer, staging, say)
             files = [os.path.basename(f["filename"]) for f in dataset.cache_files]
+            prepared_by = {"rank": os.environ.get("RANK"), "pid": os.getpid(), "host": os.uname().nodename}
             manifest = {"format": CACHE_FORMAT, "files": files, "report": dataclasses.asdict(report),
-                        "origin": raw.origin, "key": parts, "prepared_by": {"rank": os.environ.get("RANK"), "pid": os.getpid(),
-                                                              "host": os.uname().nodename}}
+                        "origin": raw.origin, "key": parts, "prepared_by": prepared_by}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
             del dataset
             if final.exists():  # left by a process killed while it was renaming: never complete, never read
@@ -394,8 +394,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, synthetic_split: str = "train
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    written = _read(final)
-    written.hit = False
+    written = _read(final, hit=False)
     say(f"data: wrote the tokenised set {final}")
     return written
 
@@ -457,7 +456,7 @@ def save_set(cfg: DataConfig, tokenizer, seed: int, out: Path, say=None) -> Toke
     return tokens
 
 
-def _read(path: Path) -> Optional[TokenisedSet]:
+def _read(path: Path, hit: bool = True) -> Optional[TokenisedSet]:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -466,7 +465,7 @@ def _read(path: Path) -> Optional[TokenisedSet]:
 
     parts = [datasets.Dataset.from_file(str(path / name)) for name in manifest["files"]]
     dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return TokenisedSet(dataset, DataReport(**manifest["report"]), path, hit=True)
+    return TokenisedSet(dataset, DataReport(**manifest["report"]), path, hit=hit)
 
 
 @contextlib.contextmanager
