@@ -11,6 +11,7 @@ neither a local path nor in the cache, with the key that named it and the fix.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import socket
@@ -40,6 +41,8 @@ def hub_names(cfg: Config) -> list[tuple[str, str, str]]:
                             ("data.source", cfg.data.source, "dataset"),
                             ("data.eval_source", cfg.data.eval_source, "dataset")):
         if name is None or name == SYNTHETIC or os.path.exists(os.path.expanduser(name)):
+            continue
+        if kind == "dataset" and glob.has_magic(name):  # a pattern of local files: data.py names what it matches
             continue
         if key == "model.tokenizer" and name == model:
             continue

@@ -232,3 +232,18 @@ def test_best_fit_rows_train_on_the_same_documents(tmp_path, tok):
     docs = lambda td: sorted(tuple(ids) for row in td.rows.docs for ids, _ in row)  # noqa: E731
     assert docs(best) == docs(greedy) and len(best.rows) <= len(greedy.rows)
     assert best.report.tokens == greedy.report.tokens and best.report.rows == len(best.rows)
+
+
+def test_check_reads_a_glob_of_shards_and_names_a_pattern_that_matches_nothing(tmp_path, monkeypatch, capsys):
+    """A pattern is a local source: --check plans it (not refused as an unknown hub name), and one that
+    matches no file is named."""
+    from dft_ds import train
+
+    monkeypatch.setenv("DFT_DS_CACHE", str(tmp_path / "cache"))
+    write(tmp_path / "part-1.jsonl", ROWS[:20])
+    write(tmp_path / "part-2.jsonl", ROWS[20:])
+    base = ["data.template=plain", "train.global_batch_size=4", f"train.output_dir={tmp_path / 'run'}"]
+    assert train.main(["--check", f"data.source={tmp_path}/part-*.jsonl", *base]) == 0
+    assert "40 samples" in capsys.readouterr().out
+    assert train.main(["--check", f"data.source={tmp_path}/nothing-*.jsonl", *base]) == 2
+    assert f"the pattern '{tmp_path}/nothing-*.jsonl' matches no file" in capsys.readouterr().err
