@@ -89,8 +89,8 @@ class TokenisedSet:
         self._labels = [_list_view(c) for c in table.column("labels").chunks]
         sizes = [len(offsets) - 1 for offsets, _ in self._ids]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.status = np.asarray(table.column("status").to_numpy(), dtype=np.int8)
-        self.targets = np.asarray(table.column("targets").to_numpy(), dtype=np.int64)
+        self.status = _column(table, "status").astype(np.int8, copy=False)
+        self.targets = _column(table, "targets").astype(np.int64)
         self.lengths = (np.concatenate([np.diff(offsets) for offsets, _ in self._ids]) if sizes
                         else np.zeros(0, dtype=np.int32))
 
@@ -128,9 +128,27 @@ def features():
 
 
 def _list_view(chunk) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of an Arrow list array, both views of its buffers (int32: no copy); the offsets
-    index `values` even for a slice."""
-    return chunk.offsets.to_numpy(zero_copy_only=False), chunk.values.to_numpy(zero_copy_only=False)
+    """(offsets, values) of an Arrow list array, both views of its buffers (no copy); the offsets index
+    `values` even for a slice."""
+    return _view(chunk.offsets), _view(chunk.values)
+
+
+_NUMPY_OF = {"int8": np.int8, "int32": np.int32, "int64": np.int64}
+
+
+def _view(array) -> np.ndarray:
+    """A numpy view of a null-free Arrow integer array's data buffer. (pyarrow's own to_numpy imports
+    pandas on first use, about 0.6 s of CPU at every start.)"""
+    values = np.frombuffer(array.buffers()[1], dtype=_NUMPY_OF[str(array.type)])
+    return values[array.offset:array.offset + len(array)]
+
+
+def _column(table, name: str) -> np.ndarray:
+    column = table.column(name)
+    chunks = [_view(chunk) for chunk in column.chunks]
+    if not chunks:
+        return np.zeros(0, dtype=_NUMPY_OF[str(column.type)])
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,7 +559,7 @@ def tokenise(raw: dd.RawData, cfg: DataConfig, tokenizer, out_dir: Optional[Path
         if was_on:
             datasets.enable_progress_bars()
     seconds = time.perf_counter() - start
-    status = np.asarray(dataset.data.column("status").to_numpy())
+    status = _column(dataset.data, "status")
     report.truncated = int((status == dd.TRUNCATED).sum())
     report.dropped_overlong = int((status == dd.OVERLONG).sum())
     report.dropped_no_target = int((status == dd.NO_TARGET).sum())

@@ -166,6 +166,7 @@ tok = AutoTokenizer.from_pretrained(synthetic.ensure_assets())
 cfg = DataConfig(source=sys.argv[1], cache_dir=sys.argv[2], template="plain")
 tokens = tokenised.prepare(cfg, tok, 0)
 print("kept", len(tokens.kept()), "hit", tokens.hit)
+print("imported", *sorted(name for name in ("datasets", "pandas") if name in sys.modules))
 """
 
 
@@ -183,7 +184,13 @@ def test_one_of_two_processes_prepares_the_set_and_the_other_reads_it(tmp_path):
     (key,) = folders(tmp_path / "cache")
     manifest = json.loads((tmp_path / "cache" / key / tokenised.MANIFEST).read_text())
     assert manifest["prepared_by"]["rank"] == str(tokenising[0])
-    assert [out.split()[-1] for out, _ in outs] == ["True" if r != tokenising[0] else "False" for r in (0, 1)]
+    assert [out.split("\n")[0].split()[-1] for out, _ in outs] == \
+        ["True" if r != tokenising[0] else "False" for r in (0, 1)]
+    # A later start reads the set with pyarrow alone: neither datasets nor pandas is imported (each costs
+    # every rank of every start a fraction of a second).
+    later = subprocess.run([sys.executable, "-c", PREPARE, source, str(tmp_path / "cache")], capture_output=True,
+                           text=True, timeout=300)
+    assert later.returncode == 0 and later.stdout.split("\n")[:2] == ["kept 2000 hit True", "imported"], later
 
 
 def test_prepare_data_writes_a_set_that_a_later_run_names_as_its_source(tmp_path, tok, monkeypatch, capsys):
