@@ -8,6 +8,7 @@ TORCH_CUDA_ARCH_LIST is rewritten where DeepSpeed's op builder cannot parse it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import importlib
 import logging
@@ -129,7 +130,29 @@ def import_deepspeed():
         return sys.modules["deepspeed"]
     with _absent("mlflow"):
         import deepspeed
+    read_numa_once()
     return deepspeed
+
+
+def read_numa_once() -> None:
+    """DeepSpeed's CPU accelerator counts its devices (the NUMA nodes with cores) by running `numactl
+    --hardware` in a new process on every device_count() call, unless LOCAL_SIZE is set (only
+    DeepSpeed's own launcher sets it; it also switches on its shared-memory all-reduce). ZeRO-3 calls
+    device_count() for every gradient bucket it reduces, so each micro-step of a rank started by
+    torchrun, srun or by hand forked a process: about 7 ms a call on the 2-core test machine, where
+    numactl is absent, more for a rank holding more memory. A machine's NUMA layout does not change
+    while a run lives: it is read once per process."""
+    from deepspeed.utils import numa
+
+    if getattr(numa.get_numa_cores, "read_once", False):
+        return
+    read = functools.lru_cache(maxsize=1)(numa.get_numa_cores)
+
+    def get_numa_cores() -> list[list[int]]:
+        return [list(cores) for cores in read()]  # a copy each time, as the original returns a new list
+
+    get_numa_cores.read_once = True
+    numa.get_numa_cores = get_numa_cores
 
 
 def import_muon_eager(ds_config: dict) -> None:

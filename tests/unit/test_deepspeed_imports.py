@@ -55,3 +55,25 @@ def test_the_session_and_every_process_it_starts_use_the_venvs_ninja():
         pytest.skip("no ninja in this environment's bin (DeepSpeed's requirement installs one)")
     assert shutil.which("ninja") == venv_ninja
     assert run("import shutil; print('>', shutil.which('ninja'))") == [f"> {venv_ninja}"]
+
+
+def test_the_cpu_accelerator_reads_the_numa_layout_once_per_process():
+    # DeepSpeed runs `numactl --hardware` on every device_count() of its CPU accelerator; ZeRO-3 asks at
+    # every gradient bucket. After import_deepspeed the first answer is kept, and it is the same answer.
+    assert run("import os, subprocess\n"
+               "os.environ.pop('LOCAL_SIZE', None)\n"
+               "from dft_ds.deepspeed_setup import import_deepspeed\n"
+               "import_deepspeed()\n"
+               "from deepspeed.utils import numa\n"
+               "from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator\n"
+               "calls = []\n"
+               "real = subprocess.check_output\n"
+               "def counted(*args, **kwargs):\n"
+               "    calls.append(args[0])\n"
+               "    return real(*args, **kwargs)\n"
+               "subprocess.check_output = counted\n"
+               "counts = [CPU_Accelerator().device_count() for _ in range(5)]\n"
+               "first = numa.get_numa_cores()\n"
+               "first.append([99])\n"
+               "print('>', len(set(counts)), counts[0] >= 1, len(calls) <= 1, numa.get_numa_cores() != first)\n"
+               ) == ["> 1 True True True"]
