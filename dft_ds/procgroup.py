@@ -48,6 +48,45 @@ def map_launcher_env(env: dict[str, str] = os.environ) -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
+def ranks_on_this_node(env: dict[str, str] = os.environ) -> int | None:
+    """How many ranks share this machine, from what the launcher says (None where it says nothing)."""
+    if env.get("LOCAL_WORLD_SIZE"):  # torchrun
+        return int(env["LOCAL_WORLD_SIZE"])
+    if env.get("LOCAL_SIZE"):  # the deepspeed launcher
+        return int(env["LOCAL_SIZE"])
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node and "SLURM_PROCID" in env:  # srun: "2(x3),1" is 2 tasks on each of 3 nodes, then 1
+        counts = []
+        for part in per_node.split(","):
+            count, _, times = part.partition("(x")
+            counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+        node = int(env.get("SLURM_NODEID", "0"))
+        return counts[node] if node < len(counts) else None
+    if env.get("MASTER_ADDR") in ("127.0.0.1", "localhost", "::1") and env.get("WORLD_SIZE"):
+        return int(env["WORLD_SIZE"])  # started by hand on one machine
+    return None
+
+
+def cpu_threads_per_rank(env: dict[str, str] = os.environ) -> int | None:
+    """Intra-op threads for a rank on the CPU accelerator: the cores this process may use divided
+    among the ranks of its machine, or None to leave torch's choice (OMP_NUM_THREADS set, or the
+    number of local ranks unknown).
+
+    torch gives every process a thread per core. torchrun sets OMP_NUM_THREADS=1 for its ranks, but
+    srun and a start by hand set nothing: two ranks on a 2-core machine then ran four compute threads,
+    whose OpenMP workers spin waiting for cores the other rank holds."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    local = ranks_on_this_node(env)
+    if not local or local < 1:
+        return None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // local)
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group on the accelerator's backend (NCCL on CUDA, gloo or ccl on CPU)."""
     deepspeed = import_deepspeed()
@@ -61,6 +100,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     accel = get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
+    else:
+        threads = cpu_threads_per_rank()
+        if threads is not None and threads < torch.get_num_threads():
+            torch.set_num_threads(threads)
     global _JOINED_PROCESS_GROUP
     _JOINED_PROCESS_GROUP = True
     with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start
