@@ -123,6 +123,7 @@ def test_is_cached_reads_the_cache_layout(tmp_path, monkeypatch, family_dir):
     assert not is_cached("tiny-org/m", "model")
     fill_cache(str(tmp_path), "tiny-org/m", family_dir("qwen2"))
     assert is_cached("tiny-org/m", "model")
-    with pytest.raises(UserError):
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        check_hub_names(load_config(None, ["model.name_or_path=tiny-org/absent"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = load_config(None, ["model.name_or_path=tiny-org/absent"])
+    with pytest.raises(UserError, match=r"model.name_or_path: 'tiny-org/absent' is not in the local cache"):
+        check_hub_names(cfg)

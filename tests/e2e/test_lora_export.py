@@ -122,8 +122,18 @@ def test_trained_embeddings_go_in_as_modules_to_save_and_stay_tied(runs, exporte
 def test_export_hf_at_the_end_of_training_writes_the_merged_model(runs, exported):
     hf = runs["embeddings"] / "hf"
     ids = probe(hf)
+    # What dft-convert writes from the final checkpoint, to the bit (the same code at the end of training)...
     torch.testing.assert_close(logits(load(hf), ids), logits(load(exported[("embeddings", "merged")]), ids),
                                rtol=0, atol=0)
+    # ...and what peft itself merges from the exported adapter on its base (a merge wrong in both would
+    # pass the first check alone).
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = exported[("embeddings", "adapter")]
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).merge_and_unload()
+    torch.testing.assert_close(logits(load(hf), ids), logits(merged, ids), rtol=0, atol=1e-4)
 
 
 def test_adapter_only_on_a_full_checkpoint_exits_2(runs, tmp_path):

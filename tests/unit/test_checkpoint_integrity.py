@@ -30,6 +30,8 @@ def test_manifest_lists_every_file_but_the_state_file(tmp_path):
     files = json.load(open(os.path.join(tag_dir, STATE_FILE)))["files"]
     assert files == {"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": 900, "rng/rank0.pt": 40,
                      "zero_pp_rank_0_mp_rank_00_model_states.pt": 300}
+    # Taken again with the state file present (as a resume does): the state file is still left out.
+    assert os.path.isfile(os.path.join(tag_dir, STATE_FILE)) and file_manifest(tag_dir) == files
 
 
 @pytest.mark.parametrize("harm, expected", [

@@ -17,6 +17,7 @@ from dft_ds.loss import (
     dft_loss,
     sft_loss,
     target_logprobs,
+    token_weight,
 )
 
 
@@ -219,8 +220,14 @@ def test_prob_floor_weight_is_detached():
 
 
 def test_sft_token_loss_ignores_floor():
-    logp = torch.tensor([math.log(0.01)])
-    assert sft_token_loss(logp, prob_floor=0.5).item() == pytest.approx(-math.log(0.01))
+    # Through the library's own routes: the floor given to sft changes neither its weight nor its loss.
+    logp = torch.tensor([math.log(0.01), math.log(0.6)])
+    assert token_weight("sft", prob_floor=0.5)(logp).tolist() == [1.0, 1.0]
+    logits = torch.tensor([[[math.log(0.01), math.log(0.99)], [math.log(0.6), math.log(0.4)]]])
+    labels = torch.tensor([[0, 0]])
+    for floor in (0.0, 0.5):
+        parts = compute_loss("sft", logits, labels, num_tokens=2, prob_floor=floor)
+        assert parts.loss.item() == pytest.approx(-(math.log(0.01) + math.log(0.6)) / 2, rel=1e-6)
 
 
 # ---------------------------------------------------------------- compute_loss sums
