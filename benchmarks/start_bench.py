@@ -4,7 +4,10 @@ process tree (launcher, ranks, and what they start: ninja, compilers), the wall 
 loop's own seconds (the `done: N steps in S s` line).
 
     .venv/bin/python benchmarks/start_bench.py [--ranks 2] [--steps 4 --steps 40] [--repeats 3]
-        [--baseline-repo DIR]
+        [--launch torchrun|hand] [--baseline-repo DIR]
+
+--launch hand starts the ranks as srun or a user's script does: RANK, WORLD_SIZE, LOCAL_RANK and a
+loopback MASTER_ADDR in each rank's environment, no OMP_NUM_THREADS (torchrun sets it to 1).
 
 Most of the test suite's time is such runs (several hundred rank starts), and every user's job
 starts this way. --baseline-repo runs the same commands from another checkout (for example
@@ -39,11 +42,23 @@ _WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]
             "r = resource.getrusage(resource.RUSAGE_CHILDREN); print('CPU', r.ru_utime + r.ru_stime); sys.exit(rc)")
 
 
-def one_run(repo: str, ranks: int, steps: int, work: str, env: dict) -> dict:
+# By hand: one process per rank with its variables, as srun or a user's script starts them.
+_BY_HAND = ("import os, subprocess, sys; n = int(sys.argv[1]); "
+            "procs = [subprocess.Popen(sys.argv[2:], env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), "
+            "WORLD_SIZE=str(n))) for r in range(n)]; sys.exit(max(p.wait() for p in procs))")
+
+
+def one_run(repo: str, ranks: int, steps: int, work: str, env: dict, launch: str = "torchrun") -> dict:
     out = os.path.join(work, "run")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}",
-           "-m", "dft_ds.train", *SETTINGS, f"train.max_steps={steps}", f"train.output_dir={out}"]
+    train = ["-m", "dft_ds.train", *SETTINGS, f"train.max_steps={steps}", f"train.output_dir={out}"]
+    if launch == "hand":
+        env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        env.pop("OMP_NUM_THREADS", None)
+        cmd = [sys.executable, "-c", _BY_HAND, str(ranks), sys.executable, *train]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               f"--master-port={free_port()}", *train]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], cwd=repo, env=dict(env, PYTHONPATH=repo),
                           capture_output=True, text=True)
@@ -60,6 +75,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, action="append", help="optimizer steps per run (repeatable; default 4, 40)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--launch", choices=["torchrun", "hand"], default="torchrun")
     ap.add_argument("--baseline-repo", help="another checkout, run alternately as the baseline")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "dft_ds-start-bench"))
     args = ap.parse_args()
@@ -76,14 +92,14 @@ def main() -> None:
     results = {}
     for steps in args.steps or [4, 40]:
         for name, repo in repos.items():  # warm-up: tokenised set cached, comm op built, files in the page cache
-            one_run(repo, args.ranks, steps, args.work, env)
+            one_run(repo, args.ranks, steps, args.work, env, args.launch)
         runs = {name: [] for name in repos}
         for _ in range(args.repeats):
             for name, repo in repos.items():
-                runs[name].append(one_run(repo, args.ranks, steps, args.work, env))
+                runs[name].append(one_run(repo, args.ranks, steps, args.work, env, args.launch))
         results[steps] = {name: {key: statistics.median(r[key] for r in rs) for key in ("wall", "cpu", "loop")}
                           for name, rs in runs.items()}
-    print(f"\n# a short run: {args.ranks} ranks through torchrun, the suite's small shape, tokenised set cached; "
+    print(f"\n# a short run: {args.ranks} ranks ({'by hand' if args.launch == 'hand' else 'through torchrun'}), the suite's small shape, tokenised set cached; "
           f"medians of {args.repeats} (after a warm-up), {os.cpu_count()} CPUs\n")
     print("| steps | checkout | wall (s) | CPU, all processes (s) | step loop (s) |")
     print("|---|---|---|---|---|")
