@@ -309,7 +309,9 @@ class LoggingConfig:
 class DeepSpeedSection:
     config: str = "zero3"
     """DeepSpeed template: zero2, zero3, zero3_offload (from ds_configs/) or a path to a JSON file; "auto" fields are
-    filled from this config."""
+    filled from this config. A JSON without an optimizer block gets AdamW from train.*; its scheduler block is not
+    used (train.lr, train.warmup_ratio and cosine decay set the schedule); bf16/fp16 blocks must agree with
+    train.precision."""
 
 
 @dataclass

@@ -51,13 +51,24 @@ def load_template(name_or_path: str) -> dict[str, Any]:
 
 
 def render_ds_config(cfg: Config, plan: BatchSplit, precision: str, hidden_size: int, on_cpu: bool,
-                     load_universal: bool = False) -> dict[str, Any]:
+                     load_universal: bool = False, warn=None) -> dict[str, Any]:
     """The template with every "auto" filled from the run config; explicit values must agree with it.
 
+    A user's JSON without an optimizer block (LLaMA-Factory's and most Hugging Face examples leave it to
+    the trainer) gets AdamW from train.*, as the templates have; a scheduler block is set aside, since
+    the run's schedule is train.lr with train.warmup_ratio and cosine decay (`warn` says so).
     `load_universal`: the run resumes on another world size, from DeepSpeed's universal format.
     """
     ds = copy.deepcopy(load_template(cfg.deepspeed.config))
     t = cfg.train
+    if "optimizer" not in ds:
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto"}}
+    scheduler = ds.pop("scheduler", None)
+    if scheduler is not None and warn is not None:
+        warn(f"deepspeed.config: the scheduler block of {cfg.deepspeed.config} ({scheduler.get('type', '?')}) is not "
+             f"used; the learning rate follows train.lr={t.lr:g} with train.warmup_ratio={t.warmup_ratio:g} and "
+             "cosine decay")
     values = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -85,6 +96,12 @@ def render_ds_config(cfg: Config, plan: BatchSplit, precision: str, hidden_size:
         elif key in must_match and node[leaf] != value:
             problems.append(f"{cfg.deepspeed.config}: '{key}' is {node[leaf]} but the run config gives {value}; "
                             "set it to \"auto\" or change train.*")
+    for kind in ("bf16", "fp16"):
+        enabled = (ds.get(kind) or {}).get("enabled") if isinstance(ds.get(kind), dict) else None
+        if enabled is not None and enabled != "auto" and bool(enabled) != (precision == kind):
+            problems.append(f"{cfg.deepspeed.config}: '{kind}.enabled' is {str(enabled).lower()} but train.precision "
+                            f"is {precision}; set it to \"auto\", or set train.precision="
+                            f"{kind if enabled else 'the precision you want'}")
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     problems += [f"{cfg.deepspeed.config}: no run-config value for \"auto\" at '{k}'" for k in leftover]
     if problems:

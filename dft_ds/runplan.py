@@ -279,7 +279,7 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     # DeepSpeed sees every rank as data-parallel (sequence parallelism is ours): its batch counts all ranks.
     ds_config = dsc.render_ds_config(cfg, BatchSplit(batch.micro_batch_size, batch.gradient_accumulation_steps,
                                                     world_size), precision, model_config.hidden_size, on_cpu,
-                                     load_universal=load_universal)
+                                     load_universal=load_universal, warn=warnings.append)
     model = meta_model(model_config, cfg.model.trust_remote_code)
     fused = choose_fused_head(cfg, model, warnings.append)
     attention = mdl.choose_attention(cfg.model.attn_implementation, model_config, device().type == "cuda")

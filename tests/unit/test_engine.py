@@ -115,6 +115,59 @@ def test_every_template_renders():
         assert ds["zero_optimization"]["stage"] == (2 if name == "zero2" else 3)
 
 
+# LLaMA-Factory's examples/deepspeed/ds_z3_config.json, in its shape: no optimizer, no scheduler.
+LLAMA_FACTORY_Z3 = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+    "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True, "sub_group_size": 1e9,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e9,
+                          "stage3_max_reuse_distance": 1e9, "stage3_gather_16bit_weights_on_model_save": True}}
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_a_json_without_an_optimizer_gets_adamw_from_the_run_config(tmp_path, on_cpu):
+    path = tmp_path / "ds_z3_config.json"
+    path.write_text(json.dumps(LLAMA_FACTORY_Z3))
+    ds = render([f"deepspeed.config={path}", "train.lr=3e-5", "train.weight_decay=0.01"], on_cpu=on_cpu,
+                precision="bf16")
+    assert ds["optimizer"]["type"] == "AdamW"
+    params = ds["optimizer"]["params"]
+    assert (params["lr"], params["weight_decay"], params["betas"]) == (3e-5, 0.01, [0.9, 0.95])
+    assert params.get("torch_adam") is (True if on_cpu else None)
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False and "auto" not in json.dumps(ds)
+
+
+def test_a_scheduler_block_is_set_aside_with_a_warning(tmp_path):
+    path = tmp_path / "hf.json"
+    path.write_text(json.dumps({**LLAMA_FACTORY_Z3, "scheduler": {"type": "WarmupLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}}))
+    said = []
+    ds = ds_config.render_ds_config(load_config(None, [f"deepspeed.config={path}", "train.lr=1e-4"]),
+                                    BatchSplit(4, 2, 2), "fp32", 256, True, warn=said.append)
+    assert "scheduler" not in ds
+    assert said == [f"deepspeed.config: the scheduler block of {path} (WarmupLR) is not used; the learning rate "
+                    "follows train.lr=0.0001 with train.warmup_ratio=0.05 and cosine decay"]
+
+
+@pytest.mark.parametrize("block, precision, fix", [
+    ({"bf16": {"enabled": True}}, "fp32", "train.precision=bf16"),
+    ({"fp16": {"enabled": True}}, "bf16", "train.precision=fp16"),
+    ({"bf16": {"enabled": False}}, "bf16", "train.precision=the precision you want"),
+])
+def test_a_precision_block_that_contradicts_train_precision_is_refused(tmp_path, block, precision, fix):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**LLAMA_FACTORY_Z3, **block}))
+    kind = next(iter(block))
+    with pytest.raises(ConfigError) as info:
+        render([f"deepspeed.config={path}"], precision=precision)
+    assert (f"{path}: '{kind}.enabled' is {str(block[kind]['enabled']).lower()} but train.precision is {precision}; "
+            f"set it to \"auto\", or set {fix}") in str(info.value)
+
+
 def test_unknown_auto_and_unknown_template_are_config_errors(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
