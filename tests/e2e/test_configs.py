@@ -78,3 +78,25 @@ def test_shipped_config_passes_check(tmp_path, monkeypatch, capsys, path):
     assert f"micro {micro} x accumulation {total // (micro * world)} x world {world} = global {total} rows" in out
     assert f"loss: {cfg.loss.type} (fused head)" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_a_llama_factory_deepspeed_json_trains(tmp_path):
+    """LLaMA-Factory's ds_z3_config.json shape (no optimizer block) with an HF-style WarmupLR block: a real
+    ZeRO-3 start trains with AdamW from train.* and the run's own schedule (this died in engine.lr)."""
+    import subprocess
+    import sys
+
+    from tests.distributed.helpers import QUICK, SMALL, clean_env, read_metrics
+    from tests.unit.test_engine import LLAMA_FACTORY_Z3
+
+    ds = tmp_path / "ds_z3_config.json"
+    ds.write_text(json.dumps({**LLAMA_FACTORY_Z3, "scheduler": {"type": "WarmupLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto"}}}))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dft_ds.train", *QUICK, *SMALL, f"deepspeed.config={ds}",
+                           f"train.output_dir={out}", "train.max_steps=3", "train.lr=0.002", "train.warmup_ratio=0"],
+                          env=clean_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the scheduler block of {ds} (WarmupLR) is not used" in proc.stderr + proc.stdout
+    lrs = [row["lr"] for row in read_metrics(out)]
+    assert len(lrs) == 3 and lrs[0] == pytest.approx(0.002) and lrs[0] > lrs[1] > lrs[2] > 0  # cosine, no warmup
