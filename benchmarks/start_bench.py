@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,17 +29,12 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.common import free_port  # noqa: E402
+from benchmarks.common import free_port, run_measured  # noqa: E402
 
 SMALL = "hidden_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=2,intermediate_size=128"
 # The shape and data of the suite's control-flow tiers (tests/distributed/helpers.py QUICK + SMALL).
 SETTINGS = ["data.synthetic_size=300", "data.max_length=192", "train.micro_batch_size=2", "train.global_batch_size=8",
             "logging.progress_bar=false", "logging.plot=false", f"model.config_overrides={SMALL}"]
-
-# Runs the command as its child and prints the CPU seconds of every descendant it waited for.
-_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-            "r = resource.getrusage(resource.RUSAGE_CHILDREN); print('CPU', r.ru_utime + r.ru_stime); sys.exit(rc)")
-
 
 # By hand: one process per rank with its variables, as srun or a user's script starts them.
 _BY_HAND = ("import os, subprocess, sys; n = int(sys.argv[1]); "
@@ -60,12 +54,10 @@ def one_run(repo: str, ranks: int, steps: int, work: str, env: dict, launch: str
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
                f"--master-port={free_port()}", *train]
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], cwd=repo, env=dict(env, PYTHONPATH=repo),
-                          capture_output=True, text=True)
+    proc, _, cpu = run_measured(cmd, cwd=repo, env=dict(env, PYTHONPATH=repo))
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"run from {repo} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    cpu = float([line for line in proc.stdout.splitlines() if line.startswith("CPU")][-1].split()[1])
     done = re.search(r"done: \d+ steps? in ([\d.]+) s", proc.stdout + proc.stderr)
     return {"wall": wall, "cpu": cpu, "loop": float(done.group(1)) if done else float("nan")}
 
