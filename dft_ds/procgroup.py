@@ -109,7 +109,36 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    verbose=False, timeout=timedelta(seconds=timeout_s))
-    return DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
+    info = DistInfo(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]))
+    if accel.device_name() == "cpu":
+        unlink_shm_buffer(info)
+    return info
+
+
+def shm_buffer_path(rank: int, env: dict[str, str] = os.environ) -> str | None:
+    """The /dev/shm file DeepSpeed's CPU communication op maps for `rank`, or None where it makes
+    none (it does only when every rank is on this machine: LOCAL_SIZE equal to the world size)."""
+    if not env.get("LOCAL_SIZE") or env.get("LOCAL_SIZE") != env.get("WORLD_SIZE"):
+        return None
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{rank}")
+    return os.path.join("/dev/shm", name)
+
+
+def unlink_shm_buffer(info: DistInfo) -> None:
+    """Remove this rank's DeepSpeed all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    The op creates a 69 MB file per rank and never removes it, so each run by the deepspeed
+    launcher (or any start with LOCAL_SIZE) left its files behind until /dev/shm filled and the
+    machine ran short of memory. The mappings outlive the name, so after a barrier (every rank has
+    opened every other rank's file inside init_distributed) the name can go, and a run that is
+    killed later leaves nothing behind either."""
+    path = shm_buffer_path(info.rank)
+    if path is None:
+        return
+    barrier(info.world_size)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def shutdown_distributed() -> None:

@@ -63,12 +63,16 @@ def overrides(out, loss_type="dft") -> list[str]:
 @pytest.mark.slow
 def test_deepspeed_launcher_two_ranks(tmp_path):
     out = tmp_path / "run"
-    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
            "--module", "dft_ds.train"] + overrides(out)
     proc = run(cmd + ["export.hf=true"], clean_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_run_dir(out, world_size=2)
     assert "done: 14 steps" in proc.stdout
+    # DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank under this launcher (LOCAL_SIZE
+    # equals the world size) and never removes it; the ranks remove theirs once all have mapped them.
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") == []
     # export.hf: the final weights as a Hugging Face directory, equal to the checkpoint's.
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -3,6 +3,7 @@
 and the engine's forward over rows laid end to end."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -358,3 +359,13 @@ def test_exit_rank_without_a_process_group_is_an_ordinary_exit(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         procgroup.exit_rank(3)
     assert exc.value.code == 3
+
+
+def test_the_shm_buffer_is_named_only_where_deepspeed_makes_one():
+    from dft_ds.procgroup import shm_buffer_path
+
+    env = {"LOCAL_SIZE": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    assert shm_buffer_path(1, env) == f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29511_1"
+    # ranks on several machines (LOCAL_SIZE below the world size) and srun (no LOCAL_SIZE): no file
+    assert shm_buffer_path(1, {**env, "WORLD_SIZE": "4"}) is None
+    assert shm_buffer_path(0, {"WORLD_SIZE": "2", "MASTER_PORT": "29511"}) is None
