@@ -294,8 +294,10 @@ def use_chat_template(cfg: DataConfig, tokenizer) -> bool:
 # Layouts: which fields of a row hold the prompt, the response or the conversation
 
 TEXT_OR_TURNS = (str, list)  # a plain string, or TRL's conversational form (a list of messages)
+# LLaMA-Factory's tool turns: `function_call` is an assistant's call (a JSON {"name", "arguments"}, or a
+# list of them), `observation` the tool's result.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
+                  "system": "system", "function_call": "assistant", "observation": "tool", "tool": "tool"}
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
 
 
@@ -323,17 +325,25 @@ class Layout:
 
 
 def _pair(name: str, prompt: str, response: str, detected: bool) -> Layout:
-    return Layout(name, "prompt_response", {prompt: TEXT_OR_TURNS, response: TEXT_OR_TURNS}, detected=detected,
-                  prompt_field=prompt, response_field=response)
+    return Layout(name, "prompt_response", {prompt: TEXT_OR_TURNS, response: TEXT_OR_TURNS}, optional=("tools",),
+                  detected=detected, prompt_field=prompt, response_field=response)
 
 
 def _messages(field: str, detected: bool) -> Layout:
-    return Layout(f"messages ({field})", "messages", {field: list}, detected=detected, messages_field=field)
+    return Layout(f"messages ({field})", "messages", {field: list}, optional=("tools",), detected=detected,
+                  messages_field=field)
 
 
 def _sharegpt(field: str, detected: bool) -> Layout:
-    return Layout(f"ShareGPT ({field}: from/value)", "sharegpt", {field: list}, detected=detected,
-                  messages_field=field)
+    return Layout(f"ShareGPT ({field}: from/value)", "sharegpt", {field: list}, optional=("system", "tools"),
+                  detected=detected, messages_field=field)
+
+
+def _has_role_turns(row: dict, field: str) -> bool:
+    """Whether `field` holds role/content messages (the messages layout under a ShareGPT name)."""
+    turns = row.get(field)
+    return (isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" not in turns[0]
+            and isinstance(turns[0].get("role"), str))
 
 
 ALPACA = Layout("Alpaca (instruction/input/output)", "alpaca", {"instruction": str, "output": str},
@@ -365,7 +375,9 @@ def resolve_layout(cfg: DataConfig, row: dict, where: str) -> Layout:
         (_pair("NuminaMath-CoT (problem/solution)", "problem", "solution", True), {"problem", "solution"}),
         (_messages(cfg.messages_field, True), {cfg.messages_field}),
         (dataclasses.replace(ALPACA, detected=True), {"instruction", "output"}),
-        (_sharegpt(sharegpt_field, True), {sharegpt_field}),
+        # ShareGPT's field name with OpenAI's role/content turns, as many exports write it
+        (_messages(sharegpt_field, True) if _has_role_turns(row, sharegpt_field) else _sharegpt(sharegpt_field, True),
+         {sharegpt_field}),
     ]
     for layout, needs in candidates:
         if needs <= present:
@@ -386,11 +398,15 @@ def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: st
     """A sample as (text, is_target) pieces, in order. The EOS after a plain response is added at
     tokenisation."""
     layout = layout or resolve_layout(cfg, row, where)
+    tools = _row_tools(row.get("tools"), where) if "tools" in layout.optional else None
     if layout.format == "messages":
-        return _chat_segments(_field(row, layout.messages_field, list, where), tokenizer, where)
+        return _chat_segments(_field(row, layout.messages_field, list, where), tokenizer, where, tools=tools)
     if layout.format == "sharegpt":
-        return _chat_segments(_sharegpt_messages(_field(row, layout.messages_field, list, where), where),
-                              tokenizer, where)
+        messages = _sharegpt_messages(_field(row, layout.messages_field, list, where), layout.messages_field, where)
+        system = row.get("system")
+        if isinstance(system, str) and system.strip() and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": system})
+        return _chat_segments(messages, tokenizer, where, tools=tools)
     if layout.format == "alpaca":
         context, prompt, response = _alpaca_parts(row, where)
         response_name = "output"
@@ -400,13 +416,16 @@ def sample_segments(row: dict, cfg: DataConfig, tokenizer, chat: bool, where: st
         response = _field(row, layout.response_field, TEXT_OR_TURNS, where)
         response_name = layout.response_field
         if isinstance(prompt, list) or isinstance(response, list):
-            return _conversational_pair(prompt, response, layout, tokenizer, where)
+            return _conversational_pair(prompt, response, layout, tokenizer, where, tools)
     if not response.strip():
         raise DataError(f"{where}: field '{response_name}' is empty (a response needs text to learn from)")
     if chat:
         # The template renders the reply too, so its end-of-turn marker (not a bare EOS) is the target end.
         messages = context + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return _chat_segments(messages, tokenizer, where, first_target=len(messages) - 1)
+        return _chat_segments(messages, tokenizer, where, first_target=len(messages) - 1, tools=tools)
+    if tools:
+        raise DataError(f"{where}: field 'tools' needs a chat template to be rendered (the model must see the tool "
+                        "schemas); set data.template=chat with a tokenizer that has one, or remove the field")
     if any(m["role"] != "system" for m in context):
         raise DataError(f"{where}: field 'history' (earlier turns) needs a chat template to be rendered; set "
                         "data.template=chat with a tokenizer that has one, or remove the field")
@@ -443,24 +462,125 @@ def _alpaca_parts(row: dict, where: str) -> tuple[list[dict], str, str]:
     return context, prompt, _field(row, "output", str, where)
 
 
-def _sharegpt_messages(turns: list, where: str) -> list[dict]:
+def _sharegpt_messages(turns: list, field: str, where: str) -> list[dict]:
     messages = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and turn.get("from") is None and isinstance(turn.get("role"), str):
+            raise DataError(f"{where}: conversation turn {i} has 'role' and 'content' (OpenAI's messages), not "
+                            f"ShareGPT's 'from' and 'value'; set data.format=messages data.messages_field={field}")
         if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: conversation turn {i} must be an object with string 'from' and 'value'")
         role = SHAREGPT_ROLES.get(turn["from"])
         if role is None:
             raise DataError(f"{where}: conversation turn {i} has the role '{turn['from']}'; ShareGPT rows may use "
                             f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": role, "content": turn["value"]})
+        if turn["from"] == "function_call":
+            try:
+                calls = json.loads(turn["value"])
+            except ValueError as exc:
+                raise DataError(f"{where}: conversation turn {i} (function_call) is not JSON ({exc}); expected "
+                                '{"name": ..., "arguments": {...}} or a list of them') from None
+            messages.append({"role": "assistant", "content": "", "tool_calls": _tool_calls(calls, where, i)})
+        else:
+            messages.append({"role": role, "content": turn["value"]})
     return messages
+
+
+def _without_nulls(value):
+    """`value` with null entries of objects removed, at every depth. An Arrow table gives every row
+    the union of all rows' keys, filling the missing ones with null (a message gets `tool_calls: null`,
+    a call gets the other calls' argument names); rendered, they would teach the model arguments that
+    were never written. An argument written as null is dropped with them."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _row_tools(value, where: str) -> Optional[list[dict]]:
+    """A row's tool schemas as the chat template takes them (OpenAI's {"type": "function", "function":
+    {...}} each), from a list, one schema, or a string of JSON (LLaMA-Factory's `tools` column)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise DataError(f"{where}: field 'tools' is a string but not JSON ({exc}); expected a list of tool "
+                            "schemas, or a string holding one") from None
+    tools = [value] if isinstance(value, dict) else value
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field 'tools' must be a list of tool schemas (objects), got {type(value).__name__}")
+    out = []
+    for i, tool in enumerate(_without_nulls(tools)):
+        if isinstance(tool.get("function"), dict):
+            out.append(tool)
+        elif isinstance(tool.get("name"), str):  # a bare function schema: name, description, parameters
+            out.append({"type": "function", "function": tool})
+        else:
+            raise DataError(f"{where}: field 'tools' item {i} names no function (expected {{\"name\": ..., "
+                            "\"parameters\": {...}} or {\"type\": \"function\", \"function\": {...}})")
+    return out or None
+
+
+def _tool_calls(calls, where: str, i: int) -> list[dict]:
+    """An assistant's tool calls as chat templates take them: {"type": "function", "function": {"name",
+    "arguments": an object}}. OpenAI writes the arguments as a string of JSON; templates write them out
+    with tojson, so a string would reach the model quoted twice."""
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: message {i}: tool calls must be a list of calls, got {type(calls).__name__}")
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{where}: message {i}: a tool call must name its function: {{\"name\": ..., "
+                            "\"arguments\": {...}}, or OpenAI's {\"function\": {\"name\": ..., \"arguments\": ...}}")
+        args = fn.get("arguments", fn.get("parameters"))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise DataError(f"{where}: message {i}: the arguments of the call to '{fn['name']}' are a string "
+                                "but not JSON") from None
+        args = {} if args is None else args
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: message {i}: the arguments of the call to '{fn['name']}' must be an object, "
+                            f"got {type(args).__name__}")
+        one = {"type": "function", "function": {"name": fn["name"], "arguments": _without_nulls(args)}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):
+            one["id"] = call["id"]
+        out.append(one)
+    return out
+
+
+def _chat_message(msg, i: int, where: str) -> dict:
+    """One message as the chat template gets it: no null fields, tool calls in the templates' shape, a
+    tool result as text."""
+    if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+        raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+    msg = {k: v for k, v in msg.items() if v is not None}
+    if msg.get("tool_calls") == []:
+        del msg["tool_calls"]
+    if "tool_calls" in msg:
+        if msg["role"] != "assistant":
+            raise DataError(f"{where}: message {i} ({msg['role']}) has tool calls; only an assistant's turn may")
+        msg["tool_calls"] = _tool_calls(msg["tool_calls"], where, i)
+        msg.setdefault("content", "")
+    if msg["role"] == "tool" and isinstance(msg.get("content"), (dict, list)):
+        msg["content"] = json.dumps(msg["content"], ensure_ascii=False)
+    if not isinstance(msg.get("content"), str):
+        raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
+    return msg
 
 
 def _is_turn_list(row: dict, layout: Layout) -> bool:
     return layout.format == "prompt_response" and isinstance(row.get(layout.prompt_field), list)
 
 
-def _conversational_pair(prompt, response, layout: Layout, tokenizer, where: str) -> list[tuple[str, bool]]:
+def _conversational_pair(prompt, response, layout: Layout, tokenizer, where: str,
+                         tools: Optional[list] = None) -> list[tuple[str, bool]]:
     """TRL's conversational prompt/completion: two lists of messages; only the completion's assistant
     turns are targets."""
     if not (isinstance(prompt, list) and isinstance(response, list)):
@@ -469,37 +589,58 @@ def _conversational_pair(prompt, response, layout: Layout, tokenizer, where: str
                         "of messages (TRL's conversational form)")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in response):
         raise DataError(f"{where}: field '{layout.response_field}' has no assistant turn to learn from")
-    return _chat_segments(prompt + response, tokenizer, where, first_target=len(prompt))
+    return _chat_segments(prompt + response, tokenizer, where, first_target=len(prompt), tools=tools)
 
 
-def _chat_segments(messages: list, tokenizer, where: str, first_target: int = 0) -> list[tuple[str, bool]]:
-    """Render a conversation turn by turn; the text each assistant turn from `first_target` on adds
-    is the target (earlier assistant turns are context)."""
+def _chat_segments(messages: list, tokenizer, where: str, first_target: int = 0,
+                   tools: Optional[list] = None) -> list[tuple[str, bool]]:
+    """Render a conversation (with the row's tool schemas, if any); the text each assistant turn from
+    `first_target` on adds is the target (earlier assistant turns, and every other turn, are context).
+
+    A tool call is an assistant turn, so it is a target; a tool's result is context."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: a conversation needs a tokenizer with a chat_template (set model.tokenizer to "
                         "one that has it)")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise DataError(f"{where}: message {i} must be an object with string 'role' and 'content'")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages[first_target:]):
+    messages = [_chat_message(msg, i, where) for i, msg in enumerate(messages)]
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls"))
+               for m in messages[first_target:]):
         raise DataError(f"{where}: the conversation has no non-empty assistant turn to learn from")
     segments, done = [], ""
     specials = _special_strings(tokenizer)
     for i, msg in enumerate(messages):
-        if msg["role"] == "assistant" and i >= first_target:
-            # The generation prompt (e.g. "<|assistant|>\n") belongs to the prompt, even before a first turn.
-            done = _append(segments, done, _render(tokenizer, messages[:i], where, generation=True), False, where)
-        after = _render(tokenizer, messages[: i + 1], where)
         if msg["role"] != "assistant" or i < first_target:
-            done = _append(segments, done, after, False, where)
             continue
+        # The generation prompt (e.g. "<|assistant|>\n") belongs to the prompt, even before a first turn.
+        done = _append(segments, done, _render(tokenizer, messages[:i], where, tools, generation=True), False, where)
+        after = _render(tokenizer, messages[: i + 1], where, tools)
         # The target is the reply up to its end-of-turn marker; what a template writes after the
         # marker (the newline between turns in ChatML and Gemma) is not part of the reply.
         added = after[len(done):] if after.startswith(done) else ""
-        end = _turn_end(added, specials)
-        done = _append(segments, done, done + added[:end], True, where)
-        done = _append(segments, done, after, False, where)
+        done = _append(segments, done, done + added[:_turn_end(added, specials)], True, where)
+    # Context turns are rendered with what follows them: a template may join consecutive tool results
+    # into one turn, so a conversation cut after one of them is not a prefix of the whole.
+    rendered = _render(tokenizer, messages, where, tools)
+    _append(segments, done, rendered, False, where)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        _check_tool_parts(tokenizer, rendered, messages, tools, where)
     return segments
+
+
+def _check_tool_parts(tokenizer, rendered: str, messages: list[dict], tools: Optional[list], where: str) -> None:
+    """A template without tool support renders a conversation with tools as if they were not there,
+    silently: the model would learn calls to functions it never saw, or answers to results it never read."""
+    missing = []
+    if tools and _render(tokenizer, messages[:1], where, tools) == _render(tokenizer, messages[:1], where):
+        missing.append("the row's tool schemas (field 'tools')")
+    missing += [f"message {i}'s call to '{c['function']['name']}'" for i, m in enumerate(messages)
+                for c in m.get("tool_calls", []) if c["function"]["name"] not in rendered]
+    missing += [f"message {i} (tool result)" for i, m in enumerate(messages)
+                if m["role"] == "tool" and m["content"].strip() not in rendered]
+    if missing:
+        raise DataError(f"{where}: the tokenizer's chat template does not render {missing[0]}"
+                        f"{f' (and {len(missing) - 1} more tool parts)' if len(missing) > 1 else ''}, so the model "
+                        "would train without it; set model.tokenizer to a tokenizer whose chat template takes tools "
+                        "(Qwen2.5, Qwen3 and Llama 3.1 templates do), or leave tool turns out of the data")
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -523,25 +664,26 @@ def _turn_end(added: str, specials: list[str]) -> int:
     return best
 
 
-def _render(tokenizer, messages: list, where: str, generation: bool = False) -> str:
+def _render(tokenizer, messages: list, where: str, tools: Optional[list] = None, generation: bool = False) -> str:
     """The chat template's text, or a DataError naming the row (e.g. a template that refuses a role)."""
+    extra = {"tools": tools} if tools else {}
     try:
         if generation:
-            return _generation_prompt(tokenizer, messages)
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+            return _generation_prompt(tokenizer, messages, extra)
+        return tokenizer.apply_chat_template(messages, tokenize=False, **extra)
     except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
         roles = ", ".join(m["role"] for m in messages)
         raise DataError(f"{where}: the tokenizer's chat template refuses this conversation ({exc}; roles: {roles}); "
                         "fix the data, or set model.tokenizer to a tokenizer whose template accepts it") from None
 
 
-def _generation_prompt(tokenizer, history: list) -> str:
+def _generation_prompt(tokenizer, history: list, extra: dict) -> str:
     if history:
-        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **extra)
     # transformers refuses to render an empty conversation: render a first assistant turn holding a
     # marker and keep what comes before it (the BOS and the turn header).
     marker = "\x00dft-ds-turn\x00"
-    rendered = tokenizer.apply_chat_template([{"role": "assistant", "content": marker}], tokenize=False)
+    rendered = tokenizer.apply_chat_template([{"role": "assistant", "content": marker}], tokenize=False, **extra)
     return rendered.split(marker)[0] if marker in rendered else ""
 
 

@@ -44,21 +44,59 @@ PRE_TOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 2, 4, 2, 64, 512
 
+# ChatML as Qwen2.5 and Qwen3 write it, tool use included: the tool schemas go into the system turn,
+# an assistant's calls into <tool_call> blocks, and consecutive tool results into one user turn.
 CHATML = (
+    "{% if tools %}{{ '<|im_start|>system\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call these functions, given as JSON schemas:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + tool | tojson }}{% endfor %}"
+    "{{ '\n</tools>\n\nWrite each call as {\"name\": ..., \"arguments\": {...}} between <tool_call> and "
+    "</tool_call>.<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] in ['system', 'user'] %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ ('\n' if message['content'] or not loop.first else '') + '<tool_call>\n{\"name\": \"' + fn['name'] "
+    "+ '\", \"arguments\": ' + fn['arguments'] | tojson + '}\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Llama 3.1's format, tool use included: the schemas go into the system turn after "Environment:
+# ipython", a call is the reply's whole text as {"name", "parameters"} (one per turn), a result is an
+# ipython turn.
 LLAMA3 = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] | trim + '\n\n' }}{% endif %}"
+    "{{ 'You may call these functions; to call one, reply with only {\"name\": ..., \"parameters\": {...}}.' }}"
+    "{% for tool in tools %}{{ '\n\n' + tool | tojson }}{% endfor %}{{ '<|eot_id|>' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] in ['tool', 'ipython'] %}"
+    "{{ '<|start_header_id|>ipython<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{% if message['tool_calls'] | length > 1 %}{{ raise_exception('one tool call per turn') }}{% endif %}"
+    "{% set call = message['tool_calls'][0] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n{\"name\": \"' + fn['name'] + '\", \"parameters\": ' "
+    "+ fn['arguments'] | tojson + '}<|eot_id|>' }}"
+    "{% elif message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% else %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )

@@ -153,9 +153,9 @@ def test_sharegpt_roles_map_to_chat_roles(tmp_path, tok):
 
 def test_sharegpt_unknown_role_names_row_turn_and_roles(tmp_path, tok):
     rows = [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
-            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "function_call", "value": "{}"}]}]
-    with pytest.raises(DataError, match=r"d.jsonl:2: conversation turn 1 has the role 'function_call'; ShareGPT rows "
-                                        r"may use human, user, gpt, assistant, system"):
+            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "bot", "value": "Hello."}]}]
+    with pytest.raises(DataError, match=r"d.jsonl:2: conversation turn 1 has the role 'bot'; ShareGPT rows "
+                                        r"may use human, user, gpt, assistant, system, function_call, observation, tool"):
         read(tmp_path, tok, rows)
 
 
