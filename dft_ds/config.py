@@ -24,6 +24,7 @@ import yaml
 
 from dft_ds.errors import ConfigError
 from dft_ds.loss import LOSS_TYPES, THRESHOLD_BASES
+from dft_ds.translate import Translation, is_flat, summary, translate
 
 SYNTHETIC = "synthetic"
 
@@ -515,18 +516,30 @@ def _merge_file(tree: dict, path: str, problems: list[str]) -> None:
         problems.append(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(data).__name__}")
         return
     sections = _sections()
-    flat = [k for k, v in data.items() if k not in sections and not isinstance(v, dict)]
-    if flat:  # a flat file, as LLaMA-Factory's and HF Trainer's are: one message for all its keys
-        listed = "; ".join(f"{k} -> {_meaning(str(k))}" for k in flat)
-        problems.append(f"{path}: {len(flat)} key{'s' if len(flat) > 1 else ''} outside a section; dft_ds "
-                        f"configs group keys under {', '.join(f'{s}:' for s in sections)} ({listed})")
+    if is_flat(data, sections):  # as LLaMA-Factory, TRL and the HF Trainer write them: what translates
+        problems.append(summary(translate(data, path, sections, _known_meaning), path))
+        return
     for section, values in data.items():
-        if values is None or section in flat:
+        if values is None:
             continue
         if not isinstance(values, dict):
             problems.append(f"{path}: section '{section}' must be a mapping of key: value")
             continue
         tree.setdefault(section, {}).update(values)
+
+
+def _known_meaning(name: str) -> Optional[str]:
+    """What a bare key name of another tool is called here, or None (no guess by spelling)."""
+    return KNOWN_AS.get(name) or _keys_by_name().get(name)
+
+
+def translate_flat_file(path: str) -> Optional[Translation]:
+    """The translation of a flat YAML file (dft-train --translate), or None when its keys are all sections."""
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if not isinstance(data, dict) or not is_flat(data, _sections()):
+        return None
+    return translate(data, path, _sections(), _known_meaning)
 
 
 def _merge_overrides(tree: dict, overrides: list[str], problems: list[str]) -> None:

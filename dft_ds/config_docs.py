@@ -22,11 +22,33 @@ def reference_markdown() -> str:
         choices = allowed_values().get(key)
         extra = f" One of: {', '.join(choices)}." if choices else ""
         out.append(f"| `{key}` | {type_name} | `{default!r}` | {doc}{extra} |")
-    out += ["", "## Names from other tools", "",
+    out += ["", "## Flat configs from LLaMA-Factory, TRL and the HF Trainer", "",
+            "A YAML file whose keys sit outside the sections (`model_name_or_path:`, `use_dft_loss: true`, "
+            "`deepspeed: ds_z3_config.json`) is refused with its translation, one key per line: what each key "
+            "becomes here, what has no equivalent (and why), and what needs nothing. "
+            "`dft-train --translate FLAT.yaml > dft.yaml` writes the translated file, with what was left out as "
+            "comments at its end; nothing is guessed. For example",
+            "", "```yaml", "# LLaMA-Factory", "model_name_or_path: Qwen/Qwen2.5-Math-1.5B", "use_dft_loss: true",
+            "```", "", "becomes", "", "```yaml", "model:", "  name_or_path: Qwen/Qwen2.5-Math-1.5B", "loss:",
+            "  type: dft", "```", "",
+            "What is translated beyond the names in the table below: `use_dft_loss`, `use_eaft_loss` and "
+            "`use_asft_loss` (LLaMA-Factory), TRL's `loss_type: dft` (and `nll`, which is `sft`) become "
+            "`loss.type`; `bf16`/`fp16: true` become `train.precision`; `finetuning_type: lora` and TRL's "
+            "`use_peft` become `model.lora`, `lora_target: all` becomes `all-linear`; `deepspeed: FILE.json` "
+            "becomes `deepspeed.config` (dft_ds fills the JSON's `auto` values and a missing optimizer); "
+            "`template: NAME` becomes `data.template=chat`, the tokenizer's own chat template (LLaMA-Factory's "
+            "named templates are not read); `flash_attn: fa2` becomes `model.attn_implementation="
+            "flash_attention_2`; `warmup_steps` becomes `train.warmup_ratio` when `max_steps` is set; "
+            "`lr_scheduler_kwargs: {min_lr_rate: R}` becomes `train.min_lr_ratio`; `report_to` becomes "
+            "`logging.tensorboard` and `logging.report_to`; `val_size` (a fraction) becomes "
+            "`data.eval_fraction`, with `eval_steps` as `eval.loss_every`. LLaMA-Factory's `dataset: NAME` is "
+            "looked up in `dataset_dir`/dataset_info.json (default `data/`): its `file_name` becomes "
+            "`data.source`, and `formatting`, `columns` and `tags` give `data.format` and the field names "
+            "(ShareGPT with role/content tags is `data.format=messages`).",
+            "", "## Names from other tools", "",
             "An unknown key is looked up by its bare name in this table first, in any section or in none, and the "
-            "error names what it means here; otherwise the closest spelling is suggested. A flat file (keys "
-            "without sections, as HF Trainer and LLaMA-Factory write them) gets one message that names the "
-            "setting of each key.", "", "| they type | here |", "|---|---|"]
+            "error names what it means here; otherwise the closest spelling is suggested.", "",
+            "| they type | here |", "|---|---|"]
     out += [f"| `{name}` | {meaning} |" for name, meaning in KNOWN_AS.items()]
     return "\n".join(out) + "\n"
 

@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokenise data.source as the run would (or take it from data.cache_dir) into the new "
                              "folder DIR and exit: later runs, or every run of a sweep, read it with data.source=DIR "
                              "and the same tokenizer and data settings, without tokenising")
+    parser.add_argument("--translate", metavar="FLAT.yaml", default=None,
+                        help="print a flat LLaMA-Factory, TRL or HF Trainer YAML (model_name_or_path:, use_dft_loss:, "
+                             "deepspeed: ds_z3_config.json, ...) as a dft_ds config with sections, and what has no "
+                             "equivalent as comments at its end; save it with `> dft.yaml` (docs/configuration.md)")
     parser.add_argument("--world-size", type=int, default=None, metavar="N",
                         help="with --check: the number of ranks to plan for (default: $WORLD_SIZE or 1)")
     # Options and overrides may come in any order: `--check CONFIG --world-size 8 key=value`.
@@ -88,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     if ns.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(ns.local_rank))
+    if ns.translate:
+        return translate(ns.translate)
     if ns.check:
         return check(ns)
     if ns.prepare_data:
@@ -125,6 +131,32 @@ def cli() -> None:
         traceback.print_exc()
         code = 1
     exit_rank(code)
+
+
+def translate(path: str) -> int:
+    """`--translate`: a flat config printed with sections; what has no equivalent, as comments and on stderr."""
+    from dft_ds.config import translate_flat_file
+    from dft_ds.translate import render
+
+    try:
+        translation = translate_flat_file(path)
+    except OSError as exc:
+        print(f"dft-train: error: {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # yaml's errors
+        print(f"dft-train: error: {path}: not valid YAML ({exc})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if translation is None:
+        print(f"dft-train: error: {path}: nothing to translate (a mapping whose keys are all dft_ds sections: model:, "
+              "data:, ...; give it to dft-train as it is)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    sys.stdout.write(render(translation, path))
+    print(f"dft-train: translated {len(translation.done)} settings of {path}"
+          + (f"; {len(translation.left_out)} {'has' if len(translation.left_out) == 1 else 'have'} no equivalent "
+             "here (listed at the end):" if translation.left_out else ""), file=sys.stderr)
+    for line in translation.left_out:
+        print(f"  {line}", file=sys.stderr)
+    return 0
 
 
 def world_size_from_env() -> int:

@@ -80,6 +80,49 @@ def test_shipped_config_passes_check(tmp_path, monkeypatch, capsys, path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_translated_llama_factory_yaml_trains(tmp_path):
+    """A flat LLaMA-Factory YAML (dataset_info.json, ShareGPT data, its DeepSpeed JSON, use_dft_loss) is
+    refused with its translation; `dft-train --translate` writes a config that trains with DFT."""
+    import subprocess
+    import sys
+
+    from tests.distributed.helpers import QUICK, SMALL, clean_env, read_metrics
+    from tests.unit.test_engine import LLAMA_FACTORY_Z3
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"conversations": [{"from": "human", "value": ex["prompt"]}, {"from": "gpt", "value": ex["response"]}],
+             "system": "Solve it."} for ex in synthetic.generate_examples(64, 0, "train")]
+    (data / "math.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"math_sharegpt": {
+        "file_name": "math.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "system": "system"}}}))
+    (tmp_path / "ds_z3_config.json").write_text(json.dumps(LLAMA_FACTORY_Z3))
+    (tmp_path / "lf.yaml").write_text(
+        "model_name_or_path: synthetic\nstage: sft\ndo_train: true\nfinetuning_type: full\n"
+        "deepspeed: ds_z3_config.json\nuse_dft_loss: true\ndataset: math_sharegpt\ntemplate: llama3\n"
+        "cutoff_len: 192\noutput_dir: run\nlearning_rate: 2.0e-3\nmax_steps: 3\nreport_to: none\n"
+        "enable_liger_kernel: true\n")
+    env = clean_env(tmp_path)
+
+    def dft_train(*args):
+        return subprocess.run([sys.executable, "-m", "dft_ds.train", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    refused = dft_train("--check", "lf.yaml")
+    assert refused.returncode == 2 and "      use_dft_loss: true -> loss.type=dft" in refused.stderr.splitlines()
+    translated = dft_train("--translate", "lf.yaml")
+    assert translated.returncode == 0, translated.stderr
+    (tmp_path / "dft.yaml").write_text(translated.stdout)
+    proc = dft_train("dft.yaml", *QUICK, *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout ShareGPT (conversations: from/value), set by data.format=sharegpt" in proc.stdout
+    assert len(read_metrics(tmp_path / "run")) == 3
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert resolved["loss"]["type"] == "dft" and resolved["deepspeed"]["config"] == "ds_z3_config.json"
+
+
 def test_a_llama_factory_deepspeed_json_trains(tmp_path):
     """LLaMA-Factory's ds_z3_config.json shape (no optimizer block) with an HF-style WarmupLR block: a real
     ZeRO-3 start trains with AdamW from train.* and the run's own schedule (this died in engine.lr)."""

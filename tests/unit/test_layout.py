@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "dft_ds")
 # Left to right: a room may import only rooms before it.
-ROOMS = ["errors", "faults", "net", "loss", "config", "batch", "config_docs", "hub", "synthetic", "families", "metrics",
+ROOMS = ["errors", "faults", "net", "loss", "translate", "config", "batch", "config_docs", "hub", "synthetic", "families", "metrics",
          "data", "tokenised", "model", "deepspeed_setup", "procgroup", "ds_config", "schedule", "sequence_parallel", "engine",
          "checkpoint", "rundir", "memory", "runplan", "trainer", "adapter", "convert", "eval", "sample"]
 # Command-line entry points: they may import any room, and no room imports them.
