@@ -92,6 +92,39 @@ def is_cached(name: str, kind: str) -> bool:
     return os.path.isdir(os.path.join(folder, "snapshots")) or os.path.isdir(prepared)
 
 
+def _local_parent(name: str) -> Optional[str]:
+    """The deepest folder of `name` that exists here, when at least its first part does (None for a
+    name none of whose parts is here)."""
+    parts = os.path.expanduser(name).split(os.sep)
+    found = None
+    for i in range(1, len(parts)):
+        folder = os.sep.join(parts[:i]) or os.sep
+        if not os.path.isdir(folder):
+            break
+        found = folder
+    return found
+
+
+def _nearest(name: str) -> str:
+    """'; the nearest there is PATH' for a path whose folder exists, naming the closest entry by spelling."""
+    import difflib
+
+    folder = _local_parent(name)
+    if folder is None:
+        return ""
+    rest = os.path.expanduser(name)[len(folder):].lstrip(os.sep)
+    wanted = rest.split(os.sep)[0]
+    try:
+        entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(wanted, entries, n=1, cutoff=0.5)
+    if close:
+        return f"; the nearest there is '{os.path.join(folder, close[0])}'"
+    listed = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+    return f"; '{folder}' holds {listed or 'nothing'}"
+
+
 def check_hub_names(cfg: Config, probe=hub_unreachable) -> None:
     """Every name of a run that must come from the Hub can (see check_names)."""
     check_names(hub_names(cfg), probe, tokenizer_too=cfg.model.tokenizer is None)
@@ -101,8 +134,12 @@ def check_names(names: list[tuple[str, str, str]], probe=hub_unreachable, tokeni
     """(key, name, kind) of names not on this machine: refuse, in one UserError, those that are not
     owner/name, and, offline (asked once), the hub names the cache lacks."""
     problems = [f"{key}: '{name}' does not exist here, and it is not a hub name (those look like owner/name)"
-                for key, name, _ in names if not looks_like_hub_name(name)]
-    remote = [(k, n, kind) for k, n, kind in names if looks_like_hub_name(n)]
+                f"{_nearest(name)}" for key, name, _ in names if not looks_like_hub_name(name)]
+    mistyped = [(k, n, kind) for k, n, kind in names
+                if looks_like_hub_name(n) and _local_parent(n) and not is_cached(n, kind)]
+    problems += [f"{key}: '{name}' does not exist here; its folder '{_local_parent(name)}' does, so it is read as a "
+                 f"local path, not a hub name{_nearest(name)}" for key, name, _ in mistyped]
+    remote = [(k, n, kind) for k, n, kind in names if looks_like_hub_name(n) and (k, n, kind) not in mistyped]
     why = None
     if remote:
         why = "offline mode is on: HF_HUB_OFFLINE=1" if offline_requested() else probe()

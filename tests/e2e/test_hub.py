@@ -127,3 +127,23 @@ def test_is_cached_reads_the_cache_layout(tmp_path, monkeypatch, family_dir):
     cfg = load_config(None, ["model.name_or_path=tiny-org/absent"])
     with pytest.raises(UserError, match=r"model.name_or_path: 'tiny-org/absent' is not in the local cache"):
         check_hub_names(cfg)
+
+
+def test_a_mistyped_local_path_names_its_nearest_match_and_is_never_sent_to_the_hub(tmp_path, monkeypatch):
+    """`models/tiny-qwen` beside `models/tiny-qwen2` looks like owner/name, but its folder is here."""
+    (tmp_path / "models" / "tiny-qwen2").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    monkeypatch.chdir(tmp_path)
+    asked = []
+    with pytest.raises(UserError) as info:
+        check_hub_names(load_config(None, ["model.name_or_path=models/tiny-qwen", "data.source=data/trian.jsonl",
+                                           "data.eval_source=data/held_out"]), probe=lambda: asked.append(1))
+    message = str(info.value)
+    assert asked == [] and "hf download" not in message
+    assert ("model.name_or_path: 'models/tiny-qwen' does not exist here; its folder 'models' does, so it is read as "
+            "a local path, not a hub name; the nearest there is 'models/tiny-qwen2'") in message
+    assert ("data.source: 'data/trian.jsonl' does not exist here, and it is not a hub name (those look like "
+            "owner/name); the nearest there is 'data/train.jsonl'") in message
+    assert "data.eval_source: 'data/held_out' does not exist here; its folder 'data' does" in message
+    assert "'data' holds train.jsonl" in message
