@@ -274,13 +274,23 @@ def format_duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def significant(value: float, digits: int = 4) -> str:
+    """`value` to `digits` significant figures: a DFT loss moving from 8e-5 to 1.2e-4 reads
+    `8.000e-05 -> 0.0001200`, where four decimals printed `0.0001 -> 0.0001`."""
+    text = format(value, f"#.{digits}g")
+    return text if "e" in text else text.rstrip(".")
+
+
 def progress_line(step: int, total: int, values: dict, start_step: int = 0) -> str:
-    """`step 20/212: loss 0.5123, nll 5.123, lr 0.0005, 4,282 tokens/s, eta 0:03:12` (null: n/a)."""
+    """`step 20/212: loss 0.5123, nll 5.123, lr 0.0005, 4,282 tokens/s, eta 0:03:12` (null: n/a); the
+    loss and NLL to four significant figures."""
 
     def num(key, fmt):
-        return format(values[key], fmt) if values.get(key) is not None else "n/a"
+        if values.get(key) is None:
+            return "n/a"
+        return significant(values[key]) if fmt == "sig" else format(values[key], fmt)
 
-    line = (f"step {step}/{total}: loss {num('loss', '.4f')}, nll {num('nll', '.3f')}, lr {num('lr', '.3g')}, "
+    line = (f"step {step}/{total}: loss {num('loss', 'sig')}, nll {num('nll', 'sig')}, lr {num('lr', '.3g')}, "
             f"{num('tokens_per_s', ',.0f')} tokens/s")
     elapsed, done = values.get("elapsed_s"), step - start_step
     if elapsed is not None and done > 0:
@@ -357,7 +367,7 @@ class MetricsLogger:
                 tracker.histogram(HIST_TAG, values["prob_hist"], step)
         if self._bar is not None:
             if values.get("loss") is not None:
-                self._bar.set_postfix(loss=f"{values['loss']:.4f}", nll=f"{values['nll']:.3f}",
+                self._bar.set_postfix(loss=significant(values["loss"]), nll=significant(values["nll"]),
                                       tok_s=f"{values['tokens_per_s']:.0f}", refresh=False)
         else:
             self.print(progress_line(step, self._total, values, self._start))
@@ -383,7 +393,7 @@ class MetricsLogger:
         self.log_scalars(step, {f"eval/{key}": values[key] for key in ("loss", "nll", "mean_token_prob")
                                 if values.get(key) is not None})
         if values.get("loss") is not None:
-            self.print(f"held-out at step {step}: loss {values['loss']:.4f}, nll {values['nll']:.4f}, mean token "
+            self.print(f"held-out at step {step}: loss {significant(values['loss'])}, nll {significant(values['nll'])}, mean token "
                        f"prob {values['mean_token_prob']:.4f} ({values['rows']} rows, {values['seconds']:.1f} s)")
 
     def advance(self, steps: int = 1) -> None:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
 from dft_ds.errors import UserError, counted
-from dft_ds.metrics import EVAL_FILE, HELDOUT_FILE, METRICS_FILE  # metrics.py names the files its logger writes
+from dft_ds.metrics import EVAL_FILE, HELDOUT_FILE, METRICS_FILE, significant  # metrics.py names the files its logger writes
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
@@ -381,7 +381,7 @@ def write_summary(summary, out: str, world_size: int) -> dict[str, Any]:
               "wall_seconds": round(summary.wall_seconds, 3), "first_loss": first, "last_loss": last,
               "skipped_steps": skipped, "world_size": world_size, "output_dir": os.path.abspath(out)}
     write_atomic(os.path.join(out, SUMMARY_FILE), json.dumps(result, indent=2))
-    losses = f"loss {first:.4f} -> {last:.4f}; " if rows else ""
+    losses = f"loss {significant(first)} -> {significant(last)}; " if rows else ""
     evals = f" (+ {summary.eval_seconds:.1f} s evaluation)" if summary.eval_seconds >= 0.05 else ""
     print(f"done: {counted(summary.steps, 'step')} in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
           f"{losses}results in {os.path.abspath(out)}", flush=True)

@@ -205,3 +205,13 @@ def test_peak_memory_on_an_accelerator_is_its_max_allocated():
     del block
     torch.cuda.synchronize(device)
     assert peak_memory_gib(device) == peak and torch.cuda.memory_allocated(device) == base
+
+
+def test_a_small_dft_loss_prints_its_significant_figures():
+    """DFT's loss is small once the model is confident: 8e-5 and 1.2e-4 printed as 0.0001 -> 0.0001."""
+    from dft_ds.metrics import significant
+
+    assert (significant(8e-5), significant(1.2e-4), significant(0.51234), significant(12.3456), significant(1234.0)) \
+        == ("8.000e-05", "0.0001200", "0.5123", "12.35", "1234")
+    line = progress_line(2, 4, {"loss": 1.2e-4, "nll": 0.0123456, "lr": 1e-5, "tokens_per_s": 10.0})
+    assert line == "step 2/4: loss 0.0001200, nll 0.01235, lr 1e-05, 10 tokens/s"
