@@ -65,7 +65,7 @@ def one_run(args, overrides: list[str], out: str, save: bool) -> dict:
         sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
-    result = {"tokens_per_s": summary["tokens_per_s"], "rss": rss, "last_loss": summary["last_loss"]}
+    result = {"tokens_per_s": summary["session"]["tokens_per_s"], "rss": rss, "last_loss": summary["run"]["last_loss"]}
     if save:
         result["checkpoint_bytes"] = dir_size(os.path.join(out, "checkpoints", f"step-{args.steps}"))
     return result

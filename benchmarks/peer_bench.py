@@ -113,8 +113,8 @@ def run_ours(args, work: str, model_dir: str, data: str, i: int) -> dict:
     wall, rss = timed(cmd, out + ".log")
     summary = json.load(open(os.path.join(out, "summary.json")))
     losses = [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))]
-    return {"wall": wall, "rss": rss, "tokens_per_s": summary["tokens_per_s"], "losses": losses,
-            "tokens": summary["tokens"]}
+    return {"wall": wall, "rss": rss, "tokens_per_s": summary["session"]["tokens_per_s"], "losses": losses,
+            "tokens": summary["session"]["tokens"]}
 
 
 def run_trl(args, work: str, model_dir: str, data: str, i: int) -> dict:

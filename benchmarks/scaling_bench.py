@@ -54,7 +54,7 @@ def cell(model: list[str], ranks: int, length: int, steps: int, out: str) -> dic
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     summary = json.load(open(os.path.join(out, "summary.json")))
-    return {"tokens_per_s": summary["tokens_per_s"], "rss_mib": rss / 2**20}
+    return {"tokens_per_s": summary["session"]["tokens_per_s"], "rss_mib": rss / 2**20}
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def one_run(args, fused: str, workdir: str, index: int) -> dict:
         sys.exit(f"run failed (loss.fused={fused}):\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
         summary = json.load(fh)
-    return {"tokens_per_s": summary["tokens_per_s"], "max_rank_rss": rss, "last_loss": summary["last_loss"]}
+    return {"tokens_per_s": summary["session"]["tokens_per_s"], "max_rank_rss": rss, "last_loss": summary["run"]["last_loss"]}
 
 
 def main() -> None:

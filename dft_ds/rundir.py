@@ -365,24 +365,32 @@ def open_metrics(plan, is_rank0: bool):
 
 
 def write_summary(summary, out: str, world_size: int) -> dict[str, Any]:
-    """summary.json over the whole run (all segments of a resumed run) and the closing line.
+    """summary.json and the closing line. `run` counts every segment of the run (a resumed run's
+    included), from metrics.jsonl; `session` counts the session that finished, from `start_step`.
 
-    `seconds` and `tokens_per_s` are this session's training only; evaluation and checkpoint saves
-    inside the loop are `eval_seconds` and `checkpoint_seconds`, and `wall_seconds` is the whole loop.
+    The session's `seconds` and `tokens_per_s` are training only; evaluation and checkpoint saves (the
+    final save included) are `eval_seconds` and `checkpoint_seconds`, and `wall_seconds` is all three.
     """
     with open(os.path.join(out, METRICS_FILE), encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     skipped = sum(r.get("skipped_steps", 0) for r in rows)
+    run_tokens = sum(r.get("tokens") or 0 for r in rows)
     rows = [r for r in rows if r.get("loss") is not None]  # windows of skipped steps only
     first, last = (rows[0]["loss"], rows[-1]["loss"]) if rows else (None, None)
-    result = {"steps": summary.steps, "seconds": round(summary.seconds, 3), "tokens": summary.tokens,
-              "tokens_per_s": round(summary.tokens_per_s, 1), "eval_seconds": round(summary.eval_seconds, 3),
-              "checkpoint_seconds": round(summary.checkpoint_seconds, 3),
-              "wall_seconds": round(summary.wall_seconds, 3), "first_loss": first, "last_loss": last,
-              "skipped_steps": skipped, "world_size": world_size, "output_dir": os.path.abspath(out)}
+    result = {
+        "run": {"steps": summary.steps, "tokens": run_tokens, "first_loss": first, "last_loss": last,
+                "skipped_steps": skipped},
+        "session": {"start_step": summary.start_step, "steps": summary.steps - summary.start_step,
+                    "tokens": summary.tokens, "seconds": round(summary.seconds, 3),
+                    "tokens_per_s": round(summary.tokens_per_s, 1), "eval_seconds": round(summary.eval_seconds, 3),
+                    "checkpoint_seconds": round(summary.checkpoint_seconds, 3),
+                    "wall_seconds": round(summary.wall_seconds, 3)},
+        "world_size": world_size, "output_dir": os.path.abspath(out)}
     write_atomic(os.path.join(out, SUMMARY_FILE), json.dumps(result, indent=2))
     losses = f"loss {significant(first)} -> {significant(last)}; " if rows else ""
     evals = f" (+ {summary.eval_seconds:.1f} s evaluation)" if summary.eval_seconds >= 0.05 else ""
-    print(f"done: {counted(summary.steps, 'step')} in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
+    done = counted(summary.steps, "step") if not summary.start_step else \
+        f"step {summary.steps} ({counted(summary.steps - summary.start_step, 'step')} this session)"
+    print(f"done: {done} in {summary.seconds:.1f} s{evals}, {summary.tokens_per_s:.0f} tokens/s, "
           f"{losses}results in {os.path.abspath(out)}", flush=True)
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import textwrap
 
 from dft_ds.config import SYNTHETIC_PROFILE, Config, describe_fields, load_config
@@ -304,7 +305,11 @@ def train_locked(plan, dist, stop) -> int:
         print(f"dft-train: error: {advice}", file=sys.stderr, flush=True)
         return EXIT_OUT_OF_MEMORY
     if summary.preempted or cfg.checkpoint.save_final or cfg.export.hf:  # export.hf converts the final checkpoint
+        started = time.perf_counter()
         saver.save(summary.steps)
+        saved = time.perf_counter() - started  # this session's saves, the final one included
+        summary.checkpoint_seconds += saved
+        summary.wall_seconds += saved
     metrics.close("stopped" if summary.preempted else "finished")
     stop.uninstall()
     if summary.preempted:

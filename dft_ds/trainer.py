@@ -73,7 +73,10 @@ class StepSums:
 
 @dataclass
 class Summary:
-    steps: int = 0
+    """This session's figures (a resumed run's later segment counts from `start_step`)."""
+
+    start_step: int = 0
+    steps: int = 0  # the step reached: the run's, not this session's count
     tokens: int = 0
     seconds: float = 0.0  # training only: the loop's wall time less evaluation and checkpoint saves
     eval_seconds: float = 0.0
@@ -178,7 +181,7 @@ class Trainer:
 
     def train(self) -> Summary:
         self.engine.train()
-        summary, window, clock = Summary(), StepSums(), LoopClock()
+        summary, window, clock = Summary(start_step=self.sampler.step), StepSums(), LoopClock()
         window_start = 0.0  # training seconds at the start of the logging window
         self.metrics.advance(self.sampler.step)
         while self.sampler.step < self.total_steps:

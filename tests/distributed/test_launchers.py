@@ -50,8 +50,9 @@ def check_run_dir(out, world_size: int, loss_type: str = "dft") -> list[dict]:
     shards = glob.glob(os.path.join(out, "checkpoints", f"step-{STEPS}", "*model_states.pt"))
     assert len(shards) == world_size
     summary = json.load(open(os.path.join(out, "summary.json"), encoding="utf-8"))
-    assert summary["steps"] == STEPS and summary["world_size"] == world_size
-    assert summary["last_loss"] == pytest.approx(rows[-1]["loss"])
+    assert summary["run"]["steps"] == STEPS and summary["world_size"] == world_size
+    assert summary["run"]["last_loss"] == pytest.approx(rows[-1]["loss"])
+    assert summary["run"]["tokens"] == summary["session"]["tokens"] == sum(r["tokens"] for r in rows)
     return rows
 
 

@@ -61,13 +61,14 @@ def test_plain_lines_without_a_terminal_and_no_deepspeed_noise(segments):
             assert noise not in proc.stdout + proc.stderr, noise
         assert re.search(r"^data: .* samples -> \d+ rows", proc.stdout, re.M)
         assert re.search(r"^batch: micro 2 x accumulation \d+ x world 1 = global", proc.stdout, re.M)
-    step_line = r"^step {}/4: loss \d\.\d{{4}}, nll \d+\.\d{{3}}, lr [\d.e-]+, [\d,]+ tokens/s, eta \d+:\d\d:\d\d$"
+    sig = r"\d[\d.]*(?:e[+-]\d+)?"  # four significant figures
+    step_line = r"^step {}/4: loss " + sig + ", nll " + sig + r", lr [\d.e-]+, [\d,]+ tokens/s, eta \d+:\d\d:\d\d$"
     for proc, steps in ((first, (1, 2)), (second, (3, 4))):
         lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
         assert len(lines) == 2 and all(re.match(step_line.format(s), line) for s, line in zip(steps, lines)), lines
     assert re.search(r"^eval at step 3: synthetic accuracy \d\.\d{3} \(2 problems, \d+\.\d s\)$", second.stdout, re.M)
     assert re.search(r"^dft-convert: .*checkpoints/step-4 .* -> .*/hf as float32$", second.stdout, re.M)
-    assert re.search(r"^done: 4 steps in [\d.]+ s \(\+ [\d.]+ s evaluation\), \d+ tokens/s", second.stdout, re.M)
+    assert re.search(r"^done: step 4 \(2 steps this session\) in [\d.]+ s \(\+ [\d.]+ s evaluation\), \d+ tokens/s", second.stdout, re.M)
     # One line says W&B logs offline (no key, no WANDB_MODE); the rest of W&B's chatter is its own.
     assert f"logging offline to {out}/wandb" in first.stdout
 
@@ -75,8 +76,14 @@ def test_plain_lines_without_a_terminal_and_no_deepspeed_noise(segments):
 @pytest.mark.slow
 def test_tokens_per_s_counts_training_time_only_and_evaluation_is_reported_apart(segments):
     out, _, second = segments
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["eval_seconds"] > 0, summary
+    everything = json.loads((out / "summary.json").read_text())
+    summary = everything["session"]  # the second session: steps 3 and 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert everything["run"]["steps"] == 4 and (summary["start_step"], summary["steps"]) == (2, 2)
+    assert everything["run"]["tokens"] == sum(r["tokens"] for r in rows)
+    assert summary["tokens"] == sum(r["tokens"] for r in rows if r["step"] > 2) < everything["run"]["tokens"]
+    assert everything["run"]["last_loss"] == rows[-1]["loss"] and everything["run"]["first_loss"] == rows[0]["loss"]
+    assert summary["eval_seconds"] > 0 and summary["checkpoint_seconds"] > 0, summary  # the final save counts
     # tokens / training seconds, allowing for summary.json's rounding (seconds to 3 decimals, rates to 1).
     low, high = (summary["tokens"] / (summary["seconds"] + d) for d in (0.0005, -0.0005))
     assert low - 0.05 <= summary["tokens_per_s"] <= high + 0.05, summary
