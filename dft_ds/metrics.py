@@ -266,6 +266,32 @@ def open_trackers(names: Iterable[str], output_dir: str, start_step: int, config
     return opened
 
 
+def truncate_tensorboard(folder: str, last_step: int) -> None:
+    """Drop what earlier sessions wrote to TensorBoard past `last_step`, the step a run resumes from.
+
+    The new session's writer hides those events with a purge marker, but only TensorBoard's own loader
+    honours it: the event files still hold the steps a crashed session logged after its last checkpoint,
+    which the resumed session logs again, so other readers (tbparse, pandas exports) saw them twice."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        records = list(RawEventFileLoader(path).Load())
+        kept = [r for r in records if Event.FromString(r).step <= last_step]
+        if len(kept) == len(records):
+            continue
+        part = f"{path}.part"
+        with open(part, "wb") as fh:
+            writer = RecordWriter(fh)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        os.replace(part, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Plain lines, the plot
 

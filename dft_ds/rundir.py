@@ -40,7 +40,8 @@ from typing import Any, Callable, Optional
 from dft_ds.checkpoint import write_atomic
 from dft_ds.config import Config, save_config, to_dict
 from dft_ds.errors import UserError, counted
-from dft_ds.metrics import EVAL_FILE, HELDOUT_FILE, METRICS_FILE, significant  # metrics.py names the files its logger writes
+from dft_ds.metrics import (EVAL_FILE, HELDOUT_FILE, METRICS_FILE, TENSORBOARD,  # metrics.py names the files its logger writes
+                            significant, truncate_tensorboard)
 
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.yaml"
@@ -125,11 +126,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# The tokens of the locks this process holds (RunLock.acquire adds, release removes).
+_HELD_HERE: set[str] = set()
+
+
+def held_here(info: dict[str, Any]) -> bool:
+    """Whether a lock is one this process holds (a run reads its own lock when it builds its plan)."""
+    return info.get("token") in _HELD_HERE
+
+
 def stale_reason(info: dict[str, Any], stale_s: float, now: Optional[float] = None) -> Optional[str]:
-    """Why a lock's holder is taken to be dead, or None while it may be alive."""
+    """Why a lock's holder is taken to be dead, or None while it may be alive. A holder with this
+    process's pid whose lock this process does not hold is a process that died and whose pid was given
+    again (containers and Slurm steps number their processes from the same start), or a run in this
+    process that ended without releasing it."""
     now = time.time() if now is None else now
     if not info or not isinstance(info.get("heartbeat"), (int, float)):
         return "the lock file cannot be read as a lock"
+    if info.get("host") == socket.gethostname() and info.get("pid") == os.getpid() and not held_here(info):
+        return f"pid {info['pid']} is this start's own (the process that held the lock is gone)"
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and not _pid_alive(info["pid"]):
         return f"no process {info['pid']} runs on this host"
     age = now - info["heartbeat"]
@@ -145,6 +160,7 @@ class RunLock:
         # waited: the directory may have changed since the start looked at it (a predecessor held the lock)
         self.path, self.info, self.file, self.waited = path, info, os.path.join(path, LOCK_FILE), waited
         self._stop = threading.Event()
+        _HELD_HERE.add(info["token"])
         self._thread = threading.Thread(target=self._beat, args=(interval_s,), name="dft-run-lock", daemon=True)
         self._thread.start()
 
@@ -204,6 +220,7 @@ class RunLock:
     def release(self) -> None:
         """Stop the heartbeat and remove the lock, if it is still this run's."""
         self._stop.set()
+        _HELD_HERE.discard(self.info["token"])
         self._thread.join(timeout=5)
         current = read_lock(self.path)
         if current and current.get("token") == self.info["token"]:
@@ -314,6 +331,8 @@ def start(plan) -> None:
         fh.write(json.dumps(segment) + "\n")
     for name in (METRICS_FILE, EVAL_FILE, HELDOUT_FILE):  # what a previous session logged past the checkpoint
         truncate_metrics(os.path.join(out, name), plan.start_step)
+    if os.path.isdir(os.path.join(out, TENSORBOARD)):
+        truncate_tensorboard(os.path.join(out, TENSORBOARD), plan.start_step)
 
 
 def data_provenance(source: str) -> dict[str, Any] | None:

@@ -239,7 +239,8 @@ def build_plan(cfg: Config, world_size: int) -> RunPlan:
     check_hub_names(cfg)  # before any loading: one network probe, and one message for every missing name
     warnings: list[str] = []
     holder = rundir.read_lock(out)
-    if holder and rundir.stale_reason(holder, cfg.train.lock_stale_s) is None:
+    # a run builds its plan holding the lock itself; --check and dft-plan never hold it
+    if holder and not rundir.held_here(holder) and rundir.stale_reason(holder, cfg.train.lock_stale_s) is None:
         warnings.append(f"train.output_dir: '{out}' is locked by a live run ({rundir.lock_text(holder)}); a start "
                         "now exits 2 unless it is a requeued attempt of that Slurm job, which waits for it")
     resume = ckpt.find_resume(cfg.checkpoint.resume, rundir.checkpoints_dir(out), warnings.append,

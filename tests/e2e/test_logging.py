@@ -151,3 +151,28 @@ def test_a_missing_tracker_library_exits_2_before_the_run_directory_exists(tmp_p
     assert "dft-train: error: logging.report_to names mlflow, which is not installed" in err
     assert "pip install 'dft_ds[trackers]'" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_crash_and_resume_log_each_step_once_and_no_lock_of_its_own(tmp_path):
+    """Killed in step 4 after the checkpoint at step 2, then resumed: step 3 was in TensorBoard's first
+    event file and is logged again by the resumed session; the resumed start was warned that the run
+    was locked by itself (the plan read the lock it had just taken)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.distributed.helpers import SMALL
+
+    out, env = tmp_path / "run", clean_env(tmp_path)
+    extra = [*SMALL, "train.max_steps=5", "checkpoint.every_steps=2", "logging.report_to=none", "logging.plot=false"]
+    crashed = start(out, {**env, "DFT_DS_FAULT": "kill_in_step:4"}, *extra)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    resumed = start(out, env, *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over a stale lock" in resumed.stdout and "locked by a live run" not in resumed.stdout
+    steps = []
+    for path in sorted((out / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars("train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5], steps
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]

@@ -136,8 +136,22 @@ def test_racing_starts_get_exactly_one_lock(tmp_path):
 
 def test_check_reports_a_live_holder(tmp_path, dft_train):
     run = tmp_path / "run"
-    fake_holder(str(run), host=socket.gethostname(), pid=os.getpid(), slurm_job_id="55")
+    fake_holder(str(run), host=socket.gethostname(), pid=os.getppid(), slurm_job_id="55")  # a live process
     proc = dft_train("--check", f"train.output_dir={run}", "data.synthetic_size=64")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"'{run}' is locked by a live run (host {socket.gethostname()} pid {os.getpid()}, Slurm job 55" in proc.stdout
+    assert f"'{run}' is locked by a live run (host {socket.gethostname()} pid {os.getppid()}, Slurm job 55" in proc.stdout
     assert sorted(os.listdir(run)) == [LOCK_FILE]
+
+
+def test_a_lock_with_this_process_s_pid_that_it_does_not_hold_is_taken_over(tmp_path):
+    """A resumed start given the pid of the dead run that left the lock (containers and Slurm steps
+    number their processes alike) was warned that the run was locked by itself."""
+    run = str(tmp_path / "run")
+    fake_holder(run, host=socket.gethostname(), pid=os.getpid())  # a fresh heartbeat: only the pid tells
+    warnings = []
+    lock = RunLock.acquire(run, stale_s=600, warn=warnings.append)
+    assert read_lock(run)["token"] == lock.info["token"]
+    assert len(warnings) == 1 and f"pid {os.getpid()} is this start's own" in warnings[0], warnings
+    # the plan a run builds while holding its lock has no word about it
+    assert stale_reason(read_lock(run), 600) is None
+    lock.release()
