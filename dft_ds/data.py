@@ -704,7 +704,8 @@ def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: 
     character lies in a target segment. A chat-rendered text already holds its own BOS.
     """
     text = "".join(piece for piece, _ in segments)
-    enc = tokenizer(text, add_special_tokens=not chat_rendered, return_offsets_mapping=True)
+    # verbose=False: data.max_length decides what is too long, not the tokenizer's model_max_length
+    enc = tokenizer(text, add_special_tokens=not chat_rendered, return_offsets_mapping=True, verbose=False)
     ids, targets = _targets_of(np.asarray(enc["input_ids"], dtype=np.int64),
                                np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2), segments,
                                tokenizer.eos_token_id if add_eos else None)
@@ -712,7 +713,8 @@ def tokenize_sample(segments: list[tuple[str, bool]], tokenizer, chat_rendered: 
 
 
 # What became of a sample (the `status` column of a tokenised set).
-KEPT, TRUNCATED, OVERLONG, NO_TARGET = 0, 1, 2, 3
+# TRUNCATED_AWAY: over data.max_length, and truncation cut every target (the response starts past it).
+KEPT, TRUNCATED, OVERLONG, NO_TARGET, TRUNCATED_AWAY = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -764,7 +766,9 @@ class Encoder:
                 out.append((np.asarray(enc.ids, dtype=np.int64),
                             np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)))
             return out
-        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        # verbose=False: transformers' "indexing errors" warning judges by the tokenizer's model_max_length;
+        # data.max_length and data.overlong decide here, and the report names the rows over it.
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True, verbose=False)
         return [(np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2))
                 for ids, off in zip(enc["input_ids"], enc["offset_mapping"])]
 
@@ -782,7 +786,7 @@ class Encoder:
         else:
             status = KEPT
         if not (labels != IGNORE_INDEX).any():
-            return empty, empty, NO_TARGET
+            return empty, empty, NO_TARGET if status == KEPT else TRUNCATED_AWAY
         return ids, labels, status
 
 

@@ -58,6 +58,7 @@ class DataReport:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    truncated_away: int = 0  # of dropped_no_target: over data.max_length, every target past the cut
     rows: int = 0
     target_tokens: int = 0
     tokens: int = 0
@@ -68,9 +69,10 @@ class DataReport:
     def summary(self) -> str:
         layout = f"{self.layout}; " if self.layout else ""
         held = f" ({self.heldout} held out by data.eval_fraction)" if self.heldout else ""
+        away = f" ({self.truncated_away} of them cut before their target by truncation)" if self.truncated_away else ""
         return (f"{layout}{self.samples} samples{held} -> {self.rows} rows, {self.tokens} tokens "
                 f"({self.target_tokens} targets); truncated {self.truncated}, dropped {self.dropped_overlong} over max_length and "
-                f"{self.dropped_no_target} with no target left")
+                f"{self.dropped_no_target} with no target left{away}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,13 +564,33 @@ def tokenise(raw: dd.RawData, cfg: DataConfig, tokenizer, out_dir: Optional[Path
     status = _column(dataset.data, "status")
     report.truncated = int((status == dd.TRUNCATED).sum())
     report.dropped_overlong = int((status == dd.OVERLONG).sum())
-    report.dropped_no_target = int((status == dd.NO_TARGET).sum())
+    report.truncated_away = int((status == dd.TRUNCATED_AWAY).sum())
+    report.dropped_no_target = int((status == dd.NO_TARGET).sum()) + report.truncated_away
     say(f"data: tokenised {len(status):,} samples in {seconds:.1f} s ({len(status) / max(seconds, 1e-9):,.0f} "
         "samples/s)")
+    report.warnings += _over_max_length(status, raw, cfg)
     if not (status <= dd.TRUNCATED).any():
         raise DataError(f"{raw.origin}: no samples left after filtering ({report.summary()}); "
                         f"check data.max_length={cfg.max_length} and data.overlong={cfg.overlong}")
     return dataset, report
+
+
+OVERLONG_NAMED = 5  # rows over data.max_length named in the warning
+
+
+def _over_max_length(status: np.ndarray, raw: dd.RawData, cfg: DataConfig) -> list[str]:
+    """A warning naming the first rows over data.max_length (file:line), and what was done with them."""
+    over = np.flatnonzero(np.isin(status, (dd.TRUNCATED, dd.OVERLONG, dd.TRUNCATED_AWAY)))
+    if not len(over):
+        return []
+    away = int((status == dd.TRUNCATED_AWAY).sum())
+    done = "dropped (data.overlong=drop)" if cfg.overlong == "drop" else \
+        "truncated to it (data.overlong=truncate)" + (f"; {away:,} of them lost every target to the cut and were "
+                                                      "dropped" if away else "")
+    named = ", ".join(raw.where(int(i)) for i in over[:OVERLONG_NAMED])
+    more = f", and {len(over) - OVERLONG_NAMED:,} more" if len(over) > OVERLONG_NAMED else ""
+    return [f"data: {len(over):,} of {len(status):,} samples are longer than data.max_length={cfg.max_length} "
+            f"tokens and were {done}: {named}{more}; raise data.max_length to keep them whole"]
 
 
 def _random_name() -> str:

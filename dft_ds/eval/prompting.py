@@ -57,7 +57,7 @@ class Prompter:
         return problem if self.style == "plain" else f"{problem}\n{BOXED_INSTRUCTION}"
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=not self.templated, verbose=False)["input_ids"]
         return list(ids)
 
     def stop_ids(self) -> list[int]:
