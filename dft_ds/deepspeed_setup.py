@@ -128,10 +128,47 @@ def import_deepspeed():
     here) uses. A run that logs to MLflow imports it afterwards as usual."""
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
+    own_extensions_dir()
     with _absent("mlflow"):
         import deepspeed
     read_numa_once()
     return deepspeed
+
+
+# The op DeepSpeed JIT-builds on the CPU accelerator (deepspeed/ops/op_builder/cpu/comm.py, NAME).
+CPU_COMM_OP = "deepspeed_shm_comm"
+
+
+def own_extensions_dir(env: dict = os.environ) -> str:
+    """This environment's folder for the ops DeepSpeed compiles at run time (TORCH_EXTENSIONS_DIR, set
+    here unless the user set it), and its own ninja first on PATH.
+
+    torch builds them into ~/.cache/torch_extensions/py311_cpu by default, one folder for every
+    environment of that Python: two virtual environments (another torch, another ninja) then rebuild the
+    op over each other on every start, a minute each. The environment's own folder is sys.prefix/
+    torch_extensions where it can be written, else one under ~/.cache/dft_ds named after sys.prefix."""
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return env["TORCH_EXTENSIONS_DIR"]
+    folder = os.path.join(sys.prefix, "torch_extensions")
+    if not os.access(sys.prefix, os.W_OK) and not os.path.isdir(folder):
+        import hashlib
+
+        key = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        folder = os.path.join(os.path.expanduser("~"), ".cache", "dft_ds", "torch_extensions",
+                              f"{os.path.basename(sys.prefix.rstrip(os.sep)) or 'python'}-{key}")
+    env["TORCH_EXTENSIONS_DIR"] = folder
+    # the ninja that built it must build it again: another ninja hashes the build commands differently
+    own_bin = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(own_bin, "ninja")) and env.get("PATH", "").split(os.pathsep)[0] != own_bin:
+        env["PATH"] = own_bin + os.pathsep + env.get("PATH", "")
+    return folder
+
+
+def cpu_comm_op_built(env: dict = os.environ) -> bool:
+    """Whether DeepSpeed's CPU communication op is built in this environment's folder (a start then
+    loads it in a moment; otherwise the first rank compiles it, about a minute on two cores)."""
+    folder = env.get("TORCH_EXTENSIONS_DIR") or own_extensions_dir(env)
+    return os.path.exists(os.path.join(folder, CPU_COMM_OP, f"{CPU_COMM_OP}.so"))
 
 
 def read_numa_once() -> None:

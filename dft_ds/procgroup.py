@@ -104,6 +104,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
         threads = cpu_threads_per_rank()
         if threads is not None and threads < torch.get_num_threads():
             torch.set_num_threads(threads)
+        from dft_ds.deepspeed_setup import CPU_COMM_OP, cpu_comm_op_built
+
+        if local_rank == 0 and not cpu_comm_op_built():
+            print(f"deepspeed: compiling its CPU communication op ({CPU_COMM_OP}) into "
+                  f"{os.environ['TORCH_EXTENSIONS_DIR']}, once for this environment (about a minute on two cores)",
+                  flush=True)
     global _JOINED_PROCESS_GROUP
     _JOINED_PROCESS_GROUP = True
     with deepspeed_prints_filtered():  # the CPU comm op announces itself on every start

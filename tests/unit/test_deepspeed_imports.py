@@ -77,3 +77,41 @@ def test_the_cpu_accelerator_reads_the_numa_layout_once_per_process():
                "first.append([99])\n"
                "print('>', len(set(counts)), counts[0] >= 1, len(calls) <= 1, numa.get_numa_cores() != first)\n"
                ) == ["> 1 True True True"]
+
+
+def test_each_environment_builds_deepspeed_s_ops_in_its_own_folder(tmp_path, monkeypatch):
+    """Two environments sharing ~/.cache/torch_extensions/py311_cpu rebuilt the CPU comm op over each
+    other on every start (another torch, another ninja)."""
+    import os
+    import sys
+
+    from dft_ds import deepspeed_setup as dss
+
+    env = {"PATH": "/usr/bin"}
+    assert dss.own_extensions_dir(env) == os.path.join(sys.prefix, "torch_extensions") == env["TORCH_EXTENSIONS_DIR"]
+    own_bin = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(own_bin, "ninja")):  # the ninja that built the op builds it again
+        assert env["PATH"] == own_bin + os.pathsep + "/usr/bin"
+    assert dss.own_extensions_dir({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"  # the user's choice wins
+    # an environment that cannot be written (a shared conda install): a folder of its own in the user's cache
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "opt" / "envs" / "shared"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    folder = dss.own_extensions_dir({"PATH": ""})
+    assert os.path.dirname(folder) == str(tmp_path / "home" / ".cache" / "dft_ds" / "torch_extensions")
+    assert os.path.basename(folder).startswith("shared-")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "opt" / "envs" / "other"))
+    assert dss.own_extensions_dir({"PATH": ""}) != folder
+
+
+def test_a_start_knows_whether_the_cpu_comm_op_is_built(tmp_path):
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    from dft_ds.deepspeed_setup import CPU_COMM_OP, cpu_comm_op_built
+
+    assert CPU_COMM_OP == ShareMemCommBuilder.NAME
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert not cpu_comm_op_built(env)
+    (tmp_path / CPU_COMM_OP).mkdir()
+    (tmp_path / CPU_COMM_OP / f"{CPU_COMM_OP}.so").write_bytes(b"")
+    assert cpu_comm_op_built(env)
