@@ -1,6 +1,6 @@
 """How far is the memory planner (`dft-plan`, `dft-train --check`) from measured per-rank memory?
 
-    .venv/bin/python benchmarks/plan_check.py [--steps 3] [--ranks 1,2] [--hidden 768] [--layers 12]
+    .venv/bin/python benchmarks/plan_check.py [--steps 3] [--ranks 1,2] [--hidden 768] [--layers 12] [--checkpointing]
 
 For a ~100M-parameter Llama (fp32, ZeRO-3, rows of 512 tokens, micro batch 2, fused head) on this
 CPU: the peak RSS of the largest rank in a short real run, minus the peak RSS of the SAME command
@@ -46,13 +46,13 @@ def model_dir(work: str, name: str, hidden: int, layers: int, vocab: int) -> tup
     return path, config
 
 
-def peak_rss(path: str, ranks: int, steps: int, out: str) -> int:
+def peak_rss(path: str, ranks: int, steps: int, out: str, checkpointing: bool = False) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
            f"--master-port={free_port()}", "-m", "dft_ds.train", f"train.output_dir={out}",
            f"model.name_or_path={path}", "data.max_length=512", "train.micro_batch_size=2",
            "train.gradient_accumulation_steps=1", f"train.max_steps={steps}", "train.precision=fp32",
            "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_final=false",
-           "data.synthetic_size=600"]
+           "data.synthetic_size=600", f"model.gradient_checkpointing={str(checkpointing).lower()}"]
     proc, rss = run_peak_rss(cmd)
     if proc.returncode != 0:
         sys.exit(proc.stderr[-3000:])
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing=true")
     args = parser.parse_args()
     from dft_ds.memory import count_parameters, estimate_memory
 
@@ -75,13 +76,15 @@ def main() -> None:
         empty, _ = model_dir(work, "empty", 32, 1, 512)
         n = count_parameters(config)
         print(f"model: {n / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}); "
-              "fp32, ZeRO-3, micro batch 2 x 512 tokens, fused head", flush=True)
+              f"fp32, ZeRO-3, micro batch 2 x 512 tokens, fused head, checkpointing {'on' if args.checkpointing else 'off'}",
+              flush=True)
         print(f"{'ranks':>5} {'measured MiB':>13} {'estimate MiB':>13} {'error':>7}   (measured = model run - empty-model run)")
         for ranks in (int(r) for r in args.ranks.split(",")):
-            base = peak_rss(empty, ranks, args.steps, os.path.join(work, f"empty-{ranks}"))
-            full = peak_rss(big, ranks, args.steps, os.path.join(work, f"big-{ranks}"))
+            base = peak_rss(empty, ranks, args.steps, os.path.join(work, f"empty-{ranks}"), args.checkpointing)
+            full = peak_rss(big, ranks, args.steps, os.path.join(work, f"big-{ranks}"), args.checkpointing)
             measured = full - base
-            est = estimate_memory(n, config, 3, ranks, "fp32", 2 * 512, False, True, 128, False, torch_adam=True)
+            est = estimate_memory(n, config, 3, ranks, "fp32", 2 * 512, args.checkpointing, True, 128, False, torch_adam=True,
+                                  scores_for=(2, 512))  # sdpa's math kernel on the CPU
             error = (est.total - measured) / measured
             rows.append({"ranks": ranks, "measured": measured, "estimate": est.total, "error": error,
                          "parts": {k: getattr(est, k) for k in ("params", "grads", "optimizer", "activations",

@@ -35,7 +35,8 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
                     checkpointing: bool, fused: bool, chunk_mb: int, offload: bool,
                     torch_adam: bool = False, n_trainable: int | None = None,
                     head_trains: bool = True, mlp_tiles: int = 0,
-                    offload_activations: bool = False) -> MemoryEstimate:
+                    offload_activations: bool = False, scores_for: tuple[int, int] | None = None,
+                    sequence_parallel: int = 1) -> MemoryEstimate:
     """Per-rank bytes on the accelerator (on CPU: host memory) of one training step.
 
     Weights and gradients in the training precision; AdamW keeps two fp32 moments, plus an fp32
@@ -57,6 +58,13 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     activations, 19 of the 34 x hidden bytes in that account, exists for one tile at a time.
     `offload_activations`: what the backward waits for (every layer's input with checkpointing,
     every layer's activations without) is in host memory; the device keeps the layer at work.
+
+    `scores_for` (rows, tokens per row): an attention that materializes its score matrices (eager, and
+    sdpa's math kernel, the one the CPU runs) adds 5 x heads x row^2 bytes per row and layer in 16 bits
+    (the scores, their softmax and what the backward keeps; Korthikanti et al.'s 5as^2b term), twice that
+    in fp32; a rank of `sequence_parallel` N holds 1/N of the heads of whole rows. Fused kernels (flash,
+    memory-efficient) keep none. Measured on CPU (benchmarks/plan_check.py): without it the estimate
+    was 14-22% low, the missing part the size of this term.
     """
     b = 2 if precision in ("bf16", "fp16") else 4
     trainable = n_params if n_trainable is None else n_trainable
@@ -71,6 +79,10 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     per_layer = 34 * hidden * tokens_per_micro * (b / 2)
     if mlp_tiles > 1:
         per_layer *= (15 + 19 / mlp_tiles) / 34
+    if scores_for:
+        rows, length = scores_for
+        heads = max(1, config.num_attention_heads // sequence_parallel)
+        per_layer += 5 * heads * length * length * rows * (b / 2)
     stored = 2 * hidden * b * tokens_per_micro * layers if checkpointing else per_layer * (layers - 1)
     activations = per_layer + (0 if offload_activations else stored)
     vocab = config.vocab_size
@@ -83,6 +95,12 @@ def estimate_memory(n_params: int, config, stage: int, world: int, precision: st
     if torch_adam and not offload:
         working += 2 * 4 * trainable / shard[2]
     return MemoryEstimate(params, grads, optimizer, activations, loss_head, working)
+
+
+def materializes_scores(attention: str, on_cpu: bool) -> bool:
+    """Whether this attention keeps [row x row] score matrices per head: eager always, sdpa on the CPU
+    (its math kernel); sdpa's fused kernels and flash-attention on a GPU do not."""
+    return attention == "eager" or (attention == "sdpa" and on_cpu)
 
 
 def meta_model(model_config, trust_remote_code: bool = False):

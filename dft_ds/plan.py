@@ -108,6 +108,64 @@ def plan(config, world: int, gpu_gib: float, max_length: int, precision: str = "
     return rows
 
 
+# The rows a recommendation tries, fastest first: offload moves every optimizer step through host memory
+# and PCIe (slowest), checkpointing recomputes each layer's forward (about a third more compute), ZeRO-3
+# gathers every layer's parameters in the forward and again in the backward. The loss head is fused
+# (loss.fused=auto).
+PREFERENCE = (("ZeRO-2", False), ("ZeRO-3", False), ("ZeRO-2", True), ("ZeRO-3", True),
+              ("ZeRO-3 + offload", False), ("ZeRO-3 + offload", True))
+CONFIG_NAME = {"ZeRO-2": "zero2", "ZeRO-3": "zero3", "ZeRO-3 + offload": "zero3_offload"}
+HEADROOM = 0.9  # a recommended micro batch uses at most this share of what the estimate says fits
+MAX_MICRO = 16  # beyond this a larger micro batch buys little; train.gradient_accumulation_steps does the rest
+BUSY_TOKENS = 8192  # tokens per micro step that keep a GPU's matrix units busy: the default aim
+
+
+def _micro(row: Row) -> int:
+    """The micro batch recommended for a row: a power of two within HEADROOM of what fits, at most MAX_MICRO."""
+    room = max(1, int(row.max_micro_batch * HEADROOM)) if row.max_micro_batch else 0
+    return min(MAX_MICRO, 1 << (room.bit_length() - 1)) if room else 0
+
+
+def host_gib_per_node(n_params: int, n_trainable: int | None, world: int, gpus_per_node: int) -> float:
+    """Host memory a node needs under ZeRO-3 offload: its ranks' shares of the fp32 master weights, both
+    AdamW moments and the fp32 gradients (16 bytes per trainable parameter), and of the bf16 parameters
+    offloaded with them (2 bytes per parameter)."""
+    trainable = n_params if n_trainable is None else n_trainable
+    return (16 * trainable + 2 * n_params) * gpus_per_node / world / GIB
+
+
+def recommend(rows: list[Row], max_length: int, want_micro: int | None, host_gib: float) -> str:
+    """The settings dft-plan would choose: the fastest row (PREFERENCE) whose recommended micro batch (a
+    power of two within HEADROOM of what fits) reaches `want_micro` (default: BUSY_TOKENS tokens), else
+    the row with the largest one."""
+    want_micro = want_micro or max(1, BUSY_TOKENS // max_length)
+    fused = {(r.strategy, r.checkpointing): r for r in rows if r.fused}
+    ordered = [fused[key] for key in PREFERENCE if key in fused]
+    fitting = [r for r in ordered if r.max_micro_batch]
+    if not fitting:
+        return (f"recommended: none of these fits one row of {max_length} tokens; lower --max-length "
+                "(data.max_length), split each row over GPUs (--sequence-parallel), use more GPUs, or train LoRA "
+                "adapters (--lora-rank)")
+    chosen = next((r for r in fitting if _micro(r) >= want_micro), max(fitting, key=_micro))
+    micro = _micro(chosen)
+    why = {("ZeRO-2", False): "no parameter gathering and no recompute",
+           ("ZeRO-3", False): "no recompute; ZeRO-2 leaves no room",
+           ("ZeRO-2", True): "ZeRO-2 with recompute; without it there is no room",
+           ("ZeRO-3", True): "ZeRO-3 with recompute; nothing faster has room",
+           ("ZeRO-3 + offload", False): "only with the optimizer in host memory is there room",
+           ("ZeRO-3 + offload", True): "only with the optimizer in host memory and recompute is there room",
+           }[(chosen.strategy, chosen.checkpointing)]
+    target = "" if micro >= want_micro else f" (the aim was {want_micro})"
+    host = (f"; needs {host_gib:.1f} GiB of host memory per node for the offloaded optimizer and parameters"
+            if "offload" in chosen.strategy else "")
+    return (f"recommended: deepspeed.config={CONFIG_NAME[chosen.strategy]} "
+            f"model.gradient_checkpointing={str(chosen.checkpointing).lower()} train.micro_batch_size={micro}\n"
+            f"  {chosen.strategy} {'with' if chosen.checkpointing else 'without'} checkpointing: {why}; up to "
+            f"{chosen.max_micro_batch} rows of {max_length} tokens fit{target}, {micro} keep"
+            f" {round(100 * (1 - HEADROOM))}% or more free for what the estimate leaves out{host}. Set "
+            "train.global_batch_size as your recipe needs; gradient accumulation makes up the rest.")
+
+
 def format_count(n: int) -> str:
     """1.54B, 3.40M, 202.05K: a small model is not "0.00B"."""
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
@@ -117,7 +175,8 @@ def format_count(n: int) -> str:
 
 
 def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_length: int,
-           n_trainable: int | None = None, sequence_parallel: int = 1, extras: str = "") -> str:
+           n_trainable: int | None = None, sequence_parallel: int = 1, extras: str = "",
+           host_gib: float = 0.0, gpus_per_node: int = 1, recommendation: str = "") -> str:
     lora = f" ({format_count(n_trainable)} in LoRA adapters, the only ones that train)" if n_trainable else ""
     sp = sequence_parallel
     split = (f", each split over {sp} GPUs (sequence parallelism: {-(-max_length // sp)} tokens of a row per GPU, "
@@ -128,11 +187,17 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
              f"{'token' if max_length == 1 else 'tokens'}{split}{extras}. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
              "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if host_gib:
+        extras_line = (f"ZeRO-3 + offload rows keep the optimizer (and parameters) in host memory: {host_gib:.1f} GiB "
+                       f"per node ({gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''}).")
+    else:
+        extras_line = ""
     for r in rows:
         p = r.parts
         lines.append(f"| {r.strategy} | {'on' if r.checkpointing else 'off'} | {'fused' if r.fused else 'full logits'} "
                      f"| {p['params']:.2f} | {p['grads']:.2f} | {p['optimizer']:.2f} | {p['working_set']:.2f} | {p['activations']:.2f} | "
                      f"{p['loss_head']:.2f} | {r.per_gpu_gib:.2f} | {r.max_micro_batch or 'does not fit'} |")
+    lines += [line for line in ("", extras_line, recommendation) if line] if (extras_line or recommendation) else []
     return "\n".join(lines)
 
 
@@ -198,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=_at_least(0), default=0, metavar="R",
                         help="plan model.lora with adapters of rank R (model.lora_rank): only they have gradients "
                              "and optimizer states; 0 (default) is full fine-tuning")
+    parser.add_argument("--micro-batch", type=_at_least(1), default=None, metavar="M",
+                        help=f"rows per GPU per micro step the recommendation aims for (default: {BUSY_TOKENS} tokens' "
+                             "worth, e.g. 4 rows of 2048): it picks the fastest strategy with room for M rows, else "
+                             "the one with the most room")
     parser.add_argument("--lora-targets", default="all-linear", metavar="NAMES",
                         help="with --lora-rank: the adapted modules (model.lora_targets; default all-linear)")
     args = parser.parse_args(argv)
@@ -236,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     extras = (f"; each MLP in {args.tiled_mlp} tiles" if args.tiled_mlp > 1 else "") + \
         ("; activations the backward waits for in host memory" if args.offload_activations else "")
-    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable, sp, extras))
+    host = host_gib_per_node(n_params, n_trainable, world, args.gpus_per_node)
+    advice = recommend(rows, args.max_length, args.micro_batch, host)
+    print(render(rows, n_params, world, args.gpu_memory, args.max_length, n_trainable, sp, extras, host,
+                 args.gpus_per_node, advice))
     return 0
 
 

@@ -190,9 +190,11 @@ class RunPlan:
 
     def check_report(self) -> str:
         """`dft-train --check`: the plan, and a per-rank memory estimate."""
-        from dft_ds.memory import estimate_memory
+        from dft_ds.memory import estimate_memory, materializes_scores
 
         cfg = self.cfg
+        scores = ((self.batch.micro_batch_size, cfg.data.max_length)
+                  if materializes_scores(self.attention, self.on_cpu) else None)
         mem = estimate_memory(self.n_params, self.model_config, self.zero_stage, self.world_size, self.precision,
                               # a rank holds 1/N of each row under train.sequence_parallel = N
                               self.batch.micro_batch_size * -(-cfg.data.max_length // cfg.train.sequence_parallel),
@@ -200,7 +202,8 @@ class RunPlan:
                               self.fused, cfg.loss.chunk_mb, self.offload, torch_adam=self.on_cpu,
                               n_trainable=self.n_trainable,
                               head_trains=not cfg.model.lora or cfg.model.lora_train_embeddings,
-                              mlp_tiles=cfg.model.tiled_mlp, offload_activations=cfg.model.offload_activations)
+                              mlp_tiles=cfg.model.tiled_mlp, offload_activations=cfg.model.offload_activations,
+                              scores_for=scores, sequence_parallel=cfg.train.sequence_parallel)
         ref = ""
         if cfg.loss.uses_reference and cfg.model.lora:
             ref = "; asft reference = the base with adapters off (no second copy)"

@@ -161,3 +161,59 @@ def test_tiled_mlp_and_offload_shrink_only_the_activations():
     base = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, True, True, 128, False)
     tiled = estimate_memory(1_000_000, config, 3, 8, "bf16", 8192, True, True, 128, False, mlp_tiles=8)
     assert base.activations - tiled.activations == pytest.approx(34 * config.hidden_size * 8192 * (19 - 19 / 8) / 34)
+
+
+def test_an_attention_that_keeps_its_scores_adds_them_per_layer():
+    """eager, and sdpa's math kernel on the CPU, hold [row x row] scores per head: the 5as^2b term the
+    estimate lacked (benchmarks/plan_check.py measured it 14-22% low on CPU without it)."""
+    from dft_ds.memory import materializes_scores
+
+    config = load_model_config("qwen2.5-math-1.5b")
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    for precision, size in (("bf16", 2), ("fp32", 4)):
+        for ckpt, kept in ((False, layers), (True, 1)):
+            plain = estimate_memory(1_000_000, config, 3, 8, precision, 4 * 1024, ckpt, True, 128, False)
+            scored = estimate_memory(1_000_000, config, 3, 8, precision, 4 * 1024, ckpt, True, 128, False,
+                                     scores_for=(4, 1024))
+            assert scored.activations - plain.activations == 5 * heads * 1024 ** 2 * 4 * size / 2 * kept
+    # a rank of sequence parallelism 4 holds a quarter of the heads of whole rows
+    whole = estimate_memory(1_000_000, config, 3, 8, "bf16", 1024, False, True, 128, False, scores_for=(1, 4096))
+    quarter = estimate_memory(1_000_000, config, 3, 8, "bf16", 1024, False, True, 128, False, scores_for=(1, 4096),
+                              sequence_parallel=4)
+    base = estimate_memory(1_000_000, config, 3, 8, "bf16", 1024, False, True, 128, False)
+    assert (quarter.activations - base.activations) * 4 == whole.activations - base.activations
+    assert materializes_scores("eager", False) and materializes_scores("sdpa", True)
+    assert not materializes_scores("sdpa", False) and not materializes_scores("flash_attention_2", False)
+
+
+@pytest.mark.parametrize("argv, first, detail", [
+    (["--model", "qwen2.5-math-1.5b", "--gpu-memory", "80"],
+     "recommended: deepspeed.config=zero2 model.gradient_checkpointing=false train.micro_batch_size=16",
+     "ZeRO-2 without checkpointing: no parameter gathering and no recompute; up to 25 rows of 2048 tokens fit, "
+     "16 keep 10% or more free"),
+    (["--model", "qwen2.5-math-7b", "--gpu-memory", "80", "--max-length", "4096", "--micro-batch", "4"],
+     "recommended: deepspeed.config=zero2 model.gradient_checkpointing=true train.micro_batch_size=16",
+     "ZeRO-2 with checkpointing: ZeRO-2 with recompute; without it there is no room"),
+    (["--model", "llama-3.1-8b", "--gpus-per-node", "2", "--gpu-memory", "24", "--max-length", "4096"],
+     "recommended: deepspeed.config=zero3_offload model.gradient_checkpointing=true train.micro_batch_size=2",
+     "up to 3 rows of 4096 tokens fit, 2 keep 10% or more free for what the estimate leaves out; needs 134.6 GiB "
+     "of host memory per node"),
+])
+def test_the_plan_ends_with_the_settings_it_would_choose(capsys, argv, first, detail):
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2] == first and detail in lines[-1], lines[-3:]
+
+
+def test_offload_s_host_memory_and_a_shape_that_fits_nowhere(capsys):
+    from dft_ds.plan import host_gib_per_node
+
+    # 16 bytes per trainable parameter (fp32 master, two moments, fp32 gradient) + 2 per bf16 parameter
+    assert host_gib_per_node(1_000_000_000, None, 8, 8) == pytest.approx(18e9 / GIB)
+    assert host_gib_per_node(1_000_000_000, 10_000_000, 16, 8) == pytest.approx((16e7 + 2e9) / 2 / GIB)
+    assert main(["--model", "llama-3.1-8b", "--gpus-per-node", "1", "--gpu-memory", "16", "--max-length", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory: 134.6 GiB per node (1 GPU)." in out
+    assert out.rstrip().endswith("recommended: none of these fits one row of 65536 tokens; lower --max-length "
+                                 "(data.max_length), split each row over GPUs (--sequence-parallel), use more GPUs, "
+                                 "or train LoRA adapters (--lora-rank)")
