@@ -109,8 +109,8 @@ class LaunchSpec:
 
 # dft-train's own options (dft_ds/train.py parse_args), passed to it wherever they stand; True: takes a
 # value. A unit test pins this against dft-train's parser, and keeps both sets of names apart.
-TRAIN_OPTIONS = {"--check": False, "--world-size": True, "--prepare-data": True, "--local_rank": True,
-                 "--local-rank": True}
+TRAIN_OPTIONS = {"--check": False, "--world-size": True, "--prepare-data": True, "--translate": True,
+                 "--local_rank": True, "--local-rank": True}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -190,7 +190,7 @@ def test_nonfinite_loss_skip_changes_no_weight_and_is_counted(tmp_path):
     assert codes == [0, 0], log[-3000:]
     assert "non-finite loss at step 3: step skipped" in log
     rows = {r["step"]: r for r in read_metrics(out)}
-    assert rows[3]["run"]["skipped_steps"] == 1 and rows[3]["loss"] is None
+    assert rows[3]["skipped_steps"] == 1 and rows[3]["loss"] is None
     assert all("skipped_steps" not in rows[s] for s in (1, 2, 4, 5))
     assert json.loads((out / "summary.json").read_text())["run"]["skipped_steps"] == 1
     before, after, later = _weights(out, "step-2"), _weights(out, "step-3"), _weights(out, "step-4")
