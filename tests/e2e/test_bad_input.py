@@ -99,7 +99,7 @@ def test_config_errors_are_all_reported(tmp_path, train):
     cfg.write_text("train:\n  lrr: 0.1\n  micro_batch_size: zero\nloss:\n  type: kl\n")
     proc = train(tmp_path, "train.lr=-1", config=cfg)
     assert_bad_input(proc, "did you mean 'train.lr'", "train.micro_batch_size: expected int",
-                     "loss.type: expected one of dft, sft", "train.lr: expected a number > 0")
+                     "loss.type: expected one of dft, sft", "train.lr: expected a finite number > 0")
 
 
 def test_batch_sizes_that_do_not_divide(tmp_path, train):

@@ -168,7 +168,7 @@ def test_impossible_values_are_all_reported_in_one_error():
         "loss.prob_floor=1.5",
         "data.preset=alpaca",
     ])
-    assert re.search(r"train\.lr: expected a number > 0, got 0\.0", message)
+    assert re.search(r"train\.lr: expected a finite number > 0, got 0\.0", message)
     assert re.search(r"train\.warmup_ratio: expected a number in \[0, 1\), got 1\.0", message)
     assert re.search(r"data\.max_length: expected an integer >= 8, got 4", message)
     assert "loss.type: expected one of dft, sft, power, mix, asft, eaft, only_top_p, only_bottom_p, got 'foo'" in message
@@ -179,9 +179,9 @@ def test_impossible_values_are_all_reported_in_one_error():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("train.lr=-1e-4", "train.lr: expected a number > 0, got -0.0001"),
-    ("train.lr=.inf", "train.lr: expected a number > 0, got inf"),
-    ("train.epochs=0", "train.epochs: expected a number > 0, got 0.0"),
+    ("train.lr=-1e-4", "train.lr: expected a finite number > 0, got -0.0001"),
+    ("train.lr=.inf", "train.lr: expected a finite number > 0, got inf"),
+    ("train.epochs=0", "train.epochs: expected a finite number > 0, got 0.0"),
     ("train.adam_beta2=1", "train.adam_beta2: expected a number in [0, 1), got 1.0"),
     ("train.global_batch_size=0", "train.global_batch_size: expected null or an integer >= 1, got 0"),
     ("data.max_samples=0", "data.max_samples: expected null or an integer >= 1, got 0"),
@@ -190,9 +190,11 @@ def test_impossible_values_are_all_reported_in_one_error():
     ("train.precision=fp8", "train.precision: expected one of auto, bf16, fp16, fp32, got 'fp8'"),
     ("loss.type=kto", "loss.type: expected one of dft, sft, power, mix, asft, eaft, only_top_p, only_bottom_p, "
                       "got 'kto'"),
-    ("loss.alpha=-0.5", "loss.alpha: expected a number >= 0 (0 is sft, 1 is dft), got -0.5"),
+    ("loss.alpha=-0.5", "loss.alpha: expected a finite number >= 0 (0 is sft, 1 is dft), got -0.5"),
     ("loss.mix_start=-1", "loss.mix_start: expected an integer >= 0, got -1"),
-    ("loss.kl_coef=-1", "loss.kl_coef: expected a number >= 0, got -1.0"),
+    ("loss.kl_coef=-1", "loss.kl_coef: expected a finite number >= 0, got -1.0"),
+    ("train.weight_decay=.inf", "train.weight_decay: expected a finite number >= 0, got inf"),
+    ("train.adam_eps=.inf", "train.adam_eps: expected a finite number > 0, got inf"),
     ("loss.fused=yes", "loss.fused: expected one of auto, true, false, got 'yes'"),
     ("loss.chunk_mb=0", "loss.chunk_mb: expected an integer >= 1, got 0"),
     ("logging.hist_every=-1", "logging.hist_every: expected an integer >= 0 (0: never), got -1"),
@@ -230,7 +232,7 @@ def test_global_batch_not_a_multiple_of_micro_times_accumulation():
 def test_key_errors_and_value_errors_are_reported_together():
     message = config_error(None, ["train.lrr=1", "train.lr=0", "loss.type=foo"])
     assert "train.lrr" in message
-    assert "train.lr: expected a number > 0" in message
+    assert "train.lr: expected a finite number > 0" in message
     assert "loss.type: expected one of dft, sft" in message
 
 

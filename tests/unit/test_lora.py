@@ -48,7 +48,7 @@ def test_unknown_target_lists_the_models_linear_layers():
 
 @pytest.mark.parametrize("overrides,key,expected", [
     (["model.lora_rank=0"], "model.lora_rank", "an integer >= 1"),
-    (["model.lora_alpha=0"], "model.lora_alpha", "a number > 0"),
+    (["model.lora_alpha=0"], "model.lora_alpha", "a finite number > 0"),
     (["model.lora_dropout=1"], "model.lora_dropout", "a number in [0, 1)"),
     (["model.lora_targets= , "], "model.lora_targets", "all-linear or comma-separated"),
 ])
