@@ -139,7 +139,7 @@ def import_deepspeed():
 CPU_COMM_OP = "deepspeed_shm_comm"
 
 
-def own_extensions_dir(env: dict = os.environ) -> str:
+def own_extensions_dir(env: Optional[dict] = None) -> str:
     """This environment's folder for the ops DeepSpeed compiles at run time (TORCH_EXTENSIONS_DIR, set
     here unless the user set it), and its own ninja first on PATH.
 
@@ -147,6 +147,7 @@ def own_extensions_dir(env: dict = os.environ) -> str:
     environment of that Python: two virtual environments (another torch, another ninja) then rebuild the
     op over each other on every start, a minute each. The environment's own folder is sys.prefix/
     torch_extensions where it can be written, else one under ~/.cache/dft_ds named after sys.prefix."""
+    env = os.environ if env is None else env
     if env.get("TORCH_EXTENSIONS_DIR"):
         return env["TORCH_EXTENSIONS_DIR"]
     folder = os.path.join(sys.prefix, "torch_extensions")
@@ -164,9 +165,10 @@ def own_extensions_dir(env: dict = os.environ) -> str:
     return folder
 
 
-def cpu_comm_op_built(env: dict = os.environ) -> bool:
+def cpu_comm_op_built(env: Optional[dict] = None) -> bool:
     """Whether DeepSpeed's CPU communication op is built in this environment's folder (a start then
     loads it in a moment; otherwise the first rank compiles it, about a minute on two cores)."""
+    env = os.environ if env is None else env
     folder = env.get("TORCH_EXTENSIONS_DIR") or own_extensions_dir(env)
     return os.path.exists(os.path.join(folder, CPU_COMM_OP, f"{CPU_COMM_OP}.so"))
 
@@ -207,7 +209,7 @@ def import_muon_eager(ds_config: dict) -> None:
         importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
 
 
-def arch_list_for_deepspeed(env: dict[str, str] = os.environ) -> Optional[str]:
+def arch_list_for_deepspeed(env: Optional[dict[str, str]] = None) -> Optional[str]:
     """TORCH_CUDA_ARCH_LIST rewritten so that DeepSpeed's JIT op builder can read it, or None when it can already.
 
     DeepSpeed 0.19 parses each entry as dotted integers (it strips only "+PTX"), so the
@@ -216,6 +218,7 @@ def arch_list_for_deepspeed(env: dict[str, str] = os.environ) -> Optional[str]:
     "9.0a". The ops it JIT-builds (Adam, Lion) use no arch-specific instruction, so "9.0" builds them
     as well.
     """
+    env = os.environ if env is None else env
     value = env.get("TORCH_CUDA_ARCH_LIST", "")
     entries = [e for e in re.split(r"[;\s]+", value) if e]
     fixed = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", e) for e in entries]

@@ -322,8 +322,9 @@ def _positive(name: str, value: Optional[int]) -> None:
         raise UserError(f"{name} must be at least 1, got {value}")
 
 
-def make_launch_spec(ns: argparse.Namespace, env: Mapping[str, str] = os.environ) -> LaunchSpec:
+def make_launch_spec(ns: argparse.Namespace, env: Optional[Mapping[str, str]] = None) -> LaunchSpec:
     """Resolve every default and build the commands. Raises UserError on contradictory input."""
+    env = os.environ if env is None else env
     slurm = in_slurm_allocation(env)
     via = ns.via or ("srun" if slurm and not in_slurm_task(env) else "torchrun")
     if via == "srun" and not slurm:
@@ -694,7 +695,8 @@ def execute(cmd: list[str], env: dict[str, str], *, module: str = TRAIN_MODULE, 
     return code
 
 
-def run(plan: LaunchSpec, env: Mapping[str, str] = os.environ) -> int:
+def run(plan: LaunchSpec, env: Optional[Mapping[str, str]] = None) -> int:
+    env = os.environ if env is None else env
     child_env = dict(env)
     child_env.update(plan.env)
     module = env.get(TRAIN_MODULE_ENV) or TRAIN_MODULE

@@ -9,7 +9,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import NoReturn, Optional
 
 import torch
 
@@ -31,12 +31,18 @@ class DistInfo:
         return self.rank == 0
 
 
-def map_launcher_env(env: dict[str, str] = os.environ) -> None:
+def map_launcher_env(env: Optional[dict[str, str]] = None) -> None:
     """Give torch.distributed its RANK/WORLD_SIZE/LOCAL_RANK however the process was started.
 
     deepspeed and torchrun set them; srun sets SLURM_*; a plain process sets nothing and becomes a
     world of one on a free loopback port.
+
+    `env` defaults to os.environ as it is at the call, never as a default argument's value: datasets'
+    multi-process map replaces the os.environ object with a copy (datasets 4.x, `os.environ = prev_env`),
+    after which writes to the object bound at import went nowhere the process reads, and the next
+    `os.environ["WORLD_SIZE"]` was a KeyError (every function here that reads the environment does the same).
     """
+    env = os.environ if env is None else env
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
@@ -48,8 +54,9 @@ def map_launcher_env(env: dict[str, str] = os.environ) -> None:
     env.setdefault("LOCAL_RANK", "0")
 
 
-def ranks_on_this_node(env: dict[str, str] = os.environ) -> int | None:
+def ranks_on_this_node(env: Optional[dict[str, str]] = None) -> int | None:
     """How many ranks share this machine, from what the launcher says (None where it says nothing)."""
+    env = os.environ if env is None else env
     if env.get("LOCAL_WORLD_SIZE"):  # torchrun
         return int(env["LOCAL_WORLD_SIZE"])
     if env.get("LOCAL_SIZE"):  # the deepspeed launcher
@@ -67,7 +74,7 @@ def ranks_on_this_node(env: dict[str, str] = os.environ) -> int | None:
     return None
 
 
-def cpu_threads_per_rank(env: dict[str, str] = os.environ) -> int | None:
+def cpu_threads_per_rank(env: Optional[dict[str, str]] = None) -> int | None:
     """Intra-op threads for a rank on the CPU accelerator: the cores this process may use divided
     among the ranks of its machine, or None to leave torch's choice (OMP_NUM_THREADS set, or the
     number of local ranks unknown).
@@ -75,6 +82,7 @@ def cpu_threads_per_rank(env: dict[str, str] = os.environ) -> int | None:
     torch gives every process a thread per core. torchrun sets OMP_NUM_THREADS=1 for its ranks, but
     srun and a start by hand set nothing: two ranks on a 2-core machine then ran four compute threads,
     whose OpenMP workers spin waiting for cores the other rank holds."""
+    env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS"):
         return None
     local = ranks_on_this_node(env)
@@ -121,9 +129,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return info
 
 
-def shm_buffer_path(rank: int, env: dict[str, str] = os.environ) -> str | None:
+def shm_buffer_path(rank: int, env: Optional[dict[str, str]] = None) -> str | None:
     """The /dev/shm file DeepSpeed's CPU communication op maps for `rank`, or None where it makes
     none (it does only when every rank is on this machine: LOCAL_SIZE equal to the world size)."""
+    env = os.environ if env is None else env
     if not env.get("LOCAL_SIZE") or env.get("LOCAL_SIZE") != env.get("WORLD_SIZE"):
         return None
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"

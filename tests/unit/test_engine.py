@@ -369,3 +369,25 @@ def test_the_shm_buffer_is_named_only_where_deepspeed_makes_one():
     # ranks on several machines (LOCAL_SIZE below the world size) and srun (no LOCAL_SIZE): no file
     assert shm_buffer_path(1, {**env, "WORLD_SIZE": "4"}) is None
     assert shm_buffer_path(0, {"WORLD_SIZE": "2", "MASTER_PORT": "29511"}) is None
+
+
+def test_the_rank_variables_land_in_os_environ_after_datasets_replaced_it():
+    """datasets' multi-process map sets `os.environ = <a copy>`: a function whose default argument was
+    the old object wrote RANK/WORLD_SIZE where nothing reads them (KeyError: 'WORLD_SIZE' in dft-train run
+    in-process after a tokenisation with two workers). In a process of its own: the test changes os.environ."""
+    import subprocess
+    import sys
+
+    script = """
+import os, datasets
+import dft_ds.procgroup  # imported before the map, as a run imports it
+from dft_ds.train import world_size_from_env
+before = os.environ
+datasets.Dataset.from_dict({"x": list(range(8))}).map(lambda row: row, num_proc=2)
+assert os.environ is not before, "datasets no longer replaces os.environ: nothing to check"
+assert world_size_from_env() == 1 and os.environ["RANK"] == "0"
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
