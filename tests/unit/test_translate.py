@@ -5,8 +5,6 @@ itself is refused with the same account, one key per line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -191,16 +189,18 @@ def test_the_flat_file_itself_is_refused_with_the_translation_one_key_per_line(t
     assert max(len(line.replace(str(tmp_path), "")) for line in lines) < 160
 
 
-def test_the_command_prints_yaml_on_stdout_and_the_left_out_keys_on_stderr(tmp_path):
+def test_the_command_prints_yaml_on_stdout_and_the_left_out_keys_on_stderr(tmp_path, capsys):
+    from dft_ds import train
+
     path = tmp_path / "trl.yaml"
     path.write_text(TRL, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "dft_ds.train", "--translate", str(path)], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["loss"] == {"type": "dft"}
-    assert f"dft-train: translated 21 settings of {path}; 1 has no equivalent here" in proc.stderr
+    assert train.main(["--translate", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["loss"] == {"type": "dft"}
+    assert f"dft-train: translated 21 settings of {path}; 1 has no equivalent here" in err
     sectioned = tmp_path / "sectioned.yaml"
-    sectioned.write_text(proc.stdout)
-    proc = subprocess.run([sys.executable, "-m", "dft_ds.train", "--translate", str(sectioned)], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "nothing to translate" in proc.stderr
+    sectioned.write_text(out)
+    assert train.main(["--translate", str(sectioned)]) == 2
+    assert "nothing to translate" in capsys.readouterr().err
+    assert train.main(["--translate", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: No such file or directory" in capsys.readouterr().err
