@@ -168,8 +168,7 @@ def own_extensions_dir(env: Optional[dict] = None) -> str:
 def cpu_comm_op_built(env: Optional[dict] = None) -> bool:
     """Whether DeepSpeed's CPU communication op is built in this environment's folder (a start then
     loads it in a moment; otherwise the first rank compiles it, about a minute on two cores)."""
-    env = os.environ if env is None else env
-    folder = env.get("TORCH_EXTENSIONS_DIR") or own_extensions_dir(env)
+    folder = own_extensions_dir(env)  # the user's TORCH_EXTENSIONS_DIR, or this environment's
     return os.path.exists(os.path.join(folder, CPU_COMM_OP, f"{CPU_COMM_OP}.so"))
 
 

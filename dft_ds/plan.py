@@ -187,17 +187,16 @@ def render(rows: list[Row], n_params: int, world: int, gpu_gib: float, max_lengt
              f"{'token' if max_length == 1 else 'tokens'}{split}{extras}. GiB per GPU at micro batch 1:", "",
              "| strategy | checkpointing | loss head | params | grads | optimizer | ZeRO-3 live params | activations "
              "| loss head | total | largest micro batch |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    if host_gib:
-        extras_line = (f"ZeRO-3 + offload rows keep the optimizer (and parameters) in host memory: {host_gib:.1f} GiB "
-                       f"per node ({gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''}).")
-    else:
-        extras_line = ""
     for r in rows:
         p = r.parts
         lines.append(f"| {r.strategy} | {'on' if r.checkpointing else 'off'} | {'fused' if r.fused else 'full logits'} "
                      f"| {p['params']:.2f} | {p['grads']:.2f} | {p['optimizer']:.2f} | {p['working_set']:.2f} | {p['activations']:.2f} | "
                      f"{p['loss_head']:.2f} | {r.per_gpu_gib:.2f} | {r.max_micro_batch or 'does not fit'} |")
-    lines += [line for line in ("", extras_line, recommendation) if line] if (extras_line or recommendation) else []
+    host = (f"ZeRO-3 + offload rows keep the optimizer (and parameters) in host memory: {host_gib:.1f} GiB per node "
+            f"({gpus_per_node} GPU{'s' if gpus_per_node > 1 else ''})." if host_gib else "")
+    after = [line for line in (host, recommendation) if line]
+    if after:
+        lines += ["", *after]
     return "\n".join(lines)
 
 

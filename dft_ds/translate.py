@@ -38,11 +38,15 @@ def _show(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _flat_key(key, value, sections) -> bool:
+    """A key outside dft_ds's sections. `deepspeed: ds_z3_config.json` counts (the Trainer's key has a
+    section's name); another section with a plain value is a mistake in a dft_ds config, reported as such."""
+    return key not in sections or (key == "deepspeed" and isinstance(value, str))
+
+
 def is_flat(data: dict, sections) -> bool:
-    """Whether a YAML mapping holds keys outside dft_ds's sections. `deepspeed: ds_z3_config.json`
-    counts (the Trainer's key has a section's name); another section with a plain value is a mistake in
-    a dft_ds config, reported as such."""
-    return any(k not in sections or (k == "deepspeed" and isinstance(v, str)) for k, v in data.items())
+    """Whether a YAML mapping holds keys outside dft_ds's sections (_flat_key)."""
+    return any(_flat_key(k, v, sections) for k, v in data.items())
 
 
 # their key -> our key, where the value carries over as it is
@@ -84,12 +88,14 @@ def translate(data: dict, path: str, sections, meaning: Callable[[str], Optional
     """The sectioned tree of a flat (or partly flat) mapping read from `path`. `meaning` tells what a bare
     key name is called here (config's table of names from other tools), or None."""
     t = Translation()
+    flat = {k: v for k, v in data.items() if _flat_key(k, v, sections)}
     for section, values in data.items():  # sections already written as dft_ds's are kept
-        if section in sections and isinstance(values, dict):
+        if section in flat or values is None:
+            continue
+        if isinstance(values, dict):
             t.tree.setdefault(section, {}).update(values)
-        elif section in sections and not (section == "deepspeed" and isinstance(values, str)) and values is not None:
+        else:
             t.leave(section, values, f"section '{section}' must be a mapping of key: value")
-    flat = {k: v for k, v in data.items() if k not in sections or (k == "deepspeed" and isinstance(v, str))}
     t.keys = len(flat)
     for their, value in flat.items():
         if value is None:  # `resume_from_checkpoint: null`: the key's default, wherever it is read
