@@ -673,8 +673,11 @@ def _render(tokenizer, messages: list, where: str, tools: Optional[list] = None,
         return tokenizer.apply_chat_template(messages, tokenize=False, **extra)
     except Exception as exc:  # jinja's TemplateError, or raise_exception() inside the template
         roles = ", ".join(m["role"] for m in messages)
+        takes_tools = " (one that takes tools, as Qwen2.5's, Qwen3's and Llama 3.1's do)" if tools or any(
+            m["role"] == "tool" or m.get("tool_calls") for m in messages) else ""
         raise DataError(f"{where}: the tokenizer's chat template refuses this conversation ({exc}; roles: {roles}); "
-                        "fix the data, or set model.tokenizer to a tokenizer whose template accepts it") from None
+                        f"fix the data, or set model.tokenizer to a tokenizer whose template accepts it{takes_tools}"
+                        ) from None
 
 
 def _generation_prompt(tokenizer, history: list, extra: dict) -> str:
