@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import json
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -630,7 +631,7 @@ def _check_tool_parts(tokenizer, rendered: str, messages: list[dict], tools: Opt
     """A template without tool support renders a conversation with tools as if they were not there,
     silently: the model would learn calls to functions it never saw, or answers to results it never read."""
     missing = []
-    if tools and _render(tokenizer, messages[:1], where, tools) == _render(tokenizer, messages[:1], where):
+    if tools and not _renders_tools(tokenizer, messages, tools, where):
         missing.append("the row's tool schemas (field 'tools')")
     missing += [f"message {i}'s call to '{c['function']['name']}'" for i, m in enumerate(messages)
                 for c in m.get("tool_calls", []) if c["function"]["name"] not in rendered]
@@ -641,6 +642,18 @@ def _check_tool_parts(tokenizer, rendered: str, messages: list[dict], tools: Opt
                         f"{f' (and {len(missing) - 1} more tool parts)' if len(missing) > 1 else ''}, so the model "
                         "would train without it; set model.tokenizer to a tokenizer whose chat template takes tools "
                         "(Qwen2.5, Qwen3 and Llama 3.1 templates do), or leave tool turns out of the data")
+
+
+# tokenizer -> whether its chat template writes the `tools` it is given (a property of the template,
+# asked of the first row with tools, not of every row: two more renders a row cost 7% of tokenising)
+_TOOL_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _renders_tools(tokenizer, messages: list[dict], tools: list, where: str) -> bool:
+    if tokenizer not in _TOOL_TEMPLATES:
+        _TOOL_TEMPLATES[tokenizer] = (_render(tokenizer, messages[:1], where, tools)
+                                      != _render(tokenizer, messages[:1], where))
+    return _TOOL_TEMPLATES[tokenizer]
 
 
 def _special_strings(tokenizer) -> list[str]:
